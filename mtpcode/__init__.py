@@ -1,0 +1,3 @@
+"""mtpcode: fast local code completion with multi-token-prediction heads."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from mtpcode.cli import main
+
+main()

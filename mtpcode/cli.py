@@ -1,0 +1,81 @@
+"""The ``mtpcode`` command line.
+
+Each command lives in its own module and registers itself on ``main``; this
+module owns the error boundary: an ``MtpError`` becomes one line on stderr and
+its exit code, Ctrl-C becomes exit 130, a closed stdout pipe exits quietly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+import click
+
+from mtpcode import __version__
+from mtpcode.errors import Interrupted, MtpError
+
+
+class MtpGroup(click.Group):
+    """A click group that turns mtpcode's errors into one line and an exit code."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except (click.exceptions.Abort, KeyboardInterrupt):
+            # click raises Abort for Ctrl-C / EOF at its own prompts.
+            _fail(Interrupted("interrupted"))
+        except MtpError as exc:
+            _fail(exc)
+        except OSError as exc:
+            if exc.errno != errno.EPIPE:
+                raise
+            _quiet_broken_pipe()
+
+
+def _fail(exc: MtpError) -> None:
+    message = str(exc) or type(exc).__name__
+    prefix = "mtpcode: " if isinstance(exc, Interrupted) else "mtpcode: error: "
+    try:
+        click.echo(prefix + message, err=True)
+    except OSError:
+        pass
+    sys.exit(exc.exit_code)
+
+
+def _quiet_broken_pipe() -> None:
+    # The reader went away (`mtpcode complete | head`): exit quietly, and keep
+    # Python from complaining again when it flushes stdout at shutdown.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except OSError:
+        pass
+    sys.exit(0)
+
+
+@click.group(cls=MtpGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mtpcode")
+def main() -> None:
+    """Fast local code completion with multi-token-prediction heads.
+
+    Convert a Meta multi-token-prediction checkpoint into a GGUF bundle, then
+    complete code with self-speculative decoding on llama.cpp.
+    """
+
+
+def _register_commands() -> None:
+    # Imported here, not at the top, so that each command's heavy imports
+    # (llama.cpp, torch) happen only when that command runs.
+    from mtpcode.commands import register
+
+    register(main)
+
+
+_register_commands()

@@ -1,0 +1,158 @@
+"""Types shared by the runtime and its front ends: options, the event stream, stats,
+and stop conditions.
+
+``Engine.generate()`` (mtpcode.runtime) yields ``Piece`` events while it
+decodes and ends with exactly one ``Done`` event carrying the ``Stats``.
+Front ends only consume this stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick tokens. ``temperature == 0`` is greedy (and ignores the rest)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    min_p: float = 0.0  # 0.0: off
+    seed: int | None = None  # None: a random seed, reported in Stats
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Per-call options of ``Engine.generate``."""
+
+    max_tokens: int = 256
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    heads: int | None = None  # draft heads to use: None = all the bundle has, 0 = plain decoding
+    stop: tuple[str, ...] = ()  # stop strings (may span token boundaries; not included in the output)
+    adaptive: bool = True  # draft with fewer heads when drafting does not pay
+
+
+class StopCondition(Protocol):
+    """Decides where generated text ends. Front ends add their own (lines, blocks, suffix).
+
+    ``check`` gets the whole text generated so far; it returns the length at
+    which the output must be cut (generation stops) or None to go on.
+    ``holdback`` returns how many trailing characters must not be shown yet
+    because they may turn out to be the start of a stop (e.g. a partial stop
+    string). ``reason`` names the stop in ``Done.stop_reason``.
+    """
+
+    reason: str
+
+    def check(self, text: str) -> int | None: ...
+
+    def holdback(self, text: str) -> int: ...
+
+
+class StopStrings:
+    """Stop at the first occurrence of any of ``strings``, which is not output."""
+
+    reason = "stop"
+
+    def __init__(self, strings: Sequence[str]) -> None:
+        self.strings = tuple(s for s in strings if s)
+
+    def check(self, text: str) -> int | None:
+        hits = [i for i in (text.find(s) for s in self.strings) if i >= 0]
+        return min(hits) if hits else None
+
+    def holdback(self, text: str) -> int:
+        # Longest suffix of text that is a proper prefix of some stop string.
+        best = 0
+        for s in self.strings:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A chunk of output text and the tokens that produced it.
+
+    ``drafted[i]`` tells whether ``token_ids[i]`` was proposed by a head and
+    accepted (True) or came from the main model's own prediction (False).
+    ``text`` may be empty (a token that ends inside a UTF-8 character, or
+    text held back by a stop condition) and may cover text from earlier tokens.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    drafted: tuple[bool, ...]
+
+
+@dataclass
+class Stats:
+    """Numbers for one generation. Times are seconds; rates are per second."""
+
+    prompt_tokens: int = 0
+    prompt_tokens_processed: int = 0  # prompt tokens actually evaluated (the rest came from the reused prefix)
+    generated_tokens: int = 0
+    main_forwards: int = 0  # decode-phase calls of the main model (prefill not counted)
+    heads_used: int = 0  # draft heads at the start of the generation
+    drafted_tokens: list[int] = field(default_factory=list)  # per head: drafts proposed
+    accepted_tokens: list[int] = field(default_factory=list)  # per head: drafts accepted
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    python_s: float = 0.0  # decode time spent in Python (sampling, bookkeeping), not in llama.cpp
+    seed: int | None = None
+
+    @property
+    def tokens_per_forward(self) -> float:
+        return self.generated_tokens / self.main_forwards if self.main_forwards else 0.0
+
+    @property
+    def acceptance(self) -> list[float]:
+        """Per head: fraction of its drafts that were accepted."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_tokens, self.drafted_tokens)]
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens_processed / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            tokens_per_forward=round(self.tokens_per_forward, 4),
+            acceptance=[round(a, 4) for a in self.acceptance],
+            prefill_tokens_per_s=round(self.prefill_tps, 2),
+            decode_tokens_per_s=round(self.decode_tps, 2),
+        )
+        return data
+
+    def summary(self) -> str:
+        """One human line, e.g. for ``--stats`` and the REPL."""
+        acc = " ".join(f"{a:.0%}" for a in self.acceptance) or "-"
+        return (
+            f"{self.generated_tokens} tokens, {self.decode_tps:.1f} tok/s, "
+            f"{self.tokens_per_forward:.2f} tok/forward, heads {self.heads_used} (accept {acc}), "
+            f"prompt {self.prompt_tokens} tok ({self.prompt_tokens_processed} new, {self.prefill_tps:.0f} tok/s)"
+        )
+
+
+@dataclass(frozen=True)
+class Done:
+    """Last event of a generation. ``text`` is the whole output (after stop cuts)."""
+
+    text: str
+    stop_reason: str  # "eos", "max_tokens", "stop", "context", "interrupted", or a front end's reason
+    stats: Stats
+
+
+Event = Piece | Done
