@@ -1,0 +1,120 @@
+"""``mtpcode convert``: a Meta multi-token-prediction checkpoint -> a GGUF bundle."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from mtpcode.errors import UsageError
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+class _Progress:
+    """Progress on stderr: an updating line on a terminal, one line per stage otherwise."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.stage = ""
+        self.last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        new_stage = stage != self.stage
+        if not new_stage and now - self.last < 0.1 and done < total:
+            return
+        self.last = now
+        if self.tty:
+            pct = f" {100 * done / total:5.1f}%" if total else ""
+            click.echo(f"\r\x1b[K{stage}{pct}", nl=False, err=True)
+        elif new_stage:
+            click.echo(stage, err=True)
+        self.stage = stage
+
+    def finish(self) -> None:
+        if self.tty and self.stage:
+            click.echo("\r\x1b[K", nl=False, err=True)
+
+
+@click.command()
+@click.argument("ckpt_dir", type=click.Path(path_type=Path))
+@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.model (default: beside the checkpoint or in its parent).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Bundle directory (default: the models directory, registered by name).")
+@click.option("--name", help="Name to register the bundle under (default: checkpoint directory name + quant).")
+@click.option("--quant", default="Q4_K_M", show_default=True, help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ...")
+@click.option("--verify", is_flag=True, help="Compare every head with a PyTorch reference forward; fail if out of tolerance.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--threads", type=click.IntRange(min=1), help="Threads for quantization and verification.")
+@click.option("--no-register", is_flag=True, help="Do not add the bundle to the model registry.")
+def convert(ckpt_dir: Path, tokenizer: Path | None, out_dir: Path | None, name: str | None, quant: str,
+            verify: bool, force: bool, threads: int | None, no_register: bool) -> None:
+    """Convert a Meta multi-token-prediction checkpoint into a bundle.
+
+    CKPT_DIR holds consolidated.pth (or consolidated.00.pth, .01, ... shards) and
+    params.json; tokenizer.model sits in it or in its parent. The bundle is
+    main.gguf (runs in any llama.cpp), one head-K.gguf per extra head, and mtp.json.
+    """
+    try:
+        from converters.convert import convert_checkpoint
+        from converters.quantize import normalize_quant
+    except ImportError as exc:
+        raise UsageError(
+            f"conversion needs PyTorch and sentencepiece ({exc.name} is missing): "
+            "pip install 'mtpcode[convert]'"
+        ) from None
+    from mtpcode import models
+    from mtpcode.config import load_settings
+
+    quant = normalize_quant(quant)
+    settings = load_settings()
+    register = not no_register
+    if name is not None:
+        models.validate_name(name)
+    if out_dir is None:
+        name = name or models.default_model_name_for(ckpt_dir, quant)
+        out_dir = models.models_dir(settings) / name
+    elif register and name is None:
+        name = out_dir.expanduser().resolve().name
+        try:
+            models.validate_name(name)
+        except UsageError:
+            register = False
+
+    progress = _Progress()
+    try:
+        result = convert_checkpoint(ckpt_dir, out_dir, quant=quant, tokenizer=tokenizer, force=force,
+                                    threads=threads, verify=verify, progress=progress)
+    finally:
+        progress.finish()
+
+    if register and name:
+        models.register_model(name, result.out_dir, settings=settings, force=force)
+
+    echo = lambda s="": click.echo(s, err=True)  # noqa: E731
+    m = result.manifest
+    echo(f"converted {ckpt_dir} -> {result.out_dir} ({result.quant}, {result.seconds:.1f} s)")
+    echo(f"  n_future_tokens {m.n_future_tokens}: trunk {m.n_trunk} blocks + {m.n_future_tokens} head blocks, "
+         f"dim {m.n_embd}, vocab {m.n_vocab}")
+    for file, size in result.files.items():
+        params = result.parameters.get(file.removesuffix(".gguf"))
+        echo(f"  {file:<12} {_human(size):>10}" + (f"  {_count(params)} parameters" if params else ""))
+    echo(f"  total        {_human(sum(result.files.values())):>10}")
+    if result.verify_report is not None:
+        for line in result.verify_report.lines():
+            echo("  " + line)
+    if register and name:
+        echo(f"registered as {name!r}: mtpcode complete --model {name}")
+    click.echo(str(result.out_dir))
