@@ -10,6 +10,10 @@ import click
 
 
 def register(group: click.Group) -> None:
+    from mtpcode.complete import complete
     from mtpcode.convert_cmd import convert
+    from mtpcode.models_cmd import models
 
     group.add_command(convert)
+    group.add_command(complete)
+    group.add_command(models)

@@ -1,0 +1,326 @@
+"""``mtpcode complete``: complete the code in FILE (or stdin) and stream it to stdout.
+
+Unix manners: stdout carries the completion and nothing else (with ``--echo``
+the input too, with ``--json`` one JSON object); notes and stats go to stderr,
+which stays silent when it is not a terminal, except for errors. Exit codes:
+0 ok, 2 usage, 65 bad input data (empty, binary, not UTF-8, longer than the
+context), 66 FILE missing, 69 model unavailable, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+import click
+
+from mtpcode.config import Settings, load_settings
+from mtpcode.errors import DataError, Interrupted, NoInputError, UsageError
+from mtpcode.generation import Done, Piece, StopCondition
+from mtpcode.stops import code_stops
+
+BUILTIN_NOTE = (
+    "mtpcode: using the small built-in model (a demo, not a real code model); "
+    "convert a checkpoint with `mtpcode convert` or pick one with --model"
+)
+
+
+# --- input ----------------------------------------------------------------------------
+
+
+def read_input(file: str | None) -> bytes:
+    """The bytes of FILE, or of stdin when FILE is None or ``-``. NoInputError if FILE is missing."""
+    if file is None or file == "-":
+        stream = click.get_binary_stream("stdin")
+        return stream.read()
+    path = Path(file)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NoInputError(f"{file}: no such file") from None
+    except IsADirectoryError:
+        raise NoInputError(f"{file} is a directory; give a file") from None
+    except PermissionError:
+        raise NoInputError(f"{file}: permission denied") from None
+    except OSError as exc:
+        raise NoInputError(f"{file}: cannot read ({exc.strerror})") from None
+
+
+def decode_input(data: bytes, name: str) -> str:
+    """Input bytes as text. DataError for empty, binary (NUL bytes) or non-UTF-8 input."""
+    if not data:
+        raise DataError(f"{name} is empty: nothing to complete")
+    if b"\x00" in data:
+        raise DataError(f"{name} looks binary (it contains NUL bytes); give source code as UTF-8 text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{name} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "convert it with e.g. `iconv -t UTF-8`"
+        ) from None
+
+
+def parse_cursor(spec: str) -> tuple[int, int]:
+    """``LINE:COL`` (both 1-based) -> (line, col). UsageError if malformed."""
+    line_s, sep, col_s = spec.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        line, col = int(line_s), int(col_s)
+    except ValueError:
+        raise UsageError(f"--cursor {spec!r}: expected LINE:COL, e.g. --cursor 12:5 (both count from 1)") from None
+    if line < 1 or col < 1:
+        raise UsageError(f"--cursor {spec}: LINE and COL count from 1")
+    return line, col
+
+
+def cursor_offset(text: str, line: int, col: int) -> int:
+    """Character offset of (line, col) in ``text``; both 1-based, COL in characters.
+
+    COL may be one past the end of the line (the cursor after its last
+    character). UsageError if the position is outside the text.
+    """
+    lines = text.split("\n")
+    if line > len(lines):
+        raise UsageError(f"--cursor {line}:{col} is outside the input: it has {len(lines)} lines")
+    current = lines[line - 1]
+    length = len(current) - (1 if current.endswith("\r") else 0)
+    if col > length + 1:
+        raise UsageError(
+            f"--cursor {line}:{col} is outside the input: line {line} has {length} characters "
+            f"(the cursor can be at column 1..{length + 1})"
+        )
+    return sum(len(ln) + 1 for ln in lines[: line - 1]) + col - 1
+
+
+# --- the command ------------------------------------------------------------------------
+
+
+@dataclass
+class CompletionRequest:
+    """What to complete, after reading and checking the input."""
+
+    raw: bytes  # the input as given, for --echo
+    prompt: str  # text before the cursor
+    suffix: str | None  # text after the cursor (None without --cursor)
+
+
+def build_request(file: str | None, cursor: str | None) -> CompletionRequest:
+    name = "stdin" if file in (None, "-") else str(file)
+    # Check the option before reading a possibly endless stdin.
+    position = parse_cursor(cursor) if cursor is not None else None
+    raw = read_input(file)
+    text = decode_input(raw, name)
+    if position is None:
+        return CompletionRequest(raw=raw, prompt=text, suffix=None)
+    offset = cursor_offset(text, *position)
+    if offset == 0:
+        raise DataError(f"--cursor {cursor} is at the start of {name}: there is no code before it to complete")
+    return CompletionRequest(raw=raw, prompt=text[:offset], suffix=text[offset:])
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def load_engine(settings: Settings, model: str | None, *, note: IO[str] | None = None):
+    """Resolve and load the model; say once on ``note`` if it is the built-in one."""
+    from mtpcode.models import is_builtin, resolve_model
+    from mtpcode.runtime import Engine
+
+    path = resolve_model(model, settings)
+    if note is not None and model is None and is_builtin(path):
+        print(BUILTIN_NOTE, file=note, flush=True)
+    engine = Engine(path, **settings.engine_kwargs())
+    if settings.heads is not None and settings.heads > engine.n_heads:
+        engine.close()
+        raise UsageError(
+            f"--heads {settings.heads}: the model {path} has {engine.n_heads} extra heads; "
+            f"use --heads 0..{engine.n_heads}"
+        )
+    return engine, path
+
+
+def stats_json(done: Done | None, text: str, stop_reason: str, model: Path) -> dict[str, Any]:
+    """The --json object (also used by the stdio server's final message)."""
+    out: dict[str, Any] = {"text": text, "stop_reason": stop_reason, "model": str(model)}
+    out["stats"] = stats_dict(done.stats) if done is not None else None
+    return out
+
+
+def stats_dict(stats) -> dict[str, Any]:
+    data = stats.to_dict()
+    data.update(
+        prefill_ms=round(stats.prefill_s * 1000, 3),
+        decode_ms=round(stats.decode_s * 1000, 3),
+        python_ms=round(stats.python_s * 1000, 3),
+    )
+    return data
+
+
+def stream_completion(
+    engine,
+    prompt: str,
+    options,
+    stops: Sequence[StopCondition],
+    out: IO[bytes] | None,
+    written: list[str] | None = None,
+) -> tuple[str, Done]:
+    """Run one generation, writing each piece to ``out`` (flushed) as it comes.
+
+    Returns the text written and the Done event. Pieces are also appended to
+    ``written``, so that after a KeyboardInterrupt (which propagates) the
+    caller knows what was output.
+    """
+    written = [] if written is None else written
+    for event in engine.generate(prompt, options, stops):
+        if isinstance(event, Piece):
+            if event.text:
+                written.append(event.text)
+                if out is not None:
+                    out.write(event.text.encode("utf-8"))
+                    out.flush()
+        elif isinstance(event, Done):
+            return "".join(written), event
+    raise RuntimeError("Engine.generate ended without a Done event")
+
+
+@click.command("complete")
+@click.argument("file", required=False)
+@click.option("-m", "--model", help="Bundle directory or registered name (default: the configured model).")
+@click.option("-n", "--max-tokens", type=int, help="Stop after this many tokens [default: 256].")
+@click.option("-t", "--temperature", type=float, help="0 = greedy (default); > 0 samples.")
+@click.option("--top-k", type=int, help="Sample from the k most likely tokens (0 = off).")
+@click.option("--top-p", type=float, help="Nucleus sampling threshold (1 = off).")
+@click.option("--min-p", type=float, help="Drop tokens below min-p times the top probability (0 = off).")
+@click.option("--seed", type=int, help="Random seed for sampling (reported by --stats/--json).")
+@click.option("-s", "--stop", "stop", multiple=True, help="Stop before this string (repeatable; \\n and \\t are understood).")
+@click.option("--heads", type=int, help="Draft heads to use (default: all the model has; 0 = no speculation).")
+@click.option("--no-speculative", is_flag=True, help="Plain decoding, no draft heads (same as --heads 0).")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp (default: llama.cpp's choice).")
+@click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all; default 0).")
+@click.option("--ctx", type=int, help="Context size in tokens [default: 4096].")
+@click.option("--cursor", metavar="LINE:COL", help="Complete at this point of the input (1-based); the rest is the suffix.")
+@click.option("--echo", is_flag=True, help="Print the input with the completion in place (for filters like Vim's :%!).")
+@click.option("--lines", type=int, metavar="N", help="Stop after N non-blank lines.")
+@click.option("--block", is_flag=True, help="Stop when a line leaves the block at the cursor (complete one body).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, stop_reason, stats.")
+@click.option("-v", "--stats", "show_stats", is_flag=True, help="Print model and speed on stderr.")
+def complete(
+    file: str | None,
+    model: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    seed: int | None,
+    stop: tuple[str, ...],
+    heads: int | None,
+    no_speculative: bool,
+    threads: int | None,
+    gpu_layers: int | None,
+    ctx: int | None,
+    cursor: str | None,
+    echo: bool,
+    lines: int | None,
+    block: bool,
+    as_json: bool,
+    show_stats: bool,
+) -> None:
+    """Complete the code in FILE (default: stdin) and stream the completion to stdout.
+
+    \b
+    Examples:
+      mtpcode complete app.py --lines 3
+      printf 'def fib(n):\\n' | mtpcode complete --block
+      mtpcode complete app.py --cursor 12:5 --echo > app.completed.py
+      mtpcode complete app.py --json | jq .stats.decode_tokens_per_s
+
+    \b
+    Exit codes: 0 ok, 2 bad usage, 65 bad input (empty, binary, not UTF-8,
+    longer than the context), 66 FILE missing, 69 model unavailable,
+    130 interrupted (what was generated is already written).
+    """
+    if no_speculative:
+        if heads not in (None, 0):
+            raise UsageError("--no-speculative and --heads N contradict each other; give one")
+        heads = 0
+    if lines is not None and lines < 1:
+        raise UsageError("--lines must be at least 1")
+    if as_json and echo:
+        raise UsageError("--json and --echo cannot be combined (--json prints the completion alone)")
+    settings = load_settings(
+        model=model, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, seed=seed, heads=heads, threads=threads, gpu_layers=gpu_layers, ctx=ctx,
+    )
+    request = build_request(file, cursor)
+    stop_strings = tuple(unescape(s) for s in stop)
+    options = settings.generation_options(stop=tuple(s for s in stop_strings if s))
+    stops = code_stops(request.prompt, suffix=request.suffix, lines=lines, block=block)
+
+    talk = show_stats or _stderr_is_terminal()
+    t0 = time.perf_counter()
+    engine, path = load_engine(settings, model, note=sys.stderr if talk else None)
+    out = click.get_binary_stream("stdout")
+    with engine:
+        if show_stats:
+            click.echo(
+                f"mtpcode: model {path} ({engine.n_heads} heads) loaded in {time.perf_counter() - t0:.2f} s",
+                err=True,
+            )
+        if echo:
+            out.write(request.raw[: len(request.prompt.encode("utf-8"))])
+            out.flush()
+        written: list[str] = []
+        try:
+            text, done = stream_completion(engine, request.prompt, options, stops, None if as_json else out, written)
+        except KeyboardInterrupt:
+            if as_json:
+                partial = "".join(written)
+                out.write((json.dumps(stats_json(None, partial, "interrupted", path)) + "\n").encode())
+                out.flush()
+            raise Interrupted("interrupted; the completion so far was written") from None
+        if as_json:
+            out.write((json.dumps(stats_json(done, done.text, done.stop_reason, path)) + "\n").encode())
+        elif echo and request.suffix:
+            out.write(request.raw[len(request.prompt.encode("utf-8")):])
+        elif _isatty(out) and not text.endswith("\n"):
+            out.write(b"\n")  # keep the shell prompt off the completion's last line
+        out.flush()
+        if show_stats:
+            click.echo(f"mtpcode: {done.stop_reason}: {done.stats.summary()}", err=True)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def unescape(text: str) -> str:
+    r"""Turn the escapes ``\n``, ``\t``, ``\r`` and ``\\`` of a --stop value into characters."""
+    out = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            nxt = text[i + 1]
+            mapped = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}.get(nxt)
+            if mapped is not None:
+                out.append(mapped)
+                i += 2
+                continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
