@@ -285,6 +285,25 @@ def load_settings(**cli_overrides: Any) -> Settings:
     )
 
 
+def override_settings(settings: Settings, source: str = "request", **changes: Any) -> Settings:
+    """``settings`` with some settings changed and checked, as a flag would change them.
+
+    ``None`` values are ignored. UsageError for an unknown key or a bad value
+    (the message names ``source``).
+    """
+    unknown = sorted(set(changes) - set(_KEYS))
+    if unknown:
+        raise UsageError(f"unknown option {unknown[0]!r} (known: {', '.join(SETTING_KEYS)})")
+    values = {key: getattr(settings, key) for key in _KEYS}
+    sources = dict(settings.sources)
+    for key, value in changes.items():
+        if value is not None:
+            values[key] = _coerce(key, value, source, UsageError)
+            sources[key] = source
+    _validate(values, sources)
+    return dataclasses.replace(settings, **values, sources=sources)
+
+
 # --- writing the config file ------------------------------------------------------------
 
 _BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")

@@ -1,0 +1,307 @@
+"""``mtpcode serve --stdio``: a long-running JSON-lines completion server for editors.
+
+One JSON object per line on stdin, one per line on stdout (UTF-8). The model
+is loaded once; the runtime keeps the KV cache of the last prompt, so a
+request whose prompt starts like the previous one only evaluates the new
+tokens. Requests run one at a time, in the order they arrive; stdin is read
+while a request runs, so a later line can cancel it. The protocol is
+documented in docs/cli.md.
+
+Requests::
+
+    {"id": 1, "prompt": "def fib(n):\\n", "max_tokens": 64, "lines": 3}
+    {"id": 2, "prefix": "x = [", "suffix": "]\\nprint(x)\\n", "temperature": 0.2}
+    {"cancel": 1}
+
+Responses::
+
+    {"id": 1, "text": "    if n"}                 zero or more deltas
+    {"id": 1, "done": true, "text": "...", "stop_reason": "lines", "stats": {...}}
+    {"id": null, "error": "malformed JSON: ..."}  or {"id": 7, "error": "..."}
+
+Every accepted request ends with exactly one ``done`` or ``error`` message.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from mtpcode import __version__
+from mtpcode.config import Settings, load_settings, override_settings
+from mtpcode.errors import Interrupted, MtpError, UsageError
+from mtpcode.generation import Done, GenerationOptions, Piece, StopCondition
+from mtpcode.stops import code_stops
+
+# Request keys that map onto settings; the others are handled here.
+_SETTING_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "heads", "adaptive")
+_OTHER_KEYS = ("id", "prompt", "prefix", "suffix", "stop", "lines", "block")
+
+
+class RequestError(Exception):
+    """A request that cannot be run; answered with an error message, the server goes on."""
+
+    def __init__(self, message: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+@dataclass
+class Job:
+    """One accepted request."""
+
+    id: Any
+    prompt: str
+    options: GenerationOptions
+    stops: list[StopCondition]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def _valid_id(value: Any) -> bool:
+    return (isinstance(value, (str, int)) and not isinstance(value, bool))
+
+
+def parse_request(obj: Any, settings: Settings) -> Job | tuple[str, Any]:
+    """A decoded JSON line -> a Job, or ("cancel", target_id). RequestError if invalid."""
+    if not isinstance(obj, dict):
+        raise RequestError(f"a request must be a JSON object, not {type(obj).__name__}")
+    request_id = obj.get("id")
+    if "cancel" in obj:
+        target = obj["cancel"]
+        if not _valid_id(target):
+            raise RequestError("cancel: give the id (string or integer) of the request to cancel",
+                               request_id if _valid_id(request_id) else None)
+        return ("cancel", target)
+    if not _valid_id(request_id):
+        raise RequestError('every request needs an "id" (a string or an integer)')
+    unknown = sorted(set(obj) - set(_SETTING_OPTIONS) - set(_OTHER_KEYS))
+    if unknown:
+        raise RequestError(
+            f"unknown field {unknown[0]!r} (known: {', '.join(_OTHER_KEYS + _SETTING_OPTIONS)}, cancel)", request_id
+        )
+    has_prompt, has_prefix = "prompt" in obj, "prefix" in obj
+    if has_prompt == has_prefix:
+        raise RequestError('give either "prompt" or "prefix" (with an optional "suffix")', request_id)
+    if has_prompt and "suffix" in obj:
+        raise RequestError('"suffix" goes with "prefix", not with "prompt"', request_id)
+    prompt = obj["prompt"] if has_prompt else obj["prefix"]
+    suffix = obj.get("suffix")
+    if not isinstance(prompt, str) or (suffix is not None and not isinstance(suffix, str)):
+        raise RequestError("prompt, prefix and suffix must be strings", request_id)
+    if not prompt:
+        raise RequestError("empty prompt: nothing to complete", request_id)
+    stop = obj.get("stop", [])
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise RequestError('"stop" must be a string or a list of strings', request_id)
+    lines = obj.get("lines")
+    if lines is not None and (not isinstance(lines, int) or isinstance(lines, bool) or lines < 1):
+        raise RequestError('"lines" must be an integer >= 1', request_id)
+    block = obj.get("block", False)
+    if not isinstance(block, bool):
+        raise RequestError('"block" must be true or false', request_id)
+    try:
+        effective = override_settings(settings, "request", **{k: obj[k] for k in _SETTING_OPTIONS if k in obj})
+    except UsageError as exc:
+        raise RequestError(str(exc), request_id) from None
+    options = effective.generation_options(stop=tuple(s for s in stop if s))
+    stops = code_stops(prompt, suffix=suffix, lines=lines, block=block)
+    return Job(id=request_id, prompt=prompt, options=options, stops=stops)
+
+
+class Server:
+    """Reads requests on the calling thread, generates on a worker thread."""
+
+    def __init__(self, engine: Any, settings: Settings, out: IO[bytes], log: IO[str] | None = None) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.out = out
+        self.log = log
+        self._write_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._current: Job | None = None
+        self._closing = False  # no more requests: finish the queue and stop
+        self.broken = False  # the client stopped reading our output
+        self._worker = threading.Thread(target=self._work, name="mtpcode-generate", daemon=True)
+
+    # -- output --
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Write one JSON line; a client that has gone away marks the server broken."""
+        data = json.dumps(message, ensure_ascii=False).encode("utf-8") + b"\n"
+        with self._write_lock:
+            if self.broken:
+                return
+            try:
+                self.out.write(data)
+                self.out.flush()
+            except (BrokenPipeError, ValueError):
+                self.broken = True
+                self._cancel_all()
+
+    # -- input --
+
+    def handle_line(self, line: bytes) -> None:
+        """Parse one request line and queue, cancel, or answer with an error."""
+        if not line.strip():
+            return
+        try:
+            try:
+                obj = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise RequestError("request is not UTF-8") from None
+            except json.JSONDecodeError as exc:
+                raise RequestError(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+            parsed = parse_request(obj, self.settings)
+        except RequestError as exc:
+            self.send({"id": exc.request_id, "error": str(exc)})
+            return
+        if isinstance(parsed, Job):
+            self._submit(parsed)
+        else:
+            self._cancel(parsed[1])
+
+    def _submit(self, job: Job) -> None:
+        with self._cond:
+            busy = {j.id for j in self._queue} | ({self._current.id} if self._current else set())
+            if job.id in busy:
+                duplicate = True
+            else:
+                duplicate = False
+                self._queue.append(job)
+                self._cond.notify()
+        if duplicate:
+            self.send({"id": job.id, "error": f"request {job.id!r} is still running or queued; use a new id"})
+
+    def _cancel(self, target: Any) -> None:
+        dropped: Job | None = None
+        with self._cond:
+            if self._current is not None and self._current.id == target:
+                self._current.cancel.set()
+            else:
+                for job in self._queue:
+                    if job.id == target:
+                        dropped = job
+                        break
+                if dropped is not None:
+                    self._queue.remove(dropped)
+        # Unknown or already finished ids are ignored: the race is normal.
+        if dropped is not None:
+            self.send({"id": dropped.id, "done": True, "text": "", "stop_reason": "cancelled", "stats": None})
+
+    def _cancel_all(self) -> None:
+        with self._cond:
+            self._queue.clear()
+            if self._current is not None:
+                self._current.cancel.set()
+            self._closing = True
+            self._cond.notify_all()
+
+    # -- generation --
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                job = self._current = self._queue.popleft()
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self._current = None
+
+    def _run(self, job: Job) -> None:
+        from mtpcode.complete import stats_dict
+
+        try:
+            for event in self.engine.generate(job.prompt, job.options, job.stops, cancel=job.cancel):
+                if isinstance(event, Piece):
+                    if event.text:
+                        self.send({"id": job.id, "text": event.text})
+                elif isinstance(event, Done):
+                    reason = "cancelled" if job.cancel.is_set() and event.stop_reason == "interrupted" else event.stop_reason
+                    self.send({"id": job.id, "done": True, "text": event.text, "stop_reason": reason,
+                               "stats": stats_dict(event.stats)})
+                    if self.log is not None:
+                        print(f"mtpcode: request {job.id!r}: {reason}: {event.stats.summary()}", file=self.log, flush=True)
+                    return
+            self.send({"id": job.id, "error": "internal error: generation ended without a result"})
+        except MtpError as exc:
+            self.send({"id": job.id, "error": str(exc)})
+        except Exception as exc:  # keep serving; the editor gets the message, stderr the traceback
+            if self.log is not None:
+                traceback.print_exc(file=self.log)
+            self.send({"id": job.id, "error": f"internal error: {type(exc).__name__}: {exc}"})
+
+    # -- main loop --
+
+    def serve(self, stdin: IO[bytes]) -> None:
+        """Answer requests from ``stdin`` until EOF (then finish the queue) or Ctrl-C."""
+        self._worker.start()
+        try:
+            for line in iter(stdin.readline, b""):
+                self.handle_line(line)
+                if self.broken:
+                    break
+        except KeyboardInterrupt:
+            self._cancel_all()
+            self._worker.join()
+            raise Interrupted("interrupted") from None
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._worker.join()
+
+
+@click.command("serve")
+@click.option("--stdio", is_flag=True, required=True, help="Speak JSON lines on stdin/stdout (the only transport).")
+@click.option("-m", "--model", help="Bundle directory or registered name (default: the configured model).")
+@click.option("--heads", type=int, help="Default draft heads per request (0 = no speculation).")
+@click.option("--max-tokens", type=int, help="Default max_tokens per request [default: 256].")
+@click.option("--temperature", type=float, help="Default temperature per request [default: 0, greedy].")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp.")
+@click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all).")
+@click.option("--ctx", type=int, help="Context size in tokens [default: 4096].")
+@click.option("-v", "--verbose", is_flag=True, help="Log requests and stats on stderr.")
+def serve(stdio: bool, model: str | None, heads: int | None, max_tokens: int | None, temperature: float | None,
+          threads: int | None, gpu_layers: int | None, ctx: int | None, verbose: bool) -> None:
+    """Serve completions to an editor over stdin/stdout, one JSON object per line.
+
+    \b
+    Request:  {"id": 1, "prompt": "def f(x):\\n", "max_tokens": 64, "lines": 2}
+              {"id": 2, "prefix": "...", "suffix": "...", "block": true}
+              {"cancel": 1}
+    Replies:  {"id": 1, "text": "..."}  (deltas, as they are generated)
+              {"id": 1, "done": true, "text": "...", "stop_reason": "...", "stats": {...}}
+              {"id": 1, "error": "..."}  ({"id": null, ...} for unreadable lines)
+
+    The first line written is {"id": null, "ready": true, "model": ..., ...}
+    once the model is loaded. EOF on stdin finishes the queued requests and
+    exits 0. See docs/cli.md for editor examples.
+    """
+    from mtpcode.complete import load_engine
+    from mtpcode.models import is_builtin
+
+    settings = load_settings(model=model, heads=heads, max_tokens=max_tokens, temperature=temperature,
+                             threads=threads, gpu_layers=gpu_layers, ctx=ctx)
+    engine, path = load_engine(settings, model, note=sys.stderr)
+    out = click.get_binary_stream("stdout")
+    log = sys.stderr if verbose else None
+    with engine:
+        server = Server(engine, settings, out, log)
+        server.send({"id": None, "ready": True, "model": str(Path(path)), "builtin": is_builtin(path),
+                     "heads": engine.n_heads, "n_ctx": engine.n_ctx, "version": __version__})
+        server.serve(click.get_binary_stream("stdin"))
