@@ -1,0 +1,425 @@
+"""The native layer: llama.cpp models, contexts and batches through
+llama-cpp-python's low-level ctypes API.
+
+Every native handle has exactly one Python owner that frees it (``close()``,
+also a context manager). C return codes are checked and turned into
+ModelError / MtpError naming the file or the call. Nothing here prints:
+llama.cpp's log goes to the ``mtpcode.llama`` logger, and its last lines are
+quoted in error messages.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import llama_cpp
+import numpy as np
+
+from mtpcode.errors import ModelError, MtpError
+
+log = logging.getLogger("mtpcode.llama")
+
+LIB_DIR = Path(llama_cpp.__file__).resolve().parent / "lib"
+
+# ---------------------------------------------------------------------------
+# ggml pieces llama-cpp-python does not bind
+
+
+class _TensorHeader(ctypes.Structure):
+    """The leading fields of ``struct ggml_tensor`` (ggml.h, GGML_MAX_SRC=10,
+    GGML_MAX_OP_PARAMS=64, GGML_MAX_NAME=64), enough to read shape and name."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+    ]
+
+
+_NAME_OFFSET = _TensorHeader.name.offset
+_NE1_OFFSET = _TensorHeader.ne.offset + 8
+_TYPE_F32 = 0
+
+
+@functools.cache
+def _ggml_base() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(LIB_DIR / "libggml-base.so"))
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_get_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_get_name.restype = ctypes.c_char_p
+    return lib
+
+
+# ---------------------------------------------------------------------------
+# process-wide setup
+
+_LOG_TAIL: collections.deque[str] = collections.deque(maxlen=12)
+
+
+@llama_cpp.llama_log_callback
+def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    msg = text.decode("utf-8", errors="replace").rstrip()
+    if msg:
+        _LOG_TAIL.append(msg)
+        log.debug("%s", msg)
+
+
+def _recent_log() -> str:
+    lines = [line for line in _LOG_TAIL if line.strip()]
+    return lines[-1] if lines else "no detail from llama.cpp"
+
+
+@functools.cache
+def init_backend() -> None:
+    """Initialise llama.cpp once per process and route its log away from stderr."""
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
+    llama_cpp.llama_backend_init()
+
+
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """True when the CPU reports Intel AMX (amx_tile / amx_int8 / amx_bf16)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[-1].split())
+            return bool(flags & {"amx_tile", "amx_int8", "amx_bf16"})
+    return False
+
+
+EXTRA_BUFTS_POLICIES = ("auto", "on", "off")
+
+
+def use_extra_bufts(policy: str) -> bool:
+    """Resolve the ``extra_bufts`` policy to llama_model_params.use_extra_bufts.
+
+    "auto" turns llama.cpp's extra CPU buffer types (AMX tiles, CPU_REPACK)
+    off on CPUs with AMX: with them on, decoding a quantized model segfaults
+    there (DESIGN.md §4). "on"/"off" force the setting.
+    """
+    if policy not in EXTRA_BUFTS_POLICIES:
+        raise MtpError(f"extra_bufts must be one of {', '.join(EXTRA_BUFTS_POLICIES)}, not {policy!r}")
+    if policy == "auto":
+        return not cpu_has_amx()
+    return policy == "on"
+
+
+def default_threads() -> int:
+    """Threads for llama.cpp when the caller gives none: the CPUs this process may use."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    return max(1, n)
+
+
+# ---------------------------------------------------------------------------
+# model
+
+
+class Model:
+    """A loaded GGUF model (``llama_model*``) and its vocabulary."""
+
+    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0, extra_bufts: bool = True) -> None:
+        init_backend()
+        self.path = Path(path)
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = int(n_gpu_layers)
+        params.use_extra_bufts = bool(extra_bufts)
+        _LOG_TAIL.clear()
+        ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
+        if not ptr:
+            raise ModelError(f"{self.path}: llama.cpp could not load the model ({_recent_log()})")
+        self._ptr = ptr
+        self.vocab = llama_cpp.llama_model_get_vocab(ptr)
+        self.n_embd = int(llama_cpp.llama_model_n_embd(ptr))
+        self.n_layer = int(llama_cpp.llama_model_n_layer(ptr))
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
+        self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._tok_buf = (llama_cpp.llama_token * 0)()
+
+    @property
+    def ptr(self) -> llama_cpp.llama_model_p:
+        if self._ptr is None:
+            raise MtpError(f"{self.path}: model used after close()")
+        return self._ptr
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as a string, or None when the key is absent."""
+        buf = ctypes.create_string_buffer(512)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        if len(self._tok_buf) < cap:
+            self._tok_buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), self._tok_buf, cap, add_bos, False)
+        if n < 0:
+            raise MtpError(f"llama_tokenize failed on {len(data)} bytes of text (needed {-n} tokens)")
+        return list(self._tok_buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes of one token as it continues a text (byte-fallback tokens give single bytes)."""
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None) is not None:
+            llama_cpp.llama_model_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------
+# batch
+
+
+class Batch:
+    """A ``llama_batch`` allocated once, with numpy views over its arrays.
+
+    ``n_embd == 0``: a token batch (``tokens``); otherwise an embedding batch
+    (``embd``, shape (capacity, n_embd)). One sequence (id 0) throughout.
+    """
+
+    def __init__(self, capacity: int, n_embd: int = 0) -> None:
+        self.capacity = int(capacity)
+        self.n_embd = int(n_embd)
+        self._batch = llama_cpp.llama_batch_init(self.capacity, self.n_embd, 1)
+        b = self._batch
+        if not b.pos or not b.logits or not b.seq_id or (self.n_embd and not b.embd) or (not self.n_embd and not b.token):
+            raise MtpError(f"llama_batch_init({self.capacity}, {self.n_embd}, 1) failed (out of memory?)")
+        self.pos = np.ctypeslib.as_array(b.pos, shape=(self.capacity,))
+        self.logits = np.ctypeslib.as_array(b.logits, shape=(self.capacity,))
+        n_seq = np.ctypeslib.as_array(b.n_seq_id, shape=(self.capacity,))
+        n_seq[:] = 1
+        for i in range(self.capacity):
+            b.seq_id[i][0] = 0
+        self.tokens = None if self.n_embd else np.ctypeslib.as_array(b.token, shape=(self.capacity,))
+        self.embd = np.ctypeslib.as_array(b.embd, shape=(self.capacity, self.n_embd)) if self.n_embd else None
+
+    def set(self, start_pos: int, n: int, last_logits_only: bool) -> None:
+        """Positions start_pos.. for ``n`` rows; logits for all rows or only the last."""
+        if n > self.capacity:
+            raise MtpError(f"internal: batch of {n} rows exceeds capacity {self.capacity}")
+        self.pos[:n] = np.arange(start_pos, start_pos + n, dtype=np.int32)
+        if last_logits_only:
+            self.logits[:n] = 0
+            self.logits[n - 1] = 1
+        else:
+            self.logits[:n] = 1
+        self._batch.n_tokens = n
+
+    @property
+    def struct(self) -> llama_cpp.llama_batch:
+        return self._batch
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            self.pos = self.logits = self.tokens = self.embd = None
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+    def __enter__(self) -> "Batch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------
+# trunk capture
+
+
+class TrunkCapture:
+    """An eval callback that copies one named tensor's rows into a numpy array.
+
+    llama.cpp calls it for every graph node (``ask=True``: "do you want this
+    one?") and again after computing a wanted node (``ask=False``); rows are
+    appended at ``write_pos``, which the owner sets before each decode.
+    The ctypes callback object lives as long as this object does.
+    """
+
+    def __init__(self, tensor_name: str, out: np.ndarray) -> None:
+        if out.dtype != np.float32 or not out.flags.c_contiguous:
+            raise MtpError("internal: trunk buffer must be C-contiguous float32")
+        self.name = tensor_name
+        self._want = tensor_name.encode() + b"\0"
+        self._want_len = len(self._want)
+        self.out = out
+        self.row_bytes = out.shape[1] * 4
+        self.capacity = out.shape[0]
+        self.write_pos = 0
+        self.rows_seen = 0
+        self.error: str | None = None
+        self._base = out.ctypes.data
+        self._get = _ggml_base().ggml_backend_tensor_get
+        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
+
+    def _on_eval(self, tensor: int, ask: bool, user_data: int) -> bool:
+        if ctypes.string_at(tensor + _NAME_OFFSET, self._want_len) != self._want:
+            return not ask  # not ours: don't ask for it; (never called with ask=False for it)
+        if ask:
+            return True
+        hdr = _TensorHeader.from_address(tensor)
+        rows = int(hdr.ne[1])
+        if hdr.type != _TYPE_F32 or hdr.ne[0] * 4 != self.row_bytes:
+            self.error = f"tensor {self.name} has type {hdr.type} and shape {list(hdr.ne)}, expected F32 rows of {self.row_bytes // 4}"
+            return True
+        if self.write_pos + rows > self.capacity:
+            self.error = f"trunk capture overflow ({self.write_pos}+{rows} > {self.capacity})"
+            return True
+        self._get(tensor, self._base + self.write_pos * self.row_bytes, 0, rows * self.row_bytes)
+        self.write_pos += rows
+        self.rows_seen += rows
+        return True
+
+
+# ---------------------------------------------------------------------------
+# context
+
+
+class Context:
+    """A ``llama_context*`` on a Model, with one preallocated batch.
+
+    ``capture`` (main context only) installs the trunk eval callback.
+    """
+
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_threads: int, embd_input: bool = False,
+                 capture: TrunkCapture | None = None) -> None:
+        self.model = model
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = int(n_ctx)
+        params.n_batch = int(n_batch)
+        params.n_ubatch = int(n_batch)
+        params.n_seq_max = 1
+        params.n_threads = int(n_threads)
+        params.n_threads_batch = int(n_threads)
+        params.no_perf = True
+        # Flash attention changes the summation order of attention; llama-cpp-python's
+        # Llama keeps it off by default, and greedy output must match it token for token.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.capture = capture
+        if capture is not None:
+            params.cb_eval = capture.callback
+            params.cb_eval_user_data = None
+        _LOG_TAIL.clear()
+        ptr = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not ptr:
+            raise ModelError(f"{model.path}: llama.cpp could not create a context of {n_ctx} tokens ({_recent_log()})")
+        self._ptr = ptr
+        self._params = params  # keeps the callback pointer the context was made with alive
+        self.n_ctx = int(llama_cpp.llama_n_ctx(ptr))
+        self.n_vocab = model.n_vocab
+        self._mem = llama_cpp.llama_get_memory(ptr)
+        self.batch = Batch(n_batch, model.n_embd if embd_input else 0)
+        self._logits_addr = 0
+        self._logits_view: np.ndarray | None = None
+
+    @property
+    def ptr(self) -> llama_cpp.llama_context_p:
+        if self._ptr is None:
+            raise MtpError(f"{self.model.path}: context used after close()")
+        return self._ptr
+
+    def decode(self, n: int, start_pos: int, *, last_logits_only: bool) -> None:
+        """Run the first ``n`` rows of ``self.batch`` (already filled) at positions start_pos.."""
+        self.batch.set(start_pos, n, last_logits_only)
+        if self.capture is not None:
+            self.capture.write_pos = start_pos
+            self.capture.error = None
+        rc = llama_cpp.llama_decode(self.ptr, self.batch.struct)
+        if rc != 0:
+            what = {1: "no free KV slot (context full)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
+            raise MtpError(f"llama_decode on {self.model.path.name} failed: {what} (rc={rc}, {n} rows at {start_pos})")
+        if self.capture is not None:
+            if self.capture.error:
+                raise MtpError(f"{self.model.path.name}: {self.capture.error}")
+            if self.capture.write_pos != start_pos + n:
+                raise MtpError(
+                    f"{self.model.path.name}: captured {self.capture.write_pos - start_pos} trunk rows of "
+                    f"{self.capture.name} for a batch of {n}: this main.gguf does not have that tensor"
+                )
+
+    def logits(self, n_rows: int) -> np.ndarray:
+        """The logits of the last decode's output rows, shape (n_rows, n_vocab), a view (valid until next decode)."""
+        ptr = llama_cpp.llama_get_logits(self.ptr)
+        addr = ctypes.cast(ptr, ctypes.c_void_p).value or 0
+        if addr == 0:
+            raise MtpError(f"llama_get_logits on {self.model.path.name} returned NULL")
+        view = self._logits_view
+        if addr != self._logits_addr or view is None or view.shape[0] < n_rows:
+            view = np.ctypeslib.as_array(ptr, shape=(max(n_rows, self.batch.capacity), self.n_vocab))
+            self._logits_addr, self._logits_view = addr, view
+        return view[:n_rows]
+
+    def trim(self, n_keep: int) -> None:
+        """Drop every KV position >= n_keep (llama_memory_seq_rm)."""
+        if not llama_cpp.llama_memory_seq_rm(self._mem, 0, int(n_keep), -1):
+            raise MtpError(f"llama_memory_seq_rm({n_keep}, -1) on {self.model.path.name} failed")
+
+    def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            self.batch.close()
+            self.batch = None
+        if getattr(self, "_ptr", None) is not None:
+            self._logits_view = None
+            llama_cpp.llama_free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def read_meta(model: Model, keys: Sequence[str]) -> dict[str, str | None]:
+    return {k: model.meta(k) for k in keys}

@@ -1,0 +1,554 @@
+"""Self-speculative decoding of an mtpcode bundle on llama.cpp.
+
+One main context runs ``main.gguf`` (trunk + next-token head) and captures the
+trunk output ``h_trunk`` of every token it evaluates (eval callback). One
+context per extra head runs ``head-k.gguf`` on those rows, fed as embeddings;
+head k at the row of position t predicts the token at t+1+k.
+
+A step (blockwise parallel decoding, Stern et al. 2018; speculative sampling,
+Leviathan et al. 2023):
+
+* draft   - heads 1..K propose d_1..d_K for the K positions after the pending
+            token x (x is already chosen by the main model, not yet evaluated);
+* verify  - one main forward over [x, d_1, ..., d_K], logits for every row;
+* accept  - d_i is kept while the main model agrees (greedy: same argmax;
+            sampling: min(1, p/q) test); the main model's own token after the
+            last kept row becomes the next pending x (the bonus token);
+* commit  - rejected rows leave the main KV cache (llama_memory_seq_rm); the
+            heads are fed only kept rows, so they never need a rollback.
+
+The engine remembers which tokens each KV cache holds, and all captured
+trunk rows, so a later prompt sharing a prefix evaluates only what is new,
+and a head left idle (adaptive drafting, fewer heads requested) catches up
+from the stored rows when it is used again.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from mtpcode import sampling
+from mtpcode.bundle import KV_FINGERPRINT, KV_HEAD_INDEX, KV_ROLE, Bundle, Manifest, open_bundle
+from mtpcode.errors import ContextOverflowError, DataError, ModelError, MtpError, UsageError
+from mtpcode.generation import Done, GenerationOptions, Piece, Stats, StopCondition, StopStrings
+from mtpcode.llama import Context, Model, TrunkCapture, default_threads, use_extra_bufts
+
+_perf = time.perf_counter
+
+
+# ---------------------------------------------------------------------------
+# output text: incremental detokenization and stop conditions
+
+
+class _Output:
+    """Turns accepted tokens into text pieces, applying stop conditions.
+
+    Token bytes go through an incremental UTF-8 decoder, so a character split
+    over byte-fallback tokens appears once all its bytes are there.
+    """
+
+    def __init__(self, model: Model, stops: Sequence[StopCondition]) -> None:
+        self._model = model
+        self._stops = tuple(stops)
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.shown = 0  # characters of text already emitted
+        self.stop_reason: str | None = None
+        self.cut: int | None = None
+
+    def push(self, tokens: Sequence[int], final: bool = False) -> str:
+        """Add tokens; return the newly showable text ("" if none). Sets stop_reason on a stop."""
+        if tokens or final:
+            data = b"".join(self._model.token_bytes(t) for t in tokens)
+            self.text += self._decoder.decode(data, final)
+        end = len(self.text)
+        for stop in self._stops:
+            cut = stop.check(self.text)
+            if cut is not None and (self.cut is None or cut < self.cut):
+                self.cut, self.stop_reason = cut, stop.reason
+        if self.cut is not None:
+            end = max(self.cut, self.shown)
+        elif not final and self._stops:
+            hold = max(stop.holdback(self.text) for stop in self._stops)
+            end = max(len(self.text) - hold, self.shown)
+        piece = self.text[self.shown:end]
+        self.shown = end
+        return piece
+
+    @property
+    def final_text(self) -> str:
+        return self.text[: self.cut] if self.cut is not None else self.text
+
+
+# ---------------------------------------------------------------------------
+# adaptive drafting
+
+
+class DraftPolicy:
+    """Chooses how many heads to draft with in each step.
+
+    Tracks, per head k, a running estimate c_k of the probability that drafts
+    d_1..d_k are all accepted (so a verify of K drafts yields 1 + sum c_k
+    tokens on average) and running timings of a main forward of b rows and
+    of one head forward. Picks the K with the most expected tokens per second.
+    Every ``probe_every`` steps it tries K+1 or K-1 to keep the estimates of
+    the neighbours fresh. It never changes *which* tokens come out under
+    greedy decoding (only how many are verified per forward).
+    """
+
+    alpha = 0.1  # weight of a new observation in the running estimates
+    probe_every = 16
+    warmup_steps = 8
+
+    def __init__(self, max_heads: int, adaptive: bool) -> None:
+        self.max_heads = max_heads
+        self.adaptive = adaptive and max_heads > 0
+        self.chain = np.array([0.6 ** (k + 1) for k in range(max_heads)])  # optimistic prior
+        self.t_verify: dict[int, float] = {}
+        self.t_head = 0.0
+        self.k = max_heads
+        self.steps = 0
+
+    def choose(self) -> int:
+        self.steps += 1
+        if not self.adaptive or self.steps <= self.warmup_steps or not self.t_verify:
+            return self.max_heads
+        best = max(range(self.max_heads + 1), key=self._rate)
+        self.k = best
+        if self.steps % self.probe_every == 0:
+            probe = best + 1 if (self.steps // self.probe_every) % 2 else best - 1
+            if 0 <= probe <= self.max_heads:
+                return probe
+        return best
+
+    def _verify_time(self, rows: int) -> float:
+        if rows in self.t_verify:
+            return self.t_verify[rows]
+        # unmeasured size: scale the nearest measured one with a prior of ~30%
+        # extra per additional row (DESIGN.md §4 CPU measurements)
+        ref = min(self.t_verify, key=lambda b: abs(b - rows))
+        return self.t_verify[ref] * (0.7 + 0.3 * rows) / (0.7 + 0.3 * ref)
+
+    def _rate(self, k: int) -> float:
+        tokens = 1.0 + float(self.chain[:k].sum())
+        return tokens / (self._verify_time(k + 1) + k * self.t_head)
+
+    def observe(self, k: int, accepted: int, verify_s: float, head_s: float, heads_run: int) -> None:
+        a = self.alpha
+        for i in range(k):
+            self.chain[i] += a * (float(accepted > i) - self.chain[i])
+        rows = k + 1
+        old = self.t_verify.get(rows)
+        self.t_verify[rows] = verify_s if old is None else old + a * (verify_s - old)
+        if heads_run:
+            per = head_s / heads_run
+            self.t_head = per if self.t_head == 0.0 else self.t_head + a * (per - self.t_head)
+
+
+# ---------------------------------------------------------------------------
+# the engine
+
+
+@dataclass
+class _Timer:
+    native: float = 0.0  # seconds inside llama_decode during the current phase
+
+
+class Engine:
+    """A bundle loaded for generation: main context, head contexts and their caches.
+
+    Not thread-safe: one ``generate`` at a time (``cancel`` may be set from
+    another thread). Starting a new ``generate`` ends the previous stream.
+    """
+
+    def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, n_ctx: int = 4096, n_batch: int = 512,
+                 n_threads: int | None = None, n_gpu_layers: int = 0, head_gpu_layers: int | None = None,
+                 extra_bufts: str = "auto") -> None:
+        self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
+        self.manifest: Manifest = self.bundle.manifest
+        self.n_heads = self.manifest.n_heads
+        if n_ctx < 8:
+            raise UsageError(f"context size {n_ctx} is too small (at least 8 tokens)")
+        if n_batch < 1:
+            raise UsageError(f"batch size {n_batch} must be positive")
+        n_batch = max(min(n_batch, n_ctx), self.n_heads + 1)
+        threads = n_threads if n_threads and n_threads > 0 else default_threads()
+        extra = use_extra_bufts(extra_bufts)
+        head_layers = n_gpu_layers if head_gpu_layers is None else head_gpu_layers
+        self.extra_bufts = extra
+        self._main_model: Model | None = None
+        self._head_models: list[Model] = []
+        self._main: Context | None = None
+        self._heads: list[Context] = []
+        try:
+            self._main_model = Model(self.bundle.main_path, n_gpu_layers=n_gpu_layers, extra_bufts=extra)
+            self._check_main(self._main_model)
+            for k, path in enumerate(self.bundle.head_paths, start=1):
+                model = Model(path, n_gpu_layers=head_layers, extra_bufts=extra)
+                self._head_models.append(model)
+                self._check_head(k, model)
+            n_embd = self._main_model.n_embd
+            self._trunk = np.zeros((n_ctx, n_embd), dtype=np.float32)
+            self._capture = TrunkCapture(self.manifest.trunk_tensor, self._trunk)
+            self._main = Context(self._main_model, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
+                                 capture=self._capture)
+            self._heads = [Context(m, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True)
+                           for m in self._head_models]
+        except BaseException:
+            self.close()
+            raise
+        self.n_ctx = min(n_ctx, self._main.n_ctx, *(h.n_ctx for h in self._heads))
+        self.n_batch = n_batch
+        self.n_threads = threads
+        self.n_vocab = self._main_model.n_vocab
+        # What each KV cache holds: main holds _tokens[:_n_main]; head k holds
+        # the first _n_head[k] of those. _trunk[:_n_main] are their trunk rows.
+        self._tokens = np.zeros(n_ctx, dtype=np.int32)
+        self._n_main = 0
+        self._n_head = [0] * self.n_heads
+        self._head_logits_at = [-1] * self.n_heads  # position whose logits each head context holds
+        self._owner: object | None = None
+
+    # -- loading checks ---------------------------------------------------
+
+    def _mismatch(self, file: str, detail: str) -> ModelError:
+        return ModelError(
+            f"bundle {self.bundle.path}: {file} does not belong to {self.manifest.main.file} ({detail}); "
+            "reconvert the bundle with `mtpcode convert`"
+        )
+
+    def _check_main(self, model: Model) -> None:
+        m, name = self.manifest, self.manifest.main.file
+        role, fp = model.meta(KV_ROLE), model.meta(KV_FINGERPRINT)
+        if role != "main":
+            raise ModelError(f"bundle {self.bundle.path}: {name} is not an mtpcode main model ({KV_ROLE}={role!r})")
+        if fp != m.fingerprint:
+            raise ModelError(f"bundle {self.bundle.path}: {name} fingerprint {fp} does not match mtp.json ({m.fingerprint})")
+        if model.n_embd != m.n_embd or model.n_vocab != m.n_vocab:
+            raise ModelError(
+                f"bundle {self.bundle.path}: {name} has n_embd={model.n_embd}, n_vocab={model.n_vocab}; "
+                f"mtp.json says {m.n_embd}, {m.n_vocab}"
+            )
+
+    def _check_head(self, k: int, model: Model) -> None:
+        main = self._main_model
+        assert main is not None
+        name = self.manifest.heads[k - 1].file
+        role, index, fp = model.meta(KV_ROLE), model.meta(KV_HEAD_INDEX), model.meta(KV_FINGERPRINT)
+        if role != "head" or index != str(k):
+            raise self._mismatch(name, f"{KV_ROLE}={role!r}, {KV_HEAD_INDEX}={index!r}, expected head {k}")
+        if fp != main.meta(KV_FINGERPRINT):
+            raise self._mismatch(name, f"fingerprint {fp} != {main.meta(KV_FINGERPRINT)}")
+        if model.n_embd != main.n_embd:
+            raise self._mismatch(name, f"n_embd {model.n_embd} != {main.n_embd}")
+        if model.n_vocab != main.n_vocab:
+            raise self._mismatch(name, f"n_vocab {model.n_vocab} != {main.n_vocab}")
+
+    # -- public API ---------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return self._model.tokenize(text, add_bos=add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        """Text of ``ids`` as a continuation (special tokens such as BOS render as nothing)."""
+        data = b"".join(self._model.token_bytes(int(t)) for t in ids)
+        return data.decode("utf-8", errors="replace")
+
+    @property
+    def cached_tokens(self) -> list[int]:
+        """The tokens whose KV entries the main context holds (the reusable prefix)."""
+        return self._tokens[: self._n_main].tolist()
+
+    def generate(self, prompt: str | Sequence[int], options: GenerationOptions = GenerationOptions(),
+                 stops: Sequence[StopCondition] = (), cancel: threading.Event | None = None
+                 ) -> Iterator[Piece | Done]:
+        """Stream ``Piece`` events for the continuation of ``prompt``, then one ``Done``.
+
+        A str prompt is tokenized with BOS. Raises ContextOverflowError here,
+        before any event, when the prompt does not fit in the context; if the
+        prompt fits but prompt + max_tokens does not, generation stops with
+        stop_reason "context" when the context is full.
+        """
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise DataError("the prompt is empty")
+        if len(ids) > self.n_ctx:
+            raise ContextOverflowError(
+                f"prompt is {len(ids)} tokens but the context holds {self.n_ctx}; "
+                "use --ctx to raise it or shorten the input"
+            )
+        bad = [t for t in ids if not 0 <= t < self.n_vocab]
+        if bad:
+            raise DataError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        heads = self.n_heads if options.heads is None else options.heads
+        if not 0 <= heads <= self.n_heads:
+            raise UsageError(f"heads must be between 0 and {self.n_heads} for this bundle, not {heads}")
+        if options.max_tokens < 0:
+            raise UsageError(f"max_tokens must be >= 0, not {options.max_tokens}")
+        all_stops: list[StopCondition] = []
+        if options.stop:
+            all_stops.append(StopStrings(options.stop))
+        all_stops.extend(stops)
+        owner = object()
+        self._owner = owner  # a previous, unfinished stream is now stale
+        self._reconcile()
+        return self._run(owner, ids, options, heads, all_stops, cancel)
+
+    def close(self) -> None:
+        """Free every context and model (idempotent)."""
+        self._owner = None
+        for ctx in getattr(self, "_heads", []):
+            ctx.close()
+        if getattr(self, "_main", None) is not None:
+            self._main.close()
+        for model in getattr(self, "_head_models", []):
+            model.close()
+        if getattr(self, "_main_model", None) is not None:
+            self._main_model.close()
+        self._heads, self._main, self._head_models, self._main_model = [], None, [], None
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------
+
+    @property
+    def _model(self) -> Model:
+        if self._main_model is None:
+            raise MtpError("engine used after close()")
+        return self._main_model
+
+    def _reconcile(self) -> None:
+        """Make the KV caches hold exactly what the bookkeeping says (after an
+        interruption anywhere, decodes may have added rows not yet recorded)."""
+        if self._main is None:
+            raise MtpError("engine used after close()")
+        self._main.trim(self._n_main)
+        for k, ctx in enumerate(self._heads):
+            self._n_head[k] = min(self._n_head[k], self._n_main)
+            ctx.trim(self._n_head[k])
+            if self._head_logits_at[k] != self._n_head[k] - 1:
+                self._head_logits_at[k] = -1
+
+    def _run(self, owner: object, ids: list[int], options: GenerationOptions, heads: int,
+             stops: list[StopCondition], cancel: threading.Event | None) -> Iterator[Piece | Done]:
+        sopts = options.sampling
+        seed = None if sopts.greedy else (sopts.seed if sopts.seed is not None else sampling.new_seed())
+        stats = Stats(prompt_tokens=len(ids), heads_used=heads, drafted_tokens=[0] * heads,
+                      accepted_tokens=[0] * heads, seed=seed)
+        step = _Step(self, options, heads, seed)
+        out = _Output(self._model, stops)
+        try:
+            t0 = _perf()
+            stats.prompt_tokens_processed = self._prefill(ids)
+            for k in range(heads):
+                self.feed_head(k)
+            step.start(self._main.logits(1)[0])
+            stats.prefill_s = _perf() - t0
+            t_decode = _perf()
+            native = 0.0
+            pending = [step.pending]
+            drafted_flags = [False]
+            n_total = len(ids)
+            reason: str | None = None
+            while True:
+                # commit the tokens chosen so far to the output and check every stop
+                emit, flags = [], []
+                for tok, flag in zip(pending, drafted_flags):
+                    if self._model.is_eog(tok):
+                        reason = "eos"
+                        break
+                    if stats.generated_tokens >= options.max_tokens:
+                        reason = "max_tokens"
+                        break
+                    if n_total >= self.n_ctx:
+                        reason = "context"
+                        break
+                    emit.append(tok)
+                    flags.append(flag)
+                    stats.generated_tokens += 1
+                    n_total += 1
+                text = out.push(emit)
+                if emit or text:
+                    yield Piece(text=text, token_ids=tuple(emit), drafted=tuple(flags))
+                if self._owner is not owner:
+                    raise MtpError("this generation was superseded by a newer generate() call on the same engine")
+                reason = reason or out.stop_reason
+                if reason is None and stats.generated_tokens >= options.max_tokens:
+                    reason = "max_tokens"
+                if reason is None and n_total >= self.n_ctx:
+                    reason = "context"
+                if reason is None and cancel is not None and cancel.is_set():
+                    reason = "interrupted"
+                if reason is not None:
+                    break
+                # one speculative step: draft, verify, accept, commit
+                room = min(self.n_ctx - n_total - 1, options.max_tokens - stats.generated_tokens - 1)
+                native += step.run(max(0, room), stats)
+                pending, drafted_flags = step.new_tokens, step.new_flags
+            tail = out.push([], final=True)
+            if tail:
+                yield Piece(text=tail, token_ids=(), drafted=())
+            stats.decode_s = _perf() - t_decode
+            stats.python_s = max(0.0, stats.decode_s - native)
+            yield Done(text=out.final_text, stop_reason=out.stop_reason or reason, stats=stats)
+        finally:
+            if self._owner is owner:
+                self._owner = None
+                if self._main is not None:
+                    self._reconcile()
+
+    # -- phases -------------------------------------------------------------
+
+    def _prefill(self, ids: list[int]) -> int:
+        """Bring the main KV to ``ids`` reusing the common prefix; returns tokens evaluated.
+
+        The last prompt token is always evaluated (its logits choose the first token).
+        """
+        main = self._main
+        cached = self._tokens[: self._n_main]
+        n = min(len(cached), len(ids) - 1)
+        common = 0
+        if n > 0:
+            diff = np.flatnonzero(cached[:n] != np.asarray(ids[:n], dtype=np.int32))
+            common = int(diff[0]) if diff.size else n
+        self._n_main = min(self._n_main, common)
+        self._reconcile()
+        self._tokens[common: len(ids)] = ids[common:]
+        pos = common
+        while pos < len(ids):
+            n_rows = min(self.n_batch, len(ids) - pos)
+            main.batch.tokens[:n_rows] = self._tokens[pos: pos + n_rows]
+            main.decode(n_rows, pos, last_logits_only=True)
+            pos += n_rows
+            self._n_main = pos
+        return len(ids) - common
+
+    def feed_head(self, k: int) -> float:
+        """Feed head k (0-based) the trunk rows it has not seen; returns seconds in llama.cpp.
+
+        Afterwards its context holds the logits of the last row (position n_main - 1).
+        """
+        ctx = self._heads[k]
+        start, end = self._n_head[k], self._n_main
+        if start == end and self._head_logits_at[k] == end - 1:
+            return 0.0
+        if start == end:  # logits lost (interrupted run): re-evaluate the last row
+            start = end - 1
+            ctx.trim(start)
+            self._n_head[k] = start
+        native = 0.0
+        while start < end:
+            n_rows = min(self.n_batch, end - start)
+            np.copyto(ctx.batch.embd[:n_rows], self._trunk[start: start + n_rows])
+            t = _perf()
+            ctx.decode(n_rows, start, last_logits_only=True)
+            native += _perf() - t
+            start += n_rows
+            self._n_head[k] = start
+        self._head_logits_at[k] = end - 1
+        return native
+
+
+class _Step:
+    """The per-generation decoding state: pending token, drafts, buffers, policy."""
+
+    def __init__(self, engine: Engine, options: GenerationOptions, heads: int, seed: int | None) -> None:
+        self.e = engine
+        self.heads = heads
+        self.greedy = options.sampling.greedy
+        self.policy = DraftPolicy(heads, options.adaptive)
+        self.pending = -1
+        self.new_tokens: list[int] = []
+        self.new_flags: list[bool] = []
+        self.drafts = np.zeros(max(heads, 1), dtype=np.int32)
+        if not self.greedy:
+            self.rng = np.random.default_rng(seed)
+            self.warper = sampling.Warper(engine.n_vocab, options.sampling)
+            self.p = self.warper.new_buffer()
+            self.q = [self.warper.new_buffer() for _ in range(heads)]
+            self.scratch = self.warper.new_buffer()
+
+    def pick(self, logits: np.ndarray) -> int:
+        """The main model's token from one row of logits."""
+        if self.greedy:
+            return sampling.greedy(logits)
+        return sampling.sample(self.warper.probs(logits, self.p), self.rng)
+
+    def start(self, logits: np.ndarray) -> None:
+        self.pending = self.pick(logits)
+
+    def _draft(self, k_max: int) -> tuple[int, float]:
+        """Heads 1..k draft the tokens after the pending one; returns (k, seconds in llama.cpp)."""
+        native = 0.0
+        for k in range(k_max):
+            native += self.e.feed_head(k)
+            logits = self.e._heads[k].logits(1)[0]
+            if self.greedy:
+                self.drafts[k] = sampling.greedy(logits)
+            else:
+                self.drafts[k] = sampling.sample(self.warper.probs(logits, self.q[k]), self.rng)
+        return k_max, native
+
+    def _verify(self, k: int) -> float:
+        """One main forward over [pending, d_1..d_k]; returns seconds in llama.cpp."""
+        e = self.e
+        m = e._n_main
+        batch = e._main.batch
+        batch.tokens[0] = self.pending
+        batch.tokens[1: k + 1] = self.drafts[:k]
+        e._tokens[m: m + k + 1] = batch.tokens[: k + 1]
+        t = _perf()
+        e._main.decode(k + 1, m, last_logits_only=False)
+        return _perf() - t
+
+    def _accept(self, k: int) -> tuple[int, int]:
+        """Compare drafts with the main rows: (number accepted, the main model's next token)."""
+        rows = self.e._main.logits(k + 1)
+        if self.greedy:
+            for i in range(k):
+                target = sampling.greedy(rows[i])
+                if target != self.drafts[i]:
+                    return i, target
+            return k, sampling.greedy(rows[k])
+        for i in range(k):
+            p = self.warper.probs(rows[i], self.p)
+            d = int(self.drafts[i])
+            if not sampling.accept(p, self.q[i], d, self.rng):
+                return i, sampling.residual(p, self.q[i], self.rng, self.scratch)
+        return k, sampling.sample(self.warper.probs(rows[k], self.p), self.rng)
+
+    def run(self, room: int, stats: Stats) -> float:
+        """One step with at most ``room`` drafts; sets new_tokens/new_flags; returns seconds in llama.cpp."""
+        e = self.e
+        k = min(self.policy.choose(), room, self.heads)
+        t_heads = _perf()
+        k, native_heads = self._draft(k)
+        t_heads = _perf() - t_heads
+        verify_s = self._verify(k)
+        accepted, nxt = self._accept(k)
+        # commit: keep pending + accepted drafts in the main KV, drop the rest
+        m = e._n_main
+        keep = m + 1 + accepted
+        if accepted < k:
+            e._main.trim(keep)
+        e._n_main = keep
+        stats.main_forwards += 1
+        for i in range(k):
+            stats.drafted_tokens[i] += 1
+            stats.accepted_tokens[i] += int(i < accepted)
+        self.policy.observe(k, accepted, verify_s, t_heads, k)
+        self.new_tokens = [int(t) for t in self.drafts[:accepted]] + [nxt]
+        self.new_flags = [True] * accepted + [False]
+        self.pending = nxt
+        return native_heads + verify_s

@@ -1,0 +1,119 @@
+"""Token selection on numpy logits: greedy, warped sampling, and the
+speculative-sampling acceptance rule.
+
+Warping (the order is fixed and documented because the main model and the
+draft heads must be warped by the *same* function for speculative sampling
+to be exact):
+
+1. divide the logits by ``temperature``;
+2. top-k: keep the tokens whose logit is at least the k-th largest (ties at
+   the boundary are all kept);
+3. softmax;
+4. top-p: keep the smallest set of most likely tokens whose total
+   probability reaches ``top_p``;
+5. min-p: drop tokens whose probability is below ``min_p`` times the
+   largest probability;
+6. renormalise.
+
+Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): a draft token
+``t ~ q`` is accepted with probability ``min(1, p[t] / q[t])``; on rejection
+the replacement is drawn from ``norm(max(p - q, 0))``. The emitted token is
+then distributed exactly as ``p``, whatever ``q`` is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mtpcode.generation import SamplingOptions
+
+
+def new_seed() -> int:
+    """A fresh random seed (reported in Stats so a run can be repeated)."""
+    return int(np.random.SeedSequence().entropy % (2**32))
+
+
+def greedy(logits: np.ndarray) -> int:
+    """The most likely token (the first one on exact ties, like llama.cpp's greedy sampler)."""
+    return int(np.argmax(logits))
+
+
+class Warper:
+    """Turns one row of logits into the sampling distribution for ``options``.
+
+    The returned array is a buffer owned by the warper; ``probs(..., out=)``
+    lets the caller keep several distributions alive at once (main and heads).
+    """
+
+    def __init__(self, n_vocab: int, options: SamplingOptions) -> None:
+        if options.greedy:
+            raise ValueError("Warper is for temperature > 0; use greedy() otherwise")
+        self.n_vocab = n_vocab
+        self.inv_temp = 1.0 / float(options.temperature)
+        self.top_k = int(options.top_k) if 0 < options.top_k < n_vocab else 0
+        self.top_p = float(options.top_p)
+        self.min_p = float(options.min_p)
+        self._x = np.empty(n_vocab, dtype=np.float64)
+
+    def new_buffer(self) -> np.ndarray:
+        return np.empty(self.n_vocab, dtype=np.float64)
+
+    def probs(self, logits: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Write the warped distribution of ``logits`` into ``out`` and return it."""
+        x = self._x
+        np.multiply(logits, self.inv_temp, out=x)
+        if self.top_k:
+            kth = np.partition(x, self.n_vocab - self.top_k)[self.n_vocab - self.top_k]
+            x[x < kth] = -np.inf
+        np.subtract(x, x.max(), out=x)
+        np.exp(x, out=out)
+        out /= out.sum()
+        if self.top_p < 1.0:
+            self._apply_top_p(out)
+        if self.min_p > 0.0:
+            out[out < self.min_p * out.max()] = 0.0
+        out /= out.sum()
+        return out
+
+    def _apply_top_p(self, p: np.ndarray) -> None:
+        # Only tokens with nonzero probability can be in the nucleus; sorting
+        # those alone is much cheaper than sorting the vocabulary under top-k.
+        support = np.flatnonzero(p) if self.top_k else None
+        cand = p[support] if support is not None else p
+        order = np.argsort(-cand, kind="stable")
+        cum = np.cumsum(cand[order])
+        # smallest prefix whose mass reaches top_p (the token crossing it is kept)
+        n_keep = int(np.searchsorted(cum, self.top_p * cum[-1], side="left")) + 1
+        drop = order[n_keep:]
+        if support is not None:
+            drop = support[drop]
+        p[drop] = 0.0
+
+
+def sample(p: np.ndarray, rng: np.random.Generator) -> int:
+    """Draw one token from the (normalised or not) nonnegative weights ``p``."""
+    cum = np.cumsum(p)
+    total = cum[-1]
+    i = int(np.searchsorted(cum, rng.random() * total, side="right"))
+    if i >= len(p) or p[i] <= 0.0:
+        # float round-off at the very top of the cumulative sum
+        i = int(np.flatnonzero(p)[-1])
+    return i
+
+
+def accept(p: np.ndarray, q: np.ndarray, token: int, rng: np.random.Generator) -> bool:
+    """Speculative-sampling test for a draft ``token`` drawn from ``q``: True with prob min(1, p/q)."""
+    qt = q[token]
+    if qt <= 0.0:
+        return False
+    return rng.random() * qt < p[token]
+
+
+def residual(p: np.ndarray, q: np.ndarray, rng: np.random.Generator, scratch: np.ndarray) -> int:
+    """Replacement token after a rejection: a draw from norm(max(p - q, 0))."""
+    np.subtract(p, q, out=scratch)
+    np.maximum(scratch, 0.0, out=scratch)
+    if scratch.sum() <= 0.0:
+        # p == q up to round-off: a rejection is (almost) impossible; p is the right law.
+        return sample(p, rng)
+    return sample(scratch, rng)
