@@ -104,8 +104,11 @@ def convert_checkpoint(
     fp = fingerprint(ckpt)
     report = lambda stage, done, total: progress(stage, done, total) if progress else None  # noqa: E731
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    except OSError as exc:
+        raise OutputError(f"cannot write to {out.parent}: {exc.strerror}; choose another --out") from None
     try:
         float_type = _intermediate_type(ckpt, quant)
         name = ckpt.directory.resolve().name
