@@ -61,7 +61,8 @@ class Warper:
     def probs(self, logits: np.ndarray, out: np.ndarray) -> np.ndarray:
         """Write the warped distribution of ``logits`` into ``out`` and return it."""
         x = self._x
-        np.multiply(logits, self.inv_temp, out=x)
+        np.copyto(x, logits)  # to float64 first: float32 * float would round in float32
+        x *= self.inv_temp
         if self.top_k:
             kth = np.partition(x, self.n_vocab - self.top_k)[self.n_vocab - self.top_k]
             x[x < kth] = -np.inf
