@@ -41,9 +41,10 @@ def normalize_quant(name: str) -> str:
 def quantize_file(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
     """Quantize the GGUF ``src`` into ``dst`` with llama.cpp; ModelError if llama.cpp refuses."""
     import llama_cpp
-    from llama_cpp._logger import set_verbose
 
-    set_verbose(False)  # llama.cpp logs every tensor it quantizes; keep errors only
+    from mtpcode.llama import init_backend
+
+    init_backend()  # routes llama.cpp's per-tensor log away from stderr
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANT_TYPES[quant]
     params.nthread = threads or os.cpu_count() or 1
