@@ -13,9 +13,11 @@ def register(group: click.Group) -> None:
     from mtpcode.complete import complete
     from mtpcode.convert_cmd import convert
     from mtpcode.models_cmd import models
+    from mtpcode.repl import repl
     from mtpcode.serve import serve
 
     group.add_command(convert)
     group.add_command(complete)
     group.add_command(models)
+    group.add_command(repl)
     group.add_command(serve)

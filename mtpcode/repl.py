@@ -1,0 +1,147 @@
+"""``mtpcode repl``: an interactive completion REPL (prompt-toolkit + pygments).
+
+The UI object lives in :mod:`mtpcode.repl_ui`; the editing rules and key
+bindings in :mod:`mtpcode.repl_edit`; model-backed ghost text in
+:mod:`mtpcode.repl_suggest`. This module is the command: it checks for a
+terminal, resolves settings and the model, and runs the session.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from mtpcode.errors import UsageError
+
+NOT_A_TERMINAL = (
+    "mtpcode repl needs a terminal ({which} is not a tty); "
+    "to complete piped or scripted input use `mtpcode complete`"
+)
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+@click.command("repl")
+@click.argument("file", required=False)
+@click.option("-m", "--model", help="Bundle directory or registered name (default: the configured model).")
+@click.option("-l", "--language", help="Highlighting language, a pygments name [default: python, or FILE's].")
+@click.option("-n", "--max-tokens", type=int, help="Most tokens per completion [default: 256].")
+@click.option("-t", "--temperature", type=float, help="0 = greedy (default); > 0 samples.")
+@click.option("--top-k", type=int, help="Sample from the k most likely tokens (0 = off).")
+@click.option("--top-p", type=float, help="Nucleus sampling threshold (1 = off).")
+@click.option("--min-p", type=float, help="Drop tokens below min-p times the top probability (0 = off).")
+@click.option("--seed", type=int, help="Random seed for sampling.")
+@click.option("--heads", type=int, help="Draft heads to use (default: all the model has; 0 = no speculation).")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp (default: llama.cpp's choice).")
+@click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all; default 0).")
+@click.option("--ctx", type=int, help="Context size in tokens [default: 4096].")
+@click.option(
+    "--stop",
+    default="block",
+    show_default=True,
+    help="Where a completion ends: block (the block being written), none (max tokens), or N lines.",
+)
+@click.option("--suggest/--no-suggest", default=True, show_default=True, help="Live ghost-text suggestions.")
+@click.option("--suggest-tokens", type=int, default=16, show_default=True, help="Most tokens per suggestion.")
+@click.option("--style", default="default", show_default=True, help="Pygments colour style (monokai, native, ...).")
+def repl(
+    file: str | None,
+    model: str | None,
+    language: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    min_p: float | None,
+    seed: int | None,
+    heads: int | None,
+    threads: int | None,
+    gpu_layers: int | None,
+    ctx: int | None,
+    stop: str,
+    suggest: bool,
+    suggest_tokens: int,
+    style: str,
+) -> None:
+    """Interactive code completion: type code, the model continues it.
+
+    The session keeps a growing buffer, like a scratch file: each input joins
+    it, the model's completion streams after it (highlighted, then one stats
+    line) and joins it too. Grey ghost text suggests the rest of the line
+    while you type (→ or Ctrl-E accepts it, Alt-F one word).
+
+    Enter submits a complete input and opens a new line inside brackets, after
+    ':' or in a block (an empty last line submits); Alt-Enter always submits;
+    Ctrl-J always opens a new line. Commands: /help, /load, /save, /clear,
+    /set, /model, /stats, /quit. FILE, if given, is loaded first.
+    """
+    for name, stream in (("stdin", sys.stdin), ("stdout", sys.stdout)):
+        if not _isatty(stream):
+            raise UsageError(NOT_A_TERMINAL.format(which=name))
+    run_repl(
+        file=file, model=model, language=language, stop=stop, suggest=suggest, suggest_tokens=suggest_tokens,
+        style=style, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        seed=seed, heads=heads, threads=threads, gpu_layers=gpu_layers, ctx=ctx,
+    )
+
+
+def run_repl(
+    *,
+    file: str | None = None,
+    model: str | None = None,
+    language: str | None = None,
+    stop: str = "block",
+    suggest: bool = True,
+    suggest_tokens: int = 16,
+    style: str = "default",
+    input=None,
+    output=None,
+    **setting_flags,
+) -> None:
+    """Resolve settings and the model, then run one REPL session until /quit or Ctrl-D.
+
+    ``setting_flags`` are :func:`mtpcode.config.load_settings` overrides
+    (``max_tokens=``, ``threads=``, ...; None = not given). ``input`` and
+    ``output`` are prompt-toolkit objects (default: the terminal).
+    """
+    from mtpcode.config import load_settings
+    from mtpcode.models import is_builtin, resolve_model
+    from mtpcode.repl_edit import lexer_by_name
+    from mtpcode.repl_ui import Repl, history_path, parse_stop
+
+    try:
+        stop_mode = parse_stop(stop)
+    except ValueError:
+        raise UsageError(f"--stop {stop!r}: expected block, none or a number of lines") from None
+    if not 1 <= suggest_tokens <= 256:
+        raise UsageError("--suggest-tokens must be from 1 to 256")
+    if language is not None:
+        lexer_by_name(language)  # fail before loading the model
+    settings = load_settings(model=model, **setting_flags)
+    path = resolve_model(model, settings)
+    ui = Repl(
+        settings,
+        model_path=path,
+        model_name=model or settings.model or path.name,
+        language=language,
+        stop=stop_mode,
+        suggest=suggest,
+        suggest_tokens=suggest_tokens,
+        style=style,
+        history=history_path(settings),
+        input=input,
+        output=output,
+    )
+    if is_builtin(path) and model is None:
+        ui.info("using the small built-in model (a demo, not a real code model); pick one with --model or /model")
+    if file is not None:
+        ui.cmd_load(file)
+        if language is not None:
+            ui.apply_setting("language", language)
+    ui.run()
