@@ -349,3 +349,15 @@ def test_library_errors_are_typed(make_checkpoint, tmp_path):
     (tmp_path / "exists").mkdir()
     with pytest.raises(OutputError):
         convert_checkpoint(src, tmp_path / "exists")
+
+
+def test_llama_buffers_and_unknown_params_keys_are_ignored(make_checkpoint, make_bundle, tmp_path):
+    """Original Llama checkpoints carry rope.freqs; newer params.json files have extra keys."""
+    src, _ = make_checkpoint()
+    d = _bad_state(src, tmp_path / "with-buffers", lambda s: s.__setitem__("rope.freqs", torch.ones(16)))
+    params = json.loads((d / "params.json").read_text())
+    params.update(max_batch_size=32, use_scaled_rope=False)
+    (d / "params.json").write_text(json.dumps(params))
+    out = convert_checkpoint(d, tmp_path / "b", quant="F32").out_dir
+    assert open_bundle(out).manifest.fingerprint == open_bundle(make_bundle()).manifest.fingerprint
+    assert "rope_freqs.weight" not in {t.name for t in gguf.GGUFReader(out / "main.gguf").tensors}
