@@ -9,9 +9,12 @@ context), 66 FILE missing, 69 model unavailable, 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,18 +55,21 @@ def read_input(file: str | None) -> bytes:
 
 
 def decode_input(data: bytes, name: str) -> str:
-    """Input bytes as text. DataError for empty, binary (NUL bytes) or non-UTF-8 input."""
+    """Input bytes as text. DataError for empty or blank, binary (NUL bytes) or non-UTF-8 input."""
     if not data:
         raise DataError(f"{name} is empty: nothing to complete")
     if b"\x00" in data:
         raise DataError(f"{name} looks binary (it contains NUL bytes); give source code as UTF-8 text")
     try:
-        return data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(
             f"{name} is not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset {exc.start}); "
             "convert it with e.g. `iconv -t UTF-8`"
         ) from None
+    if not text.strip():
+        raise DataError(f"{name} has only whitespace: nothing to complete")
+    return text
 
 
 def parse_cursor(spec: str) -> tuple[int, int]:
@@ -174,6 +180,7 @@ def stream_completion(
     stops: Sequence[StopCondition],
     out: IO[bytes] | None,
     written: list[str] | None = None,
+    cancel: threading.Event | None = None,
 ) -> tuple[str, Done]:
     """Run one generation, writing each piece to ``out`` (flushed) as it comes.
 
@@ -182,7 +189,7 @@ def stream_completion(
     caller knows what was output.
     """
     written = [] if written is None else written
-    for event in engine.generate(prompt, options, stops):
+    for event in engine.generate(prompt, options, stops, cancel=cancel):
         if isinstance(event, Piece):
             if event.text:
                 written.append(event.text)
@@ -272,33 +279,90 @@ def complete(
     t0 = time.perf_counter()
     engine, path = load_engine(settings, model, note=sys.stderr if talk else None)
     out = click.get_binary_stream("stdout")
-    with engine:
-        if show_stats:
-            click.echo(
-                f"mtpcode: model {path} ({engine.n_heads} heads) loaded in {time.perf_counter() - t0:.2f} s",
-                err=True,
-            )
-        if echo:
-            out.write(request.raw[: len(request.prompt.encode("utf-8"))])
-            out.flush()
-        written: list[str] = []
-        try:
-            text, done = stream_completion(engine, request.prompt, options, stops, None if as_json else out, written)
-        except KeyboardInterrupt:
-            if as_json:
-                partial = "".join(written)
-                out.write((json.dumps(stats_json(None, partial, "interrupted", path)) + "\n").encode())
-                out.flush()
-            raise Interrupted("interrupted; the completion so far was written") from None
-        if as_json:
-            out.write((json.dumps(stats_json(done, done.text, done.stop_reason, path)) + "\n").encode())
-        elif echo and request.suffix:
-            out.write(request.raw[len(request.prompt.encode("utf-8")):])
-        elif _isatty(out) and not text.endswith("\n"):
-            out.write(b"\n")  # keep the shell prompt off the completion's last line
+    try:
+        with engine:
+            _run(engine, path, request, options, stops, out, as_json=as_json, echo=echo,
+                 show_stats=show_stats, t0=t0)
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly with status 0. (click's
+        # own EPIPE handling would exit 1, so this is done here.)
+        silence_stdout()
+        raise click.exceptions.Exit(0) from None
+
+
+def _run(engine, path: Path, request: CompletionRequest, options, stops, out: IO[bytes], *,
+         as_json: bool, echo: bool, show_stats: bool, t0: float) -> None:
+    """Stream one completion to ``out`` (the body of ``complete`` once the model is loaded)."""
+    if show_stats:
+        click.echo(
+            f"mtpcode: model {path} ({engine.n_heads} heads) loaded in {time.perf_counter() - t0:.2f} s",
+            err=True,
+        )
+    prompt_bytes = len(request.prompt.encode("utf-8"))
+    if echo:
+        out.write(request.raw[:prompt_bytes])
         out.flush()
-        if show_stats:
-            click.echo(f"mtpcode: {done.stop_reason}: {done.stats.summary()}", err=True)
+    written: list[str] = []
+    cancel = threading.Event()
+    try:
+        with sigint_cancels(cancel):
+            text, done = stream_completion(engine, request.prompt, options, stops, None if as_json else out,
+                                           written, cancel)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before generation started
+        if as_json:
+            partial = "".join(written)
+            out.write((json.dumps(stats_json(None, partial, "interrupted", path)) + "\n").encode())
+            out.flush()
+        raise Interrupted("interrupted; the completion so far was written") from None
+    if cancel.is_set() or done.stop_reason == "interrupted":
+        if as_json:
+            out.write((json.dumps(stats_json(done, done.text, "interrupted", path)) + "\n").encode())
+        out.flush()
+        raise Interrupted("interrupted; the completion so far was written")
+    if as_json:
+        out.write((json.dumps(stats_json(done, done.text, done.stop_reason, path)) + "\n").encode())
+    elif echo and request.suffix:
+        out.write(request.raw[prompt_bytes:])
+    elif _isatty(out) and not text.endswith("\n"):
+        out.write(b"\n")  # keep the shell prompt off the completion's last line
+    out.flush()
+    if show_stats:
+        click.echo(f"mtpcode: {done.stop_reason}: {done.stats.summary()}", err=True)
+
+
+@contextlib.contextmanager
+def sigint_cancels(cancel: threading.Event):
+    """While active, Ctrl-C sets ``cancel`` instead of raising KeyboardInterrupt.
+
+    The engine then ends the generation cleanly (``stop_reason ==
+    "interrupted"``) between steps, instead of an exception landing inside
+    llama.cpp's eval callback. A second Ctrl-C raises KeyboardInterrupt.
+    Only the main thread can own signal handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if cancel.is_set():
+            raise KeyboardInterrupt
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def silence_stdout() -> None:
+    """Point fd 1 at /dev/null, so that flushing stdout at exit cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _isatty(stream: Any) -> bool:
