@@ -9,6 +9,7 @@ terminal, resolves settings and the model, and runs the session.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -91,6 +92,13 @@ def repl(
     )
 
 
+def _display_name(spec: str | None, path: Path) -> str:
+    # A registered name as the user knows it; a directory by its last component.
+    if spec is None or Path(spec).expanduser().exists():
+        return path.name
+    return spec
+
+
 def run_repl(
     *,
     file: str | None = None,
@@ -128,7 +136,7 @@ def run_repl(
     ui = Repl(
         settings,
         model_path=path,
-        model_name=model or settings.model or path.name,
+        model_name=_display_name(model or settings.model, path),
         language=language,
         stop=stop_mode,
         suggest=suggest,

@@ -13,6 +13,7 @@ keystroke costs only the tokens that changed.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,19 @@ from mtpcode.generation import Done, GenerationOptions, SamplingOptions, StopStr
 if TYPE_CHECKING:
     from prompt_toolkit.buffer import Buffer
     from prompt_toolkit.document import Document
+
+
+_SHOWABLE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f\ufffd]*")
+
+
+def showable(text: str) -> str:
+    """The start of ``text`` that can be shown as ghost text and inserted as typed.
+
+    It ends before the first control character (a tab is fine) or U+FFFD (an
+    incomplete UTF-8 sequence): neither belongs in the input box.
+    """
+    match = _SHOWABLE.match(text)
+    return match.group(0) if match else ""
 
 
 class EngineThread:
@@ -106,8 +120,8 @@ class ModelSuggest(AutoSuggest):
             return None
         old_prompt, completion = cache
         full = old_prompt + completion
-        if prompt.startswith(old_prompt) and full.startswith(prompt) and len(full) > len(prompt):
-            return full[len(prompt) :]
+        if prompt.startswith(old_prompt) and full.startswith(prompt):
+            return showable(full[len(prompt) :]) or None
         return None
 
     async def get_suggestion_async(self, buffer: "Buffer", document: "Document") -> Suggestion | None:
@@ -146,8 +160,11 @@ class ModelSuggest(AutoSuggest):
             self.busy = False
         if text is None or buffer.document != document:
             return None
+        text = showable(text)
+        if not text:
+            return None
         self.stats.shown += 1
-        return Suggestion(text) if text else None
+        return Suggestion(text)
 
     def _compute(self, prompt: str, cancel: threading.Event) -> str | None:
         """On the engine thread: the model's greedy text up to the end of the line, or None if cancelled."""

@@ -46,10 +46,29 @@ if TYPE_CHECKING:
     from pygments.lexer import Lexer
 
 HISTORY_NAME = "repl_history"
-KEYS_HELP = (
-    "Enter submit (new line inside a block) · Alt-Enter submit · Ctrl-J new line · "
-    "→/Ctrl-E accept · Alt-F word · Ctrl-C cancel · Ctrl-D quit · /help"
+# The key hints of the bottom toolbar, most important first (the toolbar drops
+# what does not fit the terminal's width).
+KEY_HINTS = (
+    "Enter submit/new line",
+    "Alt-Enter submit",
+    "Ctrl-J new line",
+    "→ accept",
+    "Alt-F word",
+    "Ctrl-C cancel",
+    "Ctrl-D quit",
+    "/help",
 )
+
+
+def fit_hints(hints: tuple[str, ...], width: int, sep: str = " · ") -> str:
+    """As many of ``hints`` as fit in ``width`` columns, joined by ``sep``."""
+    out = ""
+    for hint in hints:
+        candidate = f"{out}{sep}{hint}" if out else hint
+        if len(candidate) > width:
+            break
+        out = candidate
+    return out
 _CONTEXT_CHARS = 4000  # text before a completion that is lexed with it, for correct colours
 
 _UI_STYLE = {
@@ -375,7 +394,9 @@ class Repl:
             f" {model} · {language_name(self.lexer)} · suggest {suggest} · temp {s.temperature:g} · "
             f"max {s.max_tokens} · stop {describe_stop(self.stop)} · buffer {lines} lines"
         )
-        return FormattedText([("class:bottom-toolbar.key", " " + KEYS_HELP), ("", "\n"), ("", status)])
+        width = self.session.output.get_size().columns - 2
+        keys = fit_hints(KEY_HINTS, width)
+        return FormattedText([("class:bottom-toolbar.key", " " + keys), ("", "\n"), ("", status[: width + 1])])
 
     # --- the loop -----------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from prompt_toolkit.output.vt100 import Vt100_Output
 
 from mtpcode.config import load_settings
 from mtpcode.generation import Done, GenerationOptions, SamplingOptions, StopStrings
+from mtpcode.repl_suggest import showable
 from mtpcode.repl_edit import enter_submits, lexer_by_name, newline_indent
 from mtpcode.repl_ui import COMMANDS, Repl, StreamPrinter, join_input, visible
 from mtpcode.stops import code_stops
@@ -291,7 +292,7 @@ def test_a_long_session_slides_the_model_window(tiny_bundle, tmp_path):
 def _expected_suggestion(engine, typed: str, tokens: int) -> str:
     options = GenerationOptions(max_tokens=tokens, sampling=SamplingOptions(temperature=0.0))
     events = list(engine.generate(typed, options, stops=(StopStrings(["\n"]),)))
-    return events[-1].text
+    return showable(events[-1].text)
 
 
 def _typed_with_suggestion(engine, tokens: int) -> tuple[str, str]:
