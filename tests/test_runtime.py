@@ -1,0 +1,309 @@
+"""mtpcode.runtime.Engine on real tiny bundles built by the project's converter.
+
+The central property: self-speculative greedy decoding emits exactly the
+tokens of plain greedy decoding of main.gguf, with any number of heads, and
+those are exactly llama-cpp-python's own ``Llama`` at temperature 0.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from mtpcode.errors import ContextOverflowError, ModelError, UsageError
+from mtpcode.generation import Done, GenerationOptions, Piece, SamplingOptions
+from mtpcode.llama import cpu_has_amx, use_extra_bufts
+from mtpcode.runtime import Engine, _Output
+
+PROMPTS = [
+    "def main():\n    ",
+    "import os\nimport sys\n\nclass Foo(object):\n",
+    "x = [i * 2 for i in range(10)]\n",
+    "# caf\u00e9 \u2014 r\u00e9sum\u00e9\nprint(",
+]
+N_NEW = 40
+CTX = 256
+
+
+def run(engine: Engine, prompt, **opts) -> tuple[list[int], list[bool], str, Done]:
+    """Generate; return tokens, drafted flags, the pieces' concatenated text and the Done event."""
+    stops = opts.pop("stops", ())
+    tokens: list[int] = []
+    flags: list[bool] = []
+    text = ""
+    done = None
+    for ev in engine.generate(prompt, GenerationOptions(**opts), stops=stops):
+        if isinstance(ev, Piece):
+            assert done is None
+            assert len(ev.token_ids) == len(ev.drafted)
+            tokens += ev.token_ids
+            flags += ev.drafted
+            text += ev.text
+        else:
+            done = ev
+    assert isinstance(done, Done)
+    assert done.stats.generated_tokens == len(tokens)
+    return tokens, flags, text, done
+
+
+def llama_cpp_greedy(main_gguf: Path, ids: list[int], n: int) -> list[int]:
+    """Reference: llama-cpp-python's high-level Llama at temperature 0."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(main_gguf), n_ctx=CTX, n_threads=1, verbose=False)
+    try:
+        out: list[int] = []
+        for tok in llm.generate(ids, temp=0.0, repeat_penalty=1.0):
+            if tok == llm.token_eos() or len(out) >= n:
+                break
+            out.append(tok)
+        return out
+    finally:
+        llm.close()
+
+
+@pytest.fixture(scope="module")
+def agree_bundle(make_checkpoint, tmp_path_factory) -> Path:
+    """A bundle whose heads often agree with the main model (see runtime_helpers)."""
+    from converters.convert import convert_checkpoint
+    from runtime_helpers import agreeing_checkpoint
+
+    ckpt, _ = make_checkpoint()
+    root = tmp_path_factory.mktemp("agree")
+    src = agreeing_checkpoint(ckpt, root / "ckpt", tie=0.15)
+    return convert_checkpoint(src, root / "bundle", quant="F32", threads=1).out_dir
+
+
+def _check_greedy_equality(bundle: Path) -> tuple[int, int, int]:
+    """Every prompt and head count vs llama-cpp-python; returns (drafted, accepted, forwards) over all runs."""
+    drafted = accepted = forwards = 0
+    with Engine(bundle, n_ctx=CTX, n_threads=1) as engine:
+        assert engine.n_heads == 3
+        for prompt in PROMPTS:
+            ids = engine.tokenize(prompt)
+            ref = llama_cpp_greedy(bundle / "main.gguf", ids, N_NEW)
+            assert len(ref) > 0
+            for heads in range(engine.n_heads + 1):
+                for adaptive in (False, True) if heads else (False,):
+                    tokens, flags, text, done = run(engine, ids, max_tokens=N_NEW, heads=heads, adaptive=adaptive)
+                    assert tokens == ref, f"heads={heads} adaptive={adaptive} prompt={prompt!r}"
+                    assert text == done.text == engine.detokenize(tokens)
+                    assert done.stop_reason == ("max_tokens" if len(ref) == N_NEW else "eos")
+                    st = done.stats
+                    assert st.heads_used == heads and len(st.drafted_tokens) == heads
+                    # accepted drafts are flagged (an EOS among them may end the output early)
+                    assert sum(flags) <= sum(st.accepted_tokens)
+                    if done.stop_reason == "max_tokens":
+                        assert sum(flags) == sum(st.accepted_tokens)
+                    drafted += sum(st.drafted_tokens)
+                    accepted += sum(st.accepted_tokens)
+                    forwards += st.main_forwards
+                    if heads == 0:
+                        # one token per forward after the prefill's (an EOS costs a forward too)
+                        assert st.main_forwards == len(tokens) - (done.stop_reason == "max_tokens")
+    return drafted, accepted, forwards
+
+
+@pytest.mark.parametrize("quant", ["F32", "F16"])
+def test_greedy_speculative_equals_plain_and_llama_cpp(make_bundle, quant) -> None:
+    _check_greedy_equality(make_bundle(quant=quant))
+
+
+def test_accepted_drafts_keep_greedy_output_exact(agree_bundle) -> None:
+    drafted, accepted, _ = _check_greedy_equality(agree_bundle)
+    # both paths exercised: drafts accepted (tokens per forward > 1) and rejected (rollback)
+    assert 0 < accepted < drafted
+
+
+def test_accepting_bundle_yields_more_than_one_token_per_forward(agree_bundle) -> None:
+    with Engine(agree_bundle, n_ctx=CTX, n_threads=1) as engine:
+        tokens, flags, _, done = run(engine, PROMPTS[2], max_tokens=N_NEW, heads=3, adaptive=False)
+        plain, _, _, plain_done = run(engine, PROMPTS[2], max_tokens=N_NEW, heads=0)
+    assert tokens == plain
+    assert any(flags)
+    assert done.stats.tokens_per_forward > 1.2
+    assert done.stats.main_forwards < plain_done.stats.main_forwards
+    assert done.stats.acceptance[0] > 0
+
+
+def test_prefix_reuse_matches_cold_start_and_evaluates_only_new_tokens(agree_bundle) -> None:
+    opts = dict(max_tokens=24, heads=3)
+    with Engine(agree_bundle, n_ctx=CTX, n_threads=1) as warm:
+        p1 = warm.tokenize(PROMPTS[2])
+        gen1, _, _, d1 = run(warm, p1, **opts)
+        assert d1.stats.prompt_tokens_processed == len(p1)
+        # an editor re-sends the prompt plus the accepted completion plus new typing
+        p2 = p1 + gen1 + warm.tokenize("\n    def f(self):\n", add_bos=False)
+        gen2, _, _, d2 = run(warm, p2, **opts)
+        assert d2.stats.prompt_tokens == len(p2)
+        # the last generated token was never evaluated; everything before it was
+        assert d2.stats.prompt_tokens_processed == len(p2) - (len(p1) + len(gen1) - 1)
+        # identical prompt again: only the last token is re-evaluated (its logits pick the first token)
+        gen3, _, _, d3 = run(warm, p2, **opts)
+        assert d3.stats.prompt_tokens_processed == 1 and gen3 == gen2
+        # a prompt diverging after a shared prefix, with fewer heads (the rest lag and catch up later)
+        p4 = p1[:6] + warm.tokenize("for i in range(3):\n", add_bos=False)
+        gen4, _, _, d4 = run(warm, p4, max_tokens=24, heads=1)
+        assert d4.stats.prompt_tokens_processed == len(p4) - 6
+        gen5, _, _, _ = run(warm, p2, **opts)
+        assert gen5 == gen2
+    with Engine(agree_bundle, n_ctx=CTX, n_threads=1) as cold:
+        assert run(cold, p2, **opts)[0] == gen2
+    with Engine(agree_bundle, n_ctx=CTX, n_threads=1) as cold:
+        assert run(cold, p4, max_tokens=24, heads=1)[0] == gen4
+
+
+def test_prompt_longer_than_context_raises_before_any_event(tiny_bundle) -> None:
+    with Engine(tiny_bundle, n_ctx=32, n_threads=1) as engine:
+        ids = engine.tokenize("x = 1\n" * 40)
+        assert len(ids) > 32
+        with pytest.raises(ContextOverflowError, match=rf"prompt is {len(ids)} tokens but the context holds 32; use --ctx"):
+            engine.generate(ids)
+        # still usable afterwards
+        assert run(engine, "x = 1\n", max_tokens=4)[3].stats.generated_tokens == 4
+
+
+@pytest.mark.parametrize("heads", [0, 3])
+def test_generation_stops_with_context_when_full(agree_bundle, heads) -> None:
+    with Engine(agree_bundle, n_ctx=CTX, n_threads=1) as big:
+        ids = big.tokenize(PROMPTS[2])
+        ref = run(big, ids, max_tokens=64, heads=0)[0]
+    n_ctx = len(ids) + 20
+    with Engine(agree_bundle, n_ctx=n_ctx, n_threads=1) as engine:
+        tokens, _, _, done = run(engine, ids, max_tokens=64, heads=heads)
+        assert done.stop_reason == "context"
+        assert len(ids) + len(tokens) == n_ctx
+        assert tokens == ref[: len(tokens)]
+        # a prompt exactly filling the context generates nothing
+        full = ref[: n_ctx - len(ids)]
+        tokens, _, _, done = run(engine, ids + full, max_tokens=8, heads=heads)
+        assert tokens == [] and done.stop_reason == "context"
+
+
+def test_stop_string_cuts_output_and_is_not_emitted(tiny_bundle) -> None:
+    with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as engine:
+        _, _, full, _ = run(engine, PROMPTS[0], max_tokens=N_NEW, heads=3)
+        stop = full[12:15]
+        cut = full.find(stop)
+        tokens, _, text, done = run(engine, PROMPTS[0], max_tokens=N_NEW, heads=3, stop=(stop,))
+    assert done.stop_reason == "stop"
+    assert text == done.text == full[:cut]
+    assert stop not in text
+
+
+class StopAtNewline:
+    """A front end's stop condition: the first completed line."""
+
+    reason = "line"
+
+    def check(self, text: str) -> int | None:
+        i = text.find("\n")
+        return i if i >= 0 else None
+
+    def holdback(self, text: str) -> int:
+        return 0
+
+
+def test_custom_stop_condition_and_its_reason(tiny_bundle) -> None:
+    with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as engine:
+        _, _, full, _ = run(engine, PROMPTS[2], max_tokens=N_NEW, heads=2)
+        _, _, text, done = run(engine, PROMPTS[2], max_tokens=N_NEW, heads=2, stops=[StopAtNewline()])
+    if "\n" in full:
+        assert done.stop_reason == "line" and text == done.text == full[: full.index("\n")]
+    else:
+        assert done.stop_reason == "max_tokens" and text == full
+
+
+def test_incremental_detokenization_waits_for_whole_utf8_characters(tiny_bundle) -> None:
+    with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as engine:
+        ids = engine.tokenize("\u20ac\u00e9", add_bos=False)  # not in the 512-piece vocabulary: byte fallback
+        assert len(ids) == 5
+        out = _Output(engine._model, ())
+        shown = [out.push([t]) for t in ids]
+        assert shown == ["", "", "\u20ac", "", "\u00e9"]
+        assert out.push([], final=True) == ""
+
+
+class Explode:
+    """Raises KeyboardInterrupt at the n-th check, as Ctrl-C in the middle of decoding would."""
+
+    reason = "never"
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def check(self, text: str) -> int | None:
+        self.n -= 1
+        if self.n == 0:
+            raise KeyboardInterrupt
+        return None
+
+    def holdback(self, text: str) -> int:
+        return 0
+
+
+def test_keyboard_interrupt_and_cancel_leave_engine_consistent(agree_bundle) -> None:
+    opts = dict(max_tokens=30, heads=3)
+    with Engine(agree_bundle, n_ctx=CTX, n_threads=1) as cold:
+        ref = run(cold, PROMPTS[2], **opts)[0]
+    with Engine(agree_bundle, n_ctx=CTX, n_threads=1) as engine:
+        with pytest.raises(KeyboardInterrupt):
+            run(engine, PROMPTS[2], stops=[Explode(4)], **opts)
+        assert run(engine, PROMPTS[2], **opts)[0] == ref
+        # cancel from "another thread" after the first piece
+        cancel = threading.Event()
+        events = []
+        for ev in engine.generate(PROMPTS[2], GenerationOptions(**opts), cancel=cancel):
+            events.append(ev)
+            cancel.set()
+        assert isinstance(events[-1], Done) and events[-1].stop_reason == "interrupted"
+        got = [t for ev in events[:-1] for t in ev.token_ids]
+        assert got == ref[: len(got)] and len(got) < len(ref)
+        # an abandoned stream, then a new one
+        stream = engine.generate(PROMPTS[0], GenerationOptions(**opts))
+        next(stream)
+        assert run(engine, PROMPTS[2], **opts)[0] == ref
+        from mtpcode.errors import MtpError
+
+        with pytest.raises(MtpError, match="superseded"):
+            list(stream)
+        assert run(engine, PROMPTS[2], **opts)[0] == ref
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny_bundle) -> None:
+    sampling = SamplingOptions(temperature=0.9, top_k=40, top_p=0.95, min_p=0.02, seed=1234)
+    with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as engine:
+        a, _, _, da = run(engine, PROMPTS[0], max_tokens=20, heads=3, sampling=sampling)
+        b, _, _, db = run(engine, PROMPTS[0], max_tokens=20, heads=3, sampling=sampling)
+        c, _, _, dc = run(engine, PROMPTS[0], max_tokens=20, heads=3,
+                          sampling=SamplingOptions(temperature=0.9, seed=None))
+    assert a == b and da.stats.seed == db.stats.seed == 1234
+    assert isinstance(dc.stats.seed, int)
+
+
+def test_invalid_head_count_is_a_usage_error(tiny_bundle) -> None:
+    with Engine(tiny_bundle, n_ctx=64, n_threads=1) as engine:
+        with pytest.raises(UsageError, match="heads must be between 0 and 3"):
+            engine.generate("x", GenerationOptions(heads=4))
+
+
+def test_head_from_another_model_is_rejected(make_bundle, tmp_path) -> None:
+    ours, other = make_bundle(), make_bundle(seed=1)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(ours, mixed)
+    shutil.copy(other / "head-2.gguf", mixed / "head-2.gguf")  # same shape, same size
+    with pytest.raises(ModelError, match=r"head-2\.gguf does not belong to main\.gguf \(fingerprint"):
+        Engine(mixed, n_ctx=64, n_threads=1)
+
+
+def test_extra_bufts_policy(tmp_path) -> None:
+    amx = tmp_path / "cpuinfo-amx"
+    amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile amx_int8\n")
+    plain = tmp_path / "cpuinfo"
+    plain.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
+    assert cpu_has_amx(str(amx)) and not cpu_has_amx(str(plain))
+    assert use_extra_bufts("auto") == (not cpu_has_amx())
+    assert use_extra_bufts("on") and not use_extra_bufts("off")
