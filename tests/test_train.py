@@ -1,0 +1,154 @@
+"""The trainer: a tiny real training run on stdlib source, its checkpoint in
+Meta's exact format, conversion by the project's converter, and resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sentencepiece")
+
+from converters import data  # noqa: E402
+from converters.train import LOG_NAME, STATE_NAME, TrainConfig, train  # noqa: E402
+
+TINY = TrainConfig(
+    steps=24, dim=64, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=512, n_future_tokens=4,
+    seq_len=64, batch_size=8, lr=3e-3, min_lr=3e-4, warmup=4, max_files=30, seed=7,
+)
+RUN = dict(ckpt_every=8, eval_every=12, eval_batches=2, log_every=4, quiet=True, threads=1)
+
+BLOCK_KEYS = (
+    "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
+    "feed_forward.w1.weight", "feed_forward.w2.weight", "feed_forward.w3.weight",
+    "attention_norm.weight", "ffn_norm.weight",
+)
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("corpus")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, work_dir) -> Path:
+    out = tmp_path_factory.mktemp("run") / "full"
+    train(TINY, out, work_dir=work_dir, **RUN)
+    return out
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / LOG_NAME).read_text().splitlines()]
+
+
+def test_split_is_deterministic_and_disjoint():
+    train_files, held = data.split_sources()
+    assert train_files and held
+    names = {s.rel_path for s in train_files}
+    assert names.isdisjoint(s.rel_path for s in held)
+    assert all(data.is_heldout(s.rel_path) for s in held)
+    assert not any("/test/" in f"/{s.rel_path}" or "site-packages" in s.rel_path for s in train_files)
+    assert 0.01 < len(held) / (len(held) + len(train_files)) < 0.12
+
+
+def test_tokenizer_keeps_code_exactly(trained):
+    sp = data.load_tokenizer(trained / "tokenizer.model")
+    assert (sp.unk_id(), sp.bos_id(), sp.eos_id()) == (0, 1, 2)
+    text = "class A:\n    def f(self, x):\n\t\treturn  x + 12345  # é ✓\n\n"
+    ids = sp.encode(text)
+    assert sp.decode(ids) == text
+    pieces = [sp.id_to_piece(i) for i in ids]
+    assert not pieces[0].startswith("\u2581")  # no dummy prefix
+    assert "<0x0A>" in pieces  # newlines survive (byte fallback)
+    assert {"1", "2", "3", "4", "5"} <= set(pieces)  # digits split
+
+
+def test_loss_decreases_for_every_head(trained):
+    train_logs = [r for r in _log(trained) if "train_loss" in r]
+    first, last = train_logs[0]["train_loss"], train_logs[-1]["train_loss"]
+    assert len(first) == TINY.n_future_tokens
+    for k in range(TINY.n_future_tokens):
+        assert last[k] < first[k] - 0.5, (k, first[k], last[k])
+    evals = [r for r in _log(trained) if "heldout_loss" in r]
+    assert evals and all(len(r["heldout_top1"]) == TINY.n_future_tokens for r in evals)
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["steps"] == TINY.steps
+    assert summary["tokens_seen"] == TINY.steps * TINY.batch_size * TINY.seq_len
+
+
+def test_checkpoint_has_meta_names_and_shapes(trained):
+    params = json.loads((trained / "params.json").read_text())
+    assert set(params) == {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
+                           "ffn_dim_multiplier", "norm_eps", "rope_theta", "n_future_tokens"}
+    assert params["n_future_tokens"] == 4 and params["n_layers"] == 6
+    state = torch.load(trained / "consolidated.pth", weights_only=True)
+    p = TINY.model_params()
+    n_trunk, hd = p.n_trunk, p.head_dim
+    expected = {"tok_embeddings.weight": (p.vocab_size, p.dim), "norm.weight": (p.dim,),
+                "output.weight": (p.vocab_size, p.dim)}
+    block_shapes = {
+        "attention.wq.weight": (p.n_heads * hd, p.dim), "attention.wk.weight": (p.kv_heads * hd, p.dim),
+        "attention.wv.weight": (p.kv_heads * hd, p.dim), "attention.wo.weight": (p.dim, p.n_heads * hd),
+        "feed_forward.w1.weight": (p.ffn_hidden, p.dim), "feed_forward.w2.weight": (p.dim, p.ffn_hidden),
+        "feed_forward.w3.weight": (p.ffn_hidden, p.dim), "attention_norm.weight": (p.dim,),
+        "ffn_norm.weight": (p.dim,),
+    }
+    prefixes = [f"layers.{i}." for i in range(n_trunk + 1)]
+    prefixes += [f"extra_heads.{k}." for k in range(p.n_future_tokens - 1)]
+    for prefix in prefixes:
+        for name, shape in block_shapes.items():
+            expected[prefix + name] = shape
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected
+    assert all(v.dtype == torch.float32 for v in state.values())
+
+
+def test_trained_model_matches_reference_forward(trained):
+    """The trainer's model and the lead's reference compute the same function."""
+    from converters.mtp_model import MTPTransformer as Trainer
+    from converters.reference import MTPTransformer as Reference
+
+    state = torch.load(trained / "consolidated.pth", weights_only=True)
+    p = TINY.model_params()
+    ref = Reference.from_state_dict(p, state)
+    mine = Trainer(p)
+    mine.load_state_dict(state)
+    tokens = torch.randint(0, p.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(tokens)  # [n, B, T, V]
+        got = mine(tokens).permute(2, 0, 1, 3)  # [B, T, n, V] -> [n, B, T, V]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_checkpoint_converts_with_project_converter(trained, tmp_path):
+    from converters.convert import convert_checkpoint
+    from mtpcode.bundle import open_bundle
+
+    result = convert_checkpoint(trained, tmp_path / "bundle", quant="F32")
+    bundle = open_bundle(result.out_dir)
+    m = bundle.manifest
+    assert (m.n_future_tokens, m.n_trunk, m.n_embd, m.n_vocab) == (4, 2, TINY.dim, TINY.vocab_size)
+    assert len(m.heads) == 3
+
+
+def test_resume_continues_the_same_trajectory(trained, tmp_path, work_dir):
+    out = tmp_path / "resumed"
+    assert train(TINY, out, work_dir=work_dir, stop_at=10, **RUN) is None
+    assert torch.load(out / STATE_NAME, weights_only=True)["step"] == 10
+    summary = train(TINY, out, work_dir=work_dir, resume=True, **RUN)
+    assert summary["steps"] == TINY.steps
+    a = torch.load(trained / "consolidated.pth", weights_only=True)
+    b = torch.load(out / "consolidated.pth", weights_only=True)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], atol=0, rtol=0, msg=name)
+
+
+def test_resume_refuses_changed_settings(trained, tmp_path, work_dir):
+    from mtpcode.errors import UsageError
+
+    out = tmp_path / "r"
+    train(TINY, out, work_dir=work_dir, stop_at=2, **RUN)
+    changed = TrainConfig(**{**TINY.__dict__, "lr": 1e-3})
+    with pytest.raises(UsageError, match="lr"):
+        train(changed, out, work_dir=work_dir, resume=True, **RUN)
