@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import threading
@@ -53,31 +52,54 @@ make_checkpoint(w / 'ckpt', tok, dim={dim}, n_layers={n_layers}, n_heads={n_head
     return ckpt
 
 
+# A waiter process whose only child is the conversion, so that its
+# RUSAGE_CHILDREN peak is exactly the converter's peak RSS (quantization runs
+# inside the converter process, through llama.cpp, so it is included).
+_WAITER = (
+    "import resource, subprocess, sys\n"
+    "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL).returncode\n"
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def _child_pid(pid: int) -> int | None:
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return None
+    return int(children[0]) if children else None
+
+
 def measure(ckpt: Path, out: Path, quant: str, threads: int) -> dict:
     cmd = [sys.executable, "-m", "mtpcode", "convert", str(ckpt), "--out", str(out), "--quant", quant,
            "--force", "--no-register", "--threads", str(threads)]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    peak = {"RssAnon": 0, "RssFile": 0, "VmRSS": 0}
+    waiter = subprocess.Popen([sys.executable, "-c", _WAITER, *cmd], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    peak = {"RssAnon": 0, "RssFile": 0}
     done = threading.Event()
 
     def sample() -> None:
+        # Resident anonymous vs file-backed memory of the converter, sampled every 20 ms.
         while not done.is_set():
-            s = _status(proc.pid)
-            for k in peak:
-                peak[k] = max(peak[k], s.get(k, 0))
+            child = _child_pid(waiter.pid)
+            if child is not None:
+                s = _status(child)
+                for k in peak:
+                    peak[k] = max(peak[k], s.get(k, 0))
             time.sleep(0.02)
 
     t = threading.Thread(target=sample, daemon=True)
     t.start()
-    _, err = proc.communicate()
+    out_text, err = waiter.communicate()
     done.set()
     t.join()
-    if proc.returncode != 0:
-        raise SystemExit(f"convert failed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+    if waiter.returncode != 0:
+        raise SystemExit(f"convert failed: {err.strip().splitlines()[-1] if err.strip() else waiter.returncode}")
     return {
         "seconds": round(time.monotonic() - start, 1),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024,
+        "peak_rss_bytes": int(out_text.strip().splitlines()[-1]),
         "peak_rss_anon_bytes_sampled": peak["RssAnon"],
         "peak_rss_file_bytes_sampled": peak["RssFile"],
     }
