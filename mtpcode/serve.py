@@ -146,7 +146,10 @@ class Server:
                 self.out.write(data)
                 self.out.flush()
             except (BrokenPipeError, ValueError):
+                from mtpcode.complete import silence_stdout
+
                 self.broken = True
+                silence_stdout()  # nothing left in the buffer can fail again at exit
                 self._cancel_all()
 
     # -- input --

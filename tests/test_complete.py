@@ -200,6 +200,17 @@ def broken_bundle(tiny_bundle: Path, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def swapped_bundle(tiny_bundle: Path, tmp_path_factory) -> Path:
+    """head-1 and head-2 swapped: every file present with the right size, heads mismatched."""
+    path = tmp_path_factory.mktemp("swapped") / "b"
+    shutil.copytree(tiny_bundle, path)
+    (path / "head-1.gguf").rename(path / "tmp.gguf")
+    (path / "head-2.gguf").rename(path / "head-1.gguf")
+    (path / "tmp.gguf").rename(path / "head-2.gguf")
+    return path
+
+
 @pytest.mark.parametrize(
     "args,stdin,code,message",
     [
@@ -217,6 +228,7 @@ def broken_bundle(tiny_bundle: Path, tmp_path_factory) -> Path:
         (["-m", "no-such-model"], b"x\n", 69, "unknown model 'no-such-model'"),
         (["-m", "/no/such/bundle"], b"x\n", 66, "model not found"),
         (["-m", "{broken}"], b"x\n", 69, "missing head-2.gguf"),
+        (["-m", "{swapped}"], b"x\n", 69, "head-1.gguf does not belong to main.gguf"),
         (["--ctx", "16"], b"import os\n" * 20, 65, "context"),
         (["--heads", "7"], b"x\n", 2, "has 3 extra heads"),
         (["--heads", "2", "--no-speculative"], b"x\n", 2, "contradict"),
@@ -226,10 +238,11 @@ def broken_bundle(tiny_bundle: Path, tmp_path_factory) -> Path:
         (["--top-p", "2"], b"x\n", 2, "top_p"),
     ],
 )
-def test_bad_input(tiny_bundle: Path, broken_bundle: Path, tmp_path: Path, args, stdin, code, message) -> None:
+def test_bad_input(tiny_bundle: Path, broken_bundle: Path, swapped_bundle: Path, tmp_path: Path,
+                   args, stdin, code, message) -> None:
     src = tmp_path / "src.py"
     src.write_text("x = foo(1)\ny = 2\n")
-    args = [a.format(tmp=tmp_path, src=src, broken=broken_bundle) for a in args]
+    args = [a.format(tmp=tmp_path, src=src, broken=broken_bundle, swapped=swapped_bundle) for a in args]
     model = [] if "-m" in args else ["-m", str(tiny_bundle)]
     result = CliRunner().invoke(main, ["complete", *model, "--threads", "2", *args], input=stdin)
     assert result.exit_code == code, (result.stdout, result.stderr)
