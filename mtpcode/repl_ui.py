@@ -13,20 +13,24 @@ tests drive a real session through a pipe; the Engine is used only from the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from prompt_toolkit import PromptSession, print_formatted_text
 from prompt_toolkit.formatted_text import FormattedText, PygmentsTokens
 from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.lexers import DynamicLexer, PygmentsLexer
 from prompt_toolkit.styles import Style, merge_styles, style_from_pygments_cls
+from prompt_toolkit.utils import get_cwidth
+from pygments.token import Token
 
 from mtpcode.config import Settings
 from mtpcode.errors import DataError, MtpError, NoInputError, OutputError, UsageError
@@ -46,6 +50,8 @@ if TYPE_CHECKING:
     from pygments.lexer import Lexer
 
 HISTORY_NAME = "repl_history"
+PROMPT, CONTINUATION = ">>> ", "... "
+GUTTER = " " * len(PROMPT)  # completion lines are indented like the input after the prompt
 # The key hints of the bottom toolbar, most important first (the toolbar drops
 # what does not fit the terminal's width).
 KEY_HINTS = (
@@ -69,7 +75,7 @@ def fit_hints(hints: tuple[str, ...], width: int, sep: str = " · ") -> str:
             break
         out = candidate
     return out
-_CONTEXT_CHARS = 4000  # text before a completion that is lexed with it, for correct colours
+_CONTEXT_CHARS = 2000  # text before a completion that is lexed with it, for correct colours
 
 _UI_STYLE = {
     "bottom-toolbar": "noreverse bg:#262626 #a8a8a8",
@@ -132,13 +138,28 @@ class StreamPrinter:
     """Prints streamed text with pygments colours, lexed together with the text before it.
 
     The last token is held back until more text arrives (an identifier may
-    still turn into a keyword); :meth:`finish` prints the rest.
+    still turn into a keyword); :meth:`finish` prints the rest. ``gutter`` is
+    put before every new line that has text, so the code lines up with the
+    input typed after the prompt.
     """
 
-    def __init__(self, lexer: "Lexer", context: str, write: Callable[[list[tuple[Any, str]]], None]) -> None:
+    def __init__(
+        self,
+        lexer: "Lexer",
+        context: str,
+        write: Callable[[list[tuple[Any, str]]], None],
+        gutter: str = "",
+        at_line_start: bool = False,
+    ) -> None:
         self.lexer = lexer
-        self.context = context[-_CONTEXT_CHARS:]
+        if len(context) > _CONTEXT_CHARS:
+            # Start lexing at a line start, where a lexer's state is most likely the default one.
+            cut = context.find("\n", len(context) - _CONTEXT_CHARS)
+            context = context[cut + 1 :] if cut >= 0 else context[-_CONTEXT_CHARS:]
+        self.context = context
         self.write = write
+        self.gutter = gutter
+        self.at_line_start = at_line_start
         self.text = ""
         self.shown = 0
 
@@ -164,8 +185,23 @@ class StreamPrinter:
             if lo < hi:
                 fragments.append((ttype, full[lo:hi]))
         if fragments:
-            self.write(fragments)
+            self.write(self._with_gutter(fragments))
             self.shown = end - base
+
+    def _with_gutter(self, fragments: list[tuple[Any, str]]) -> list[tuple[Any, str]]:
+        out: list[tuple[Any, str]] = []
+        for ttype, value in fragments:
+            for part in re.split(r"(\n)", value):
+                if part == "\n":
+                    self.at_line_start = True
+                elif part:
+                    if self.at_line_start and self.gutter:
+                        out.append((Token.Text, self.gutter))
+                    self.at_line_start = False
+                else:
+                    continue
+                out.append((ttype, part))
+        return out
 
 
 @dataclass
@@ -300,10 +336,12 @@ class Repl:
         self.output = output
         self.style = self._make_style(style)
         self._lexers: dict[type, PygmentsLexer] = {}
+        if history is not None:
+            history.parent.mkdir(parents=True, exist_ok=True)
         self.session: PromptSession = PromptSession(
-            message=FormattedText([("class:prompt", ">>> ")]),
+            message=FormattedText([("class:prompt", PROMPT)]),
             multiline=True,
-            prompt_continuation=lambda width, line, soft: FormattedText([("class:prompt", "... ".rjust(width))]),
+            prompt_continuation=lambda width, line, soft: FormattedText([("class:prompt", CONTINUATION.rjust(width))]),
             lexer=DynamicLexer(self._prompt_lexer),
             auto_suggest=self.suggester,
             key_bindings=editing_key_bindings(lambda: self.lexer),
@@ -315,8 +353,6 @@ class Repl:
             input=input,
             output=output,
         )
-        if history is not None:
-            history.parent.mkdir(parents=True, exist_ok=True)
 
     # --- setup --------------------------------------------------------------------------
 
@@ -340,7 +376,13 @@ class Repl:
     def _load_engine(self, path: Path) -> Any:
         from mtpcode.runtime import Engine
 
-        return self.worker.call(lambda: Engine(path, **self.settings.engine_kwargs()))
+        future = self.worker.submit(lambda: Engine(path, **self.settings.engine_kwargs()))
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            # The load cannot be stopped half way; close what it makes once it is done.
+            future.add_done_callback(lambda f: f.exception() is None and f.result().close())
+            raise
 
     def open(self) -> None:
         """Load the model if one was named and none was given."""
@@ -493,16 +535,26 @@ class Repl:
             return
         self.suggester.cancel_pending()
         prompt = self._fit_window(joined)
-        # The completion continues the last line: show that line again so it lines up.
+        # The completion continues the last line of the buffer: put the cursor
+        # back at its end on the screen, or show that line again.
         partial = joined.rsplit("\n", 1)[-1]
-        printer = StreamPrinter(self.lexer, joined[: len(joined) - len(partial)], self._write_tokens)
-        printer.feed(partial)
+        on_screen = typed.rsplit("\n", 1)[-1] if typed else ""
+        placed = self._cursor_after_input(on_screen)
+        printer = StreamPrinter(
+            self.lexer, joined[: len(joined) - len(partial)], self._write_tokens, gutter=GUTTER, at_line_start=True
+        )
+        if placed:
+            printer.at_line_start = False
+            printer.context += on_screen
+            printer.feed(partial[len(on_screen) :])
+        else:
+            printer.feed(partial)
         try:
             done, shown = self._stream(prompt, printer)
         except BaseException:
             printer.finish()
-            if printer.text:
-                self._print("")  # end the echoed line before the error message
+            if placed or printer.text:
+                self._print("")  # end the line before the error message
             raise
         printer.finish()
         completion = done.text if done.stop_reason != "interrupted" else shown
@@ -510,10 +562,34 @@ class Repl:
         self.text = joined + completion
         self.suggester.forget()
         self._record(done)
+        # Start the stats line on a line of its own.
         tail = partial + completion
-        if tail and not tail.endswith("\n"):
+        if not tail.endswith("\n") and (tail or placed):
             self._print("")
         self._print(FormattedText([("class:stats", f"[{done.stats.summary()} · {done.stop_reason}]")]))
+
+    def _cursor_after_input(self, last_line: str) -> bool:
+        """Move the cursor from below the accepted input to the end of its last line.
+
+        prompt-toolkit leaves the cursor at the start of the line after the
+        input; a completion printed from there would not continue the code.
+        Only done when the line surely did not wrap and has no tabs or
+        control characters (whose width the terminal decides).
+        """
+        out = self.session.output
+        width = len(GUTTER) + get_cwidth(last_line)
+        if visible(last_line) != last_line or "\t" in last_line:
+            return False
+        try:
+            columns = out.get_size().columns
+        except Exception:  # an output that cannot tell its size: do not guess
+            return False
+        if width >= columns:
+            return False
+        out.cursor_up(1)
+        out.cursor_forward(width)
+        out.flush()
+        return True
 
     def _stream(self, prompt: str, printer: StreamPrinter) -> tuple[Done, str]:
         """Generate on the engine thread, print pieces as they come; Ctrl-C cancels.
@@ -539,20 +615,21 @@ class Repl:
         shown: list[str] = []
         done: Done | None = None
         try:
-            while done is None:
-                try:
-                    event = events.get(timeout=0.1)
-                    if isinstance(event, _Failed):
-                        raise event.exc
-                    if isinstance(event, Done):
-                        done = event
-                    elif isinstance(event, Piece) and not cancel.is_set():
-                        shown.append(event.text)
-                        printer.feed(event.text)
-                except queue.Empty:
-                    continue
-                except KeyboardInterrupt:
-                    cancel.set()  # keep draining until the engine says Done
+            with _typeahead_kept(self.session.input):
+                while done is None:
+                    try:
+                        event = events.get(timeout=0.1)
+                        if isinstance(event, _Failed):
+                            raise event.exc
+                        if isinstance(event, Done):
+                            done = event
+                        elif isinstance(event, Piece) and not cancel.is_set():
+                            shown.append(event.text)
+                            printer.feed(event.text)
+                    except queue.Empty:
+                        continue
+                    except KeyboardInterrupt:
+                        cancel.set()  # keep draining until the engine says Done
         finally:
             self.generating.clear()
         future.result()
@@ -763,6 +840,34 @@ class Repl:
         self.text = text
         self._window_start = 0
         self.suggester.forget()
+
+
+@contextlib.contextmanager
+def _typeahead_kept(inp: Any) -> Iterator[None]:
+    """While a completion streams, keys typed on a terminal are neither echoed
+    into the output nor lost: they wait for the next prompt. Ctrl-C still
+    raises SIGINT (ISIG stays on). No-op for pipes and non-POSIX systems.
+    """
+    try:
+        import termios
+
+        fd = inp.fileno()
+        if not os.isatty(fd):
+            raise OSError
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, AttributeError, NotImplementedError, ValueError):
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] = saved[3] & ~(termios.ECHO | termios.ICANON)  # lflags
+    try:
+        termios.tcsetattr(fd, termios.TCSANOW, quiet)
+        yield
+    finally:
+        try:
+            termios.tcsetattr(fd, termios.TCSANOW, saved)
+        except termios.error:
+            pass
 
 
 def _count_lines(text: str) -> int:

@@ -34,6 +34,7 @@ UP = "\x1b[A"
 CTRL_C = "\x03"
 CTRL_D = "\x04"
 CTRL_E = "\x05"
+ALT_F = "\x1bf"
 
 
 @pytest.fixture(scope="module")
@@ -317,6 +318,11 @@ def test_suggestion_is_the_models_line_and_ctrl_e_accepts_it(engine):
                 time.sleep(0.01)
             wait_for(lambda: buffer.suggestion is not None, what="a suggestion")
             seen.append(buffer.suggestion.text)
+            # Alt-F takes one word of it; the rest stays suggested (from the cache, no model run).
+            word = next(w for w in re.split(r"([^\s/]+(?:\s+|/))", seen[0]) if w)
+            inp.send_text(ALT_F)
+            wait_for(lambda: buffer.text == typed + word, what="one accepted word")
+            wait_for(lambda: buffer.suggestion is not None or len(word) == len(seen[0]), what="the rest")
             inp.send_text(CTRL_E)
             wait_for(lambda: buffer.text == typed + seen[0], what="the accepted suggestion")
             inp.send_text(CTRL_C + "/quit\r")
@@ -327,6 +333,7 @@ def test_suggestion_is_the_models_line_and_ctrl_e_accepts_it(engine):
         thread.join(5)
     assert seen == [expected]
     assert ui.suggester.stats.completed >= 1
+    assert ui.suggester.stats.cache_hits >= 1 or len(expected.split()) <= 1
 
 
 def test_typing_never_waits_for_the_model_and_stale_suggestions_are_dropped(engine):
