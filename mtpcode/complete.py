@@ -40,6 +40,8 @@ def read_input(file: str | None) -> bytes:
     """The bytes of FILE, or of stdin when FILE is None or ``-``. NoInputError if FILE is missing."""
     if file is None or file == "-":
         stream = click.get_binary_stream("stdin")
+        if _isatty(stream) and _stderr_is_terminal():
+            click.echo("mtpcode: reading code from the terminal; end it with Ctrl-D", err=True)
         return stream.read()
     path = Path(file)
     try:
@@ -312,11 +314,15 @@ def _run(engine, path: Path, request: CompletionRequest, options, stops, out: IO
         if as_json:
             partial = "".join(written)
             out.write((json.dumps(stats_json(None, partial, "interrupted", path)) + "\n").encode())
-            out.flush()
+        elif echo and request.suffix:
+            out.write(request.raw[prompt_bytes:])
+        out.flush()
         raise Interrupted("interrupted; the completion so far was written") from None
     if cancel.is_set() or done.stop_reason == "interrupted":
         if as_json:
             out.write((json.dumps(stats_json(done, done.text, "interrupted", path)) + "\n").encode())
+        elif echo and request.suffix:
+            out.write(request.raw[prompt_bytes:])  # a filter must not lose the rest of the file
         out.flush()
         raise Interrupted("interrupted; the completion so far was written")
     if as_json:

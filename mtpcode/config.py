@@ -41,6 +41,9 @@ else:  # pragma: no cover - exercised only on 3.10
 APP_NAME = "mtpcode"
 CONFIG_NAME = "config.toml"
 ENV_PREFIX = "MTPCODE_"
+# Values of the extra_bufts setting (mtpcode.llama.use_extra_bufts; repeated here
+# so that reading settings does not import llama.cpp).
+EXTRA_BUFTS_POLICIES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -209,6 +212,7 @@ def _validate(values: dict[str, Any], sources: Mapping[str, str]) -> None:
         ("ctx", lambda v: v >= 16, "must be at least 16 tokens"),
         ("batch", lambda v: v >= 1, "must be at least 1"),
         ("seed", lambda v: v is None or v >= 0, "must be >= 0"),
+        ("extra_bufts", lambda v: v in EXTRA_BUFTS_POLICIES, "must be " + ", ".join(EXTRA_BUFTS_POLICIES)),
     ]
     for key, ok, rule in checks:
         if not ok(values[key]):

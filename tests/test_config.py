@@ -275,3 +275,32 @@ def test_default_model_name_for(tmp_path: Path) -> None:
     assert models.default_model_name_for(tmp_path / "my ckpt!") == "my-ckpt"
     name = models.default_model_name_for(tmp_path / "builtin")
     assert models.validate_name(name) == name
+
+
+# --- `mtpcode config` ------------------------------------------------------------------
+
+
+def test_config_command(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from mtpcode.cli import main
+
+    def run(*args: str):
+        return CliRunner().invoke(main, ["config", *args], catch_exceptions=False)
+
+    shown = run()
+    assert shown.exit_code == 0 and "temperature = 0.0  # default" in shown.stdout
+    assert run("path").stdout.strip() == str(home / "config.toml")
+    assert run("set", "temperature", "0.25").exit_code == 0
+    assert run("set", "heads", "2").exit_code == 0
+    assert tomllib.loads((home / "config.toml").read_text()) == {"temperature": 0.25, "heads": 2}
+    bad = run("set", "temperature", "-1")
+    assert bad.exit_code == 2 and "must be >= 0" in bad.stderr
+    assert run("set", "nonsense", "1").exit_code == 2
+    assert tomllib.loads((home / "config.toml").read_text())["temperature"] == 0.25  # not written
+    monkeypatch.setenv("MTPCODE_HEADS", "1")
+    data = json.loads(run("show", "--json").stdout)
+    assert data["settings"]["heads"] == 1 and data["sources"]["heads"] == "env MTPCODE_HEADS"
+    assert data["sources"]["temperature"] == "config"
+    assert run("unset", "heads").exit_code == 0
+    assert "heads" not in tomllib.loads((home / "config.toml").read_text())
