@@ -11,6 +11,7 @@ import click
 
 def register(group: click.Group) -> None:
     from mtpcode.complete import complete
+    from mtpcode.config_cmd import config
     from mtpcode.convert_cmd import convert
     from mtpcode.models_cmd import models
     from mtpcode.repl import repl
@@ -21,3 +22,4 @@ def register(group: click.Group) -> None:
     group.add_command(models)
     group.add_command(repl)
     group.add_command(serve)
+    group.add_command(config)
