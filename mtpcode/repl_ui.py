@@ -18,8 +18,8 @@ import dataclasses
 import os
 import queue
 import re
+import stat
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -34,7 +34,7 @@ from pygments.token import Token
 
 from mtpcode.config import Settings
 from mtpcode.errors import DataError, MtpError, NoInputError, OutputError, UsageError
-from mtpcode.generation import Done, Piece, Stats
+from mtpcode.generation import Done, Piece
 from mtpcode.repl_edit import (
     editing_key_bindings,
     is_command,
@@ -75,6 +75,8 @@ def fit_hints(hints: tuple[str, ...], width: int, sep: str = " · ") -> str:
             break
         out = candidate
     return out
+
+
 _CONTEXT_CHARS = 2000  # text before a completion that is lexed with it, for correct colours
 
 _UI_STYLE = {
@@ -96,14 +98,18 @@ def history_path(settings: Settings) -> Path:
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory and a rename.
 
-    A crash or a full disk never leaves a half-written file behind.
+    A crash or a full disk never leaves a half-written file behind. An
+    existing file keeps its permissions; a symlink keeps pointing at it.
     """
+    path = Path(os.path.realpath(path))
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
         os.replace(tmp, path)
     except OSError as exc:
         try:
@@ -324,7 +330,6 @@ class Repl:
         self.suggest_tokens = suggest_tokens
         self.text = ""  # the session buffer
         self.undo_stack: list[str] = []
-        self.last_stats: Stats | None = None
         self.last_done: Done | None = None
         self.totals = SessionTotals()
         self.generating = threading.Event()  # set while a completion streams
@@ -332,12 +337,15 @@ class Repl:
         self._window_start = 0  # offset into self.text where the model's view begins (long sessions)
         self.worker = EngineThread()
         self.suggester = ModelSuggest(self, self.worker)
-        self.input = input
-        self.output = output
         self.style = self._make_style(style)
         self._lexers: dict[type, PygmentsLexer] = {}
+        self._notes: list[str] = []
         if history is not None:
-            history.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                history.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                self._notes.append(f"history is not kept: cannot create {history.parent} ({exc.strerror})")
+                history = None
         self.session: PromptSession = PromptSession(
             message=FormattedText([("class:prompt", PROMPT)]),
             multiline=True,
@@ -408,7 +416,7 @@ class Repl:
 
     def _print(self, text: Any, end: str = "\n") -> None:
         print_formatted_text(
-            text, end=end, style=self.style, output=self.output, include_default_pygments_style=False
+            text, end=end, style=self.style, output=self.session.output, include_default_pygments_style=False
         )
 
     def info(self, message: str) -> None:
@@ -447,6 +455,8 @@ class Repl:
         heads = f", {self.engine.n_heads} draft heads" if self.engine is not None else ""
         self.info(f"mtpcode repl · {model}{heads} · {language_name(self.lexer)}")
         self.info("Type code; the model continues it. /help lists commands. Ctrl-D quits.")
+        for note in self._notes:
+            self.info(note)
 
     def run(self) -> None:
         """Read and handle inputs until /quit or Ctrl-D."""
@@ -639,7 +649,6 @@ class Repl:
 
     def _record(self, done: Done) -> None:
         self.last_done = done
-        self.last_stats = done.stats
         t = self.totals
         t.completions += 1
         t.generated_tokens += done.stats.generated_tokens

@@ -26,7 +26,7 @@ from mtpcode.config import load_settings
 from mtpcode.generation import Done, GenerationOptions, SamplingOptions, StopStrings
 from mtpcode.repl_suggest import showable
 from mtpcode.repl_edit import enter_submits, lexer_by_name, newline_indent
-from mtpcode.repl_ui import COMMANDS, Repl, StreamPrinter, join_input, visible
+from mtpcode.repl_ui import COMMANDS, Repl, StreamPrinter, visible
 from mtpcode.stops import code_stops
 
 ALT_ENTER = "\x1b\r"
