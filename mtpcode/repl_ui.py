@@ -809,11 +809,12 @@ class Repl:
             old = self.engine
             self.worker.call(old.close)
         self.engine, self._owns_engine = engine, True
-        self.model_path, self.model_name = path, arg
+        self.model_path = path
+        self.model_name = path.name if Path(arg).expanduser().exists() else arg
         self._window_start = 0
         if self.settings.heads is not None and self.settings.heads > engine.n_heads:
             self.settings = dataclasses.replace(self.settings, heads=None)
-        self.info(f"model {arg}: {engine.n_heads} draft heads, context {engine.n_ctx} tokens")
+        self.info(f"model {self.model_name}: {engine.n_heads} draft heads, context {engine.n_ctx} tokens")
 
     def cmd_stats(self, arg: str) -> None:
         lines = []

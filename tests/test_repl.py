@@ -184,14 +184,21 @@ def test_ctrl_c_during_a_completion_cancels_it_and_returns_to_the_prompt(engine)
         ui = make_repl(engine, inp, screen, settings=load_settings(max_tokens=1500))
 
         def interrupt() -> None:
+            # Ctrl-C in a terminal: SIGINT to the process, while the completion streams.
             if ui.generating.wait(60):
-                time.sleep(0.2)
-                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                if ui.generating.is_set():
+                    os.kill(os.getpid(), signal.SIGINT)
 
-        threading.Thread(target=interrupt, daemon=True).start()
+        thread = threading.Thread(target=interrupt, daemon=True)
+        thread.start()
         inp.send_text("x = 1" + ALT_ENTER + "/stats\r/quit\r")
         started = time.monotonic()
-        ui.run()
+        try:
+            ui.run()
+            thread.join(10)
+        except KeyboardInterrupt:
+            pytest.fail("the SIGINT escaped the REPL")
     elapsed = time.monotonic() - started
     done = ui.last_done
     assert done is not None and done.stop_reason == "interrupted"
