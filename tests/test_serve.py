@@ -319,3 +319,15 @@ qall!
                            "-S", str(script)], env=_env(), capture_output=True, timeout=TIMEOUT + 30)
     assert out.exists(), proc.stdout.decode() + proc.stderr.decode()
     assert out.read_text().split("\n")[:-1] == expected_buffer(engine)
+
+
+def test_ctrl_c_ends_the_running_request_then_exits_130(client: Client) -> None:
+    import signal
+
+    client.send({"id": 1, "prompt": "def main():\n", "max_tokens": 3000})
+    client.until(lambda m: m.get("id") == 1 and m.get("text"))
+    client.proc.send_signal(signal.SIGINT)
+    _, done = client.result(1)
+    assert done["stop_reason"] == "cancelled" and done["stats"]["generated_tokens"] < 3000
+    assert client.proc.wait(timeout=TIMEOUT) == 130
+    assert client.proc.stderr.read().decode() == "mtpcode: interrupted\n"
