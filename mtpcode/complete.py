@@ -146,26 +146,28 @@ def load_engine(settings: Settings, model: str | None, *, note: IO[str] | None =
     from mtpcode.runtime import Engine
 
     path = resolve_model(model, settings)
-    if note is not None and model is None and is_builtin(path):
+    if note is not None and model is None and settings.model is None and is_builtin(path):
         print(BUILTIN_NOTE, file=note, flush=True)
     engine = Engine(path, **settings.engine_kwargs())
     if settings.heads is not None and settings.heads > engine.n_heads:
         engine.close()
+        source = settings.sources.get("heads", "flag")
         raise UsageError(
-            f"--heads {settings.heads}: the model {path} has {engine.n_heads} extra heads; "
+            f"heads={settings.heads} (from {source}): the model {path} has {engine.n_heads} extra heads; "
             f"use --heads 0..{engine.n_heads}"
         )
     return engine, path
 
 
 def stats_json(done: Done | None, text: str, stop_reason: str, model: Path) -> dict[str, Any]:
-    """The --json object (also used by the stdio server's final message)."""
+    """The --json object; ``done`` is None when the generation was cut short before it ended."""
     out: dict[str, Any] = {"text": text, "stop_reason": stop_reason, "model": str(model)}
     out["stats"] = stats_dict(done.stats) if done is not None else None
     return out
 
 
 def stats_dict(stats) -> dict[str, Any]:
+    """``Stats.to_dict()`` plus the timings in milliseconds (for --json and the stdio server)."""
     data = stats.to_dict()
     data.update(
         prefill_ms=round(stats.prefill_s * 1000, 3),
