@@ -236,6 +236,7 @@ class Batch:
         n_seq[:] = 1
         for i in range(self.capacity):
             b.seq_id[i][0] = 0
+        self._arange = np.arange(self.capacity, dtype=np.int32)
         self.tokens = None if self.n_embd else np.ctypeslib.as_array(b.token, shape=(self.capacity,))
         self.embd = np.ctypeslib.as_array(b.embd, shape=(self.capacity, self.n_embd)) if self.n_embd else None
 
@@ -243,7 +244,7 @@ class Batch:
         """Positions start_pos.. for ``n`` rows; logits for all rows or only the last."""
         if n > self.capacity:
             raise MtpError(f"internal: batch of {n} rows exceeds capacity {self.capacity}")
-        self.pos[:n] = np.arange(start_pos, start_pos + n, dtype=np.int32)
+        np.add(self._arange[:n], start_pos, out=self.pos[:n])
         if last_logits_only:
             self.logits[:n] = 0
             self.logits[n - 1] = 1
@@ -294,29 +295,50 @@ class TrunkCapture:
         self.row_bytes = out.shape[1] * 4
         self.capacity = out.shape[0]
         self.write_pos = 0
-        self.rows_seen = 0
         self.error: str | None = None
+        self.pending: BaseException | None = None
         self._base = out.ctypes.data
         self._get = _ggml_base().ggml_backend_tensor_get
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
 
     def _on_eval(self, tensor: int, ask: bool, user_data: int) -> bool:
+        try:
+            return self._handle(tensor, ask)
+        except BaseException as exc:
+            # Ctrl-C during llama_decode is delivered here (the only Python code
+            # running then); ctypes would print and swallow it. Keep it, let the
+            # decode finish, and let the owner re-raise it afterwards.
+            self.pending = exc
+            return not ask
+
+    def _handle(self, tensor: int, ask: bool) -> bool:
         if ctypes.string_at(tensor + _NAME_OFFSET, self._want_len) != self._want:
-            return not ask  # not ours: don't ask for it; (never called with ask=False for it)
+            return False  # not ours (only wanted nodes are ever called with ask=False)
         if ask:
             return True
         hdr = _TensorHeader.from_address(tensor)
         rows = int(hdr.ne[1])
         if hdr.type != _TYPE_F32 or hdr.ne[0] * 4 != self.row_bytes:
-            self.error = f"tensor {self.name} has type {hdr.type} and shape {list(hdr.ne)}, expected F32 rows of {self.row_bytes // 4}"
+            self.error = (f"tensor {self.name} has type {hdr.type} and shape {list(hdr.ne)}, "
+                          f"expected F32 rows of {self.row_bytes // 4}")
             return True
         if self.write_pos + rows > self.capacity:
             self.error = f"trunk capture overflow ({self.write_pos}+{rows} > {self.capacity})"
             return True
         self._get(tensor, self._base + self.write_pos * self.row_bytes, 0, rows * self.row_bytes)
         self.write_pos += rows
-        self.rows_seen += rows
         return True
+
+    def reset(self, write_pos: int) -> None:
+        self.write_pos = write_pos
+        self.error = None
+        self.pending = None
+
+    def raise_pending(self) -> None:
+        """Re-raise an exception (KeyboardInterrupt) that arrived inside the callback."""
+        exc, self.pending = self.pending, None
+        if exc is not None:
+            raise exc
 
 
 # ---------------------------------------------------------------------------
@@ -370,9 +392,10 @@ class Context:
         """Run the first ``n`` rows of ``self.batch`` (already filled) at positions start_pos.."""
         self.batch.set(start_pos, n, last_logits_only)
         if self.capture is not None:
-            self.capture.write_pos = start_pos
-            self.capture.error = None
+            self.capture.reset(start_pos)
         rc = llama_cpp.llama_decode(self.ptr, self.batch.struct)
+        if self.capture is not None:
+            self.capture.raise_pending()
         if rc != 0:
             what = {1: "no free KV slot (context full)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
             raise MtpError(f"llama_decode on {self.model.path.name} failed: {what} (rc={rc}, {n} rows at {start_pos})")

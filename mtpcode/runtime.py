@@ -101,15 +101,22 @@ class DraftPolicy:
     Every ``probe_every`` steps it tries K+1 or K-1 to keep the estimates of
     the neighbours fresh. It never changes *which* tokens come out under
     greedy decoding (only how many are verified per forward).
+
+    ``measured=False`` replaces the measured timings by a fixed cost model
+    (DESIGN.md §4 CPU numbers: a forward of b rows costs 0.7 + 0.3 b, a head
+    0.05, in units of a one-row forward). Seeded sampling uses it: with
+    measured timings the number of drafts, hence the random draws, would
+    depend on machine noise and the same seed would not give the same text.
     """
 
     alpha = 0.1  # weight of a new observation in the running estimates
     probe_every = 16
     warmup_steps = 8
 
-    def __init__(self, max_heads: int, adaptive: bool) -> None:
+    def __init__(self, max_heads: int, adaptive: bool, measured: bool = True) -> None:
         self.max_heads = max_heads
         self.adaptive = adaptive and max_heads > 0
+        self.measured = measured
         self.chain = np.array([0.6 ** (k + 1) for k in range(max_heads)])  # optimistic prior
         self.t_verify: dict[int, float] = {}
         self.t_head = 0.0
@@ -118,7 +125,7 @@ class DraftPolicy:
 
     def choose(self) -> int:
         self.steps += 1
-        if not self.adaptive or self.steps <= self.warmup_steps or not self.t_verify:
+        if not self.adaptive or self.steps <= self.warmup_steps or (self.measured and not self.t_verify):
             return self.max_heads
         best = max(range(self.max_heads + 1), key=self._rate)
         self.k = best
@@ -129,6 +136,8 @@ class DraftPolicy:
         return best
 
     def _verify_time(self, rows: int) -> float:
+        if not self.measured:
+            return 0.7 + 0.3 * rows
         if rows in self.t_verify:
             return self.t_verify[rows]
         # unmeasured size: scale the nearest measured one with a prior of ~30%
@@ -138,7 +147,8 @@ class DraftPolicy:
 
     def _rate(self, k: int) -> float:
         tokens = 1.0 + float(self.chain[:k].sum())
-        return tokens / (self._verify_time(k + 1) + k * self.t_head)
+        t_head = self.t_head if self.measured else 0.05
+        return tokens / (self._verify_time(k + 1) + k * t_head)
 
     def observe(self, k: int, accepted: int, verify_s: float, head_s: float, heads_run: int) -> None:
         a = self.alpha
@@ -467,7 +477,8 @@ class _Step:
         self.e = engine
         self.heads = heads
         self.greedy = options.sampling.greedy
-        self.policy = DraftPolicy(heads, options.adaptive)
+        # seeded sampling must not depend on timing noise (see DraftPolicy)
+        self.policy = DraftPolicy(heads, options.adaptive, measured=self.greedy or options.sampling.seed is None)
         self.pending = -1
         self.new_tokens: list[int] = []
         self.new_flags: list[bool] = []

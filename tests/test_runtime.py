@@ -280,7 +280,9 @@ def test_sampling_is_reproducible_with_a_seed(tiny_bundle) -> None:
         b, _, _, db = run(engine, PROMPTS[0], max_tokens=20, heads=3, sampling=sampling)
         c, _, _, dc = run(engine, PROMPTS[0], max_tokens=20, heads=3,
                           sampling=SamplingOptions(temperature=0.9, seed=None))
-    assert a == b and da.stats.seed == db.stats.seed == 1234
+    with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as fresh:
+        d = run(fresh, PROMPTS[0], max_tokens=20, heads=3, sampling=sampling)[0]
+    assert a == b == d and da.stats.seed == db.stats.seed == 1234
     assert isinstance(dc.stats.seed, int)
 
 
@@ -307,3 +309,48 @@ def test_extra_bufts_policy(tmp_path) -> None:
     assert cpu_has_amx(str(amx)) and not cpu_has_amx(str(plain))
     assert use_extra_bufts("auto") == (not cpu_has_amx())
     assert use_extra_bufts("on") and not use_extra_bufts("off")
+
+
+def test_ctrl_c_during_prefill_propagates_and_engine_recovers(tiny_bundle, capfd) -> None:
+    """SIGINT while llama_decode runs lands in the trunk callback; it must not be swallowed."""
+    import os
+    import signal
+
+    body = "for i in range(10):\n    x = i * 2\n" * 60
+    prompts = [body, "# other\n" + body]  # alternate: no shared prefix, a full prefill each time
+    with Engine(tiny_bundle, n_ctx=2048, n_batch=64, n_threads=1) as cold:
+        ids = cold.tokenize(body)
+        assert 600 < len(ids) < 2000
+        ref = run(cold, ids, max_tokens=8, heads=3)[0]
+    with Engine(tiny_bundle, n_ctx=2048, n_batch=64, n_threads=1) as engine:
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            for i in range(200):  # until the signal arrives
+                run(engine, prompts[i % 2], max_tokens=8, heads=3)
+        timer.join()
+        assert "Exception ignored" not in capfd.readouterr().err
+        assert run(engine, ids, max_tokens=8, heads=3)[0] == ref
+
+
+def test_draft_policy_follows_acceptance_and_cost() -> None:
+    from mtpcode.runtime import DraftPolicy
+
+    # heads never accepted: drafting costs verify rows and head forwards for nothing
+    policy = DraftPolicy(3, adaptive=True)
+    chosen = []
+    for _ in range(64):
+        k = policy.choose()
+        chosen.append(k)
+        policy.observe(k, accepted=0, verify_s=0.010 * (1 + 0.5 * k), head_s=0.001 * k, heads_run=k)
+    assert chosen[:8] == [3] * 8  # warm-up with every head
+    assert chosen[-16:].count(0) >= 14  # then plain decoding, with an occasional probe
+    # heads always accepted and verify rows nearly free: keep all heads
+    policy = DraftPolicy(3, adaptive=True)
+    for _ in range(64):
+        k = policy.choose()
+        policy.observe(k, accepted=k, verify_s=0.010 * (1 + 0.1 * k), head_s=0.001 * k, heads_run=k)
+    assert policy.k == 3
+    # not adaptive: always every head
+    policy = DraftPolicy(2, adaptive=False)
+    assert {policy.choose() for _ in range(40)} == {2}
