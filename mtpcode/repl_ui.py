@@ -34,7 +34,7 @@ from pygments.token import Token
 
 from mtpcode.config import Settings
 from mtpcode.errors import DataError, MtpError, NoInputError, OutputError, UsageError
-from mtpcode.generation import Done, Piece
+from mtpcode.generation import Done, GenerationOptions, Piece
 from mtpcode.repl_edit import (
     editing_key_bindings,
     is_command,
@@ -77,6 +77,7 @@ def fit_hints(hints: tuple[str, ...], width: int, sep: str = " · ") -> str:
     return out
 
 
+_NEWLINE = re.compile("\n")
 _CONTEXT_CHARS = 2000  # text before a completion that is lexed with it, for correct colours
 
 _UI_STYLE = {
@@ -463,6 +464,7 @@ class Repl:
         try:
             self.open()
             self.banner()
+            self.warm_up()
             while not self._quit:
                 try:
                     text = self.session.prompt()
@@ -497,34 +499,57 @@ class Repl:
             return None
         return joined[self._window_start :]
 
-    def _fit_window(self, joined: str) -> str:
+    def _fit_window(self, joined: str, count_tokens: Callable[[str], int]) -> str:
         """The tail of ``joined`` the model sees: all of it while it fits the context.
 
         When the session outgrows the context (less room for ``max_tokens``),
         the view jumps forward to a line start, leaving a quarter of the
-        context free, so later prompts share the same prefix again.
+        context free, and stays there, so later prompts share their prefix
+        again. ``count_tokens`` must be safe to call from the current thread.
         """
         engine = self.engine
         room = max(16, engine.n_ctx - min(self.settings.max_tokens, engine.n_ctx // 2))
         view = joined[self._window_start :]
-        def n_tokens(text: str) -> int:
-            return len(self.worker.call(engine.tokenize, text))
-
         # Every token covers at least one byte, so short text needs no tokenizing.
-        if len(view.encode("utf-8")) + 2 <= room or n_tokens(view) <= room:
+        if len(view.encode("utf-8")) + 2 <= room or count_tokens(view) <= room:
             return view
         target = room * 3 // 4
-        start = self._window_start
-        while True:
-            nl = joined.find("\n", start)
-            if nl < 0 or nl + 1 >= len(joined):
-                break
-            start = nl + 1
-            if n_tokens(joined[start:]) <= target:
-                break
+        starts = [m.end() for m in _NEWLINE.finditer(joined, self._window_start) if m.end() < len(joined)]
+        # The token count falls as the start moves on: find the first line start that fits.
+        lo, hi = 0, len(starts)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if count_tokens(joined[starts[mid] :]) <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        start = starts[min(lo, len(starts) - 1)] if starts else self._window_start
         self._window_start = min(start, len(self.text))
         self.suggester.forget()
         return joined[start:]
+
+    def _count_on_engine_thread(self, text: str) -> int:
+        return len(self.worker.call(self.engine.tokenize, text))
+
+    def warm_up(self) -> None:
+        """Prefill the session buffer in the background (the engine thread).
+
+        The first keystroke's suggestion then costs only its own tokens, and
+        a buffer longer than the context gets its window before the first submit.
+        """
+        engine = self.engine
+        if engine is None or not self.text.strip() or not self.suggest_enabled:
+            return
+
+        def warm() -> None:
+            try:
+                prompt = self._fit_window(self.text, lambda t: len(engine.tokenize(t)))
+                for _ in engine.generate(prompt, GenerationOptions(max_tokens=0)):
+                    pass
+            except MtpError:
+                pass  # e.g. one line longer than the context: the submit will say so
+
+        self.worker.submit(warm)
 
     def _stops(self, prompt: str) -> list:
         from mtpcode.stops import code_stops
@@ -544,7 +569,7 @@ class Repl:
             self.info("nothing to continue yet: type some code")
             return
         self.suggester.cancel_pending()
-        prompt = self._fit_window(joined)
+        prompt = self._fit_window(joined, self._count_on_engine_thread)
         # The completion continues the last line of the buffer: put the cursor
         # back at its end on the screen, or show that line again.
         partial = joined.rsplit("\n", 1)[-1]
@@ -697,6 +722,7 @@ class Repl:
             return
         self._set_text(self.undo_stack.pop())
         self.info(f"undone; the buffer has {_count_lines(self.text)} lines")
+        self.warm_up()
 
     def cmd_show(self, arg: str) -> None:
         if not self.text:
@@ -739,6 +765,7 @@ class Repl:
         if lexer is not None:
             self.lexer = lexer
         self.info(f"loaded {path}: {_count_lines(text)} lines, {language_name(self.lexer)}")
+        self.warm_up()
 
     def cmd_set(self, arg: str) -> None:
         if not arg:
@@ -815,6 +842,7 @@ class Repl:
         if self.settings.heads is not None and self.settings.heads > engine.n_heads:
             self.settings = dataclasses.replace(self.settings, heads=None)
         self.info(f"model {self.model_name}: {engine.n_heads} draft heads, context {engine.n_ctx} tokens")
+        self.warm_up()
 
     def cmd_stats(self, arg: str) -> None:
         lines = []

@@ -294,6 +294,30 @@ def test_a_long_session_slides_the_model_window(tiny_bundle, tmp_path):
     assert ui.text.startswith(src.read_text())
 
 
+def test_loading_a_file_warms_the_engine_up_in_the_background(tiny_bundle, tmp_path):
+    from mtpcode.runtime import Engine
+
+    src = tmp_path / "long.py"
+    src.write_text("".join(f"value_{i} = {i} * {i}\n" for i in range(60)))
+    screen = Screen()
+    with Engine(tiny_bundle, n_ctx=128, n_threads=2) as small, create_pipe_input() as inp:
+        ui = make_repl(small, inp, screen, suggest=True, settings=load_settings(max_tokens=8))
+
+        def typist() -> None:
+            inp.send_text(f"/load {src}\r")
+            # Without any key typed, the engine thread prefilled the buffer's tail that fits.
+            wait_for(lambda: ui._window_start > 0 and small.cached_tokens, what="the warm-up")
+            inp.send_text("/quit\r")
+
+        thread = threading.Thread(target=typist, daemon=True)
+        thread.start()
+        ui.run()
+        thread.join(5)
+        cached = small.detokenize(small.cached_tokens)
+    assert ui.text[ui._window_start :].startswith(cached.lstrip()[:20])
+    assert ui.totals.completions == 0
+
+
 # --- suggestions ------------------------------------------------------------------------
 
 
