@@ -247,6 +247,47 @@ def doc_block(language: str) -> str:
     return blocks[0]
 
 
+def shell_example(language: str) -> str:
+    """The ```language block of the "### Shell" section of docs/cli.md."""
+    text = (REPO / "docs" / "cli.md").read_text()
+    section = text.split("### Shell", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(rf"```{language}\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+@pytest.fixture
+def shim_path(tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """An environment where `mtpcode` runs this checkout on the tiny bundle."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "mtpcode"
+    shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m mtpcode \"$@\"\n")
+    shim.chmod(0o755)
+    env = _env()
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", MTPCODE_MODEL=str(tiny_bundle), MTPCODE_THREADS="2")
+    return env
+
+
+@pytest.mark.skipif(shutil.which("jq") is None, reason="jq is not installed")
+def test_shell_one_liner_example(shim_path: dict[str, str], engine) -> None:
+    proc = subprocess.run(["sh", "-c", shell_example("sh")], env=shim_path, capture_output=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    prompt = "def add(a, b):\n"
+    expected = generate(engine, prompt, 32, code_stops(prompt, block=True)).text
+    assert proc.stdout.decode() == expected + "\n"  # jq -r adds the newline
+
+
+def test_shell_coprocess_example(shim_path: dict[str, str]) -> None:
+    proc = subprocess.run(["bash", "-c", shell_example("bash")], env=shim_path, capture_output=True,
+                          timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr
+    finals = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert [m["id"] for m in finals] == [1, 2] and all(m["done"] for m in finals)
+    second = finals[1]["stats"]
+    assert second["prompt_tokens_processed"] < second["prompt_tokens"]  # the cached prefix was reused
+
+
 BUFFER = ["import os", "", "def main():", "    x = 1", "", "print(main())"]
 CURSOR = (4, 9)  # line 4, after "    x = 1" (1-based line, 0-based byte column)
 EDITOR_ARGS = ("--max-tokens", "24")
