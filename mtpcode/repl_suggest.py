@@ -149,7 +149,7 @@ class ModelSuggest(AutoSuggest):
             cancel.set()
 
         buffer.on_text_changed += on_change
-        self.busy = True
+        self._set_busy(True)
         try:
             text = await asyncio.wrap_future(self.worker.submit(self._compute, prompt, cancel))
         except asyncio.CancelledError:
@@ -157,7 +157,7 @@ class ModelSuggest(AutoSuggest):
             raise
         finally:
             buffer.on_text_changed -= on_change
-            self.busy = False
+            self._set_busy(False)
         if text is None or buffer.document != document:
             return None
         text = showable(text)
@@ -165,6 +165,13 @@ class ModelSuggest(AutoSuggest):
             return None
         self.stats.shown += 1
         return Suggestion(text)
+
+    def _set_busy(self, busy: bool) -> None:
+        # The toolbar shows it: redraw (we are on the UI's event loop here).
+        from prompt_toolkit.application.current import get_app
+
+        self.busy = busy
+        get_app().invalidate()
 
     def _compute(self, prompt: str, cancel: threading.Event) -> str | None:
         """On the engine thread: the model's greedy text up to the end of the line, or None if cancelled."""
