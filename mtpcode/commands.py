@@ -10,6 +10,7 @@ import click
 
 
 def register(group: click.Group) -> None:
+    from mtpcode.bench import bench
     from mtpcode.complete import complete
     from mtpcode.config_cmd import config
     from mtpcode.convert_cmd import convert
@@ -17,6 +18,7 @@ def register(group: click.Group) -> None:
     from mtpcode.repl import repl
     from mtpcode.serve import serve
 
+    group.add_command(bench)
     group.add_command(convert)
     group.add_command(complete)
     group.add_command(models)

@@ -1,0 +1,856 @@
+"""``mtpcode bench``: speculative vs plain decoding of one bundle, side by side,
+on code prompts; and (``--synthetic``) a cost model at real model sizes.
+
+The real benchmark runs, for every prompt and every repetition, plain decoding
+(0 heads), speculative decoding with each head count, and llama-cpp-python's
+own ``Llama`` on the same ``main.gguf`` (the anchor), in an order rotated per
+prompt and repetition, so that the drifts of a shared, noisy machine spread
+over all configurations. It reports medians and within-repetition ratios, and
+checks that greedy output is the same token for token in every configuration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import click
+import numpy as np
+
+from mtpcode.errors import DataError, MtpError, NoInputError, OutputError, UsageError
+
+SCHEMA = "mtpcode-bench/1"
+ANCHOR = "llama.cpp"  # the configuration name of the plain llama-cpp-python Llama run
+SLOW_BAR = 0.95  # a speculative configuration slower than this fraction of plain is flagged
+
+
+# ---------------------------------------------------------------------------
+# prompts
+
+
+@dataclass(frozen=True)
+class Prompt:
+    name: str
+    text: str
+
+
+def _snippet(text: str, max_chars: int, min_context_lines: int = 12, min_body_lines: int = 6) -> tuple[int, str] | None:
+    """The text of a file up to and including a ``def`` line that has a body to write.
+
+    Picks the first def with at least ``min_context_lines`` lines before it and
+    ``min_body_lines`` non-blank body lines after it; the prompt keeps the
+    lines before it that fit in ``max_chars``. Returns (1-based line, prompt).
+    """
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        m = re.match(r"(\s*)def \w+\(.*\):\s*$", line)
+        if not m or i < min_context_lines:
+            continue
+        indent = len(m.group(1))
+        body = 0
+        for nxt in lines[i + 1: i + 1 + 3 * min_body_lines]:
+            if nxt.strip() and len(nxt) - len(nxt.lstrip()) <= indent:
+                break
+            body += bool(nxt.strip())
+        if body < min_body_lines:
+            continue
+        keep: list[str] = [line]
+        size = len(line) + 1
+        for prev in reversed(lines[:i]):
+            if size + len(prev) + 1 > max_chars:
+                break
+            keep.insert(0, prev)
+            size += len(prev) + 1
+        return i + 1, "\n".join(keep) + "\n"
+    return None
+
+
+def default_prompts(n: int = 8, max_chars: int = 1500) -> list[Prompt]:
+    """Held-out Python standard-library snippets: a file's text up to a function's
+    signature, for the model to write the body.
+
+    The files are the trainer's held-out split (``converters.data.is_heldout``,
+    a hash of the path), so the built-in model has not seen them; they are
+    taken in the order of a hash of their path, deterministically.
+    """
+    from converters.data import is_heldout, iter_sources
+
+    held = [s for s in iter_sources() if is_heldout(s.rel_path)]
+    held.sort(key=lambda s: hashlib.sha256(("bench|" + s.rel_path).encode()).hexdigest())
+    prompts: list[Prompt] = []
+    for src in held:
+        found = _snippet(src.text, max_chars)
+        if found is not None:
+            line, text = found
+            prompts.append(Prompt(f"{src.rel_path}:{line}", text))
+        if len(prompts) >= n:
+            break
+    if not prompts:
+        raise NoInputError("no held-out standard-library snippets found; pass --prompts FILE|DIR")
+    return prompts
+
+
+def load_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
+    """Prompts from a file or directory.
+
+    A directory: every regular file in it (sorted by name) is one prompt. A
+    ``.jsonl`` file: one prompt per line, a JSON string or an object with
+    ``prompt`` (and optionally ``name``). Any other file: its whole text is one prompt.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise NoInputError(f"prompts not found: {p}")
+    try:
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+            prompts = [Prompt(f.name, f.read_text(encoding="utf-8")) for f in files]
+        elif p.suffix == ".jsonl":
+            prompts = []
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+                if not line.strip():
+                    continue
+                item = json.loads(line)
+                if isinstance(item, str):
+                    prompts.append(Prompt(f"{p.name}:{i}", item))
+                elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
+                    prompts.append(Prompt(str(item.get("name", f"{p.name}:{i}")), item["prompt"]))
+                else:
+                    raise DataError(f"{p}:{i}: expected a JSON string or an object with a \"prompt\" string")
+        else:
+            prompts = [Prompt(p.name, p.read_text(encoding="utf-8"))]
+    except UnicodeDecodeError:
+        raise DataError(f"{p}: prompts must be UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{p}: not JSON lines ({exc})") from None
+    prompts = [q for q in prompts if q.text]
+    if not prompts:
+        raise DataError(f"{p}: no non-empty prompts")
+    return prompts
+
+
+# ---------------------------------------------------------------------------
+# memory
+
+
+def _status_kb(key: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return float(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_mb() -> float:
+    kb = _status_kb("VmRSS")
+    return kb / 1024 if kb is not None else 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    kb = _status_kb("VmHWM")
+    if kb is not None:
+        return kb / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------
+# machine anchors: memory bandwidth and bytes per forward
+
+
+def memory_bandwidth(mb: int = 256, repeat: int = 7) -> dict[str, float]:
+    """Copy bandwidth (read + write bytes per second) of a numpy copy of ``mb`` MiB, larger than any cache."""
+    n = mb * (1 << 20) // 8
+    src = np.ones(n, dtype=np.float64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # touch every page first
+    rates = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        rates.append(2 * src.nbytes / (time.perf_counter() - t))
+    return {"copy_mib": mb, "best_gb_s": round(max(rates) / 1e9, 2), "median_gb_s": round(float(np.median(rates)) / 1e9, 2)}
+
+
+def bytes_per_forward(gguf_path: Path, *, embd_input: bool) -> int:
+    """Weight bytes one forward reads: every tensor, less the token embedding table
+    (one row is looked up) unless the file is fed embeddings and uses it as its output."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    total = 0
+    for t in reader.tensors:
+        if t.name == "token_embd.weight" and not embd_input:
+            continue
+        total += int(t.n_bytes)
+    return total
+
+
+# ---------------------------------------------------------------------------
+# running the configurations
+
+
+@dataclass
+class Run:
+    prompt: int
+    config: str  # "0", "1", ... heads, or ANCHOR
+    repeat: int
+    tokens: list[int]
+    stats: dict[str, Any]
+    peak_rss_mb: float
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(np.median(np.asarray(xs, dtype=np.float64))) if len(xs) else 0.0
+
+
+def _engine_run(engine, ids: list[int], heads: int, max_tokens: int, adaptive: bool) -> tuple[list[int], dict[str, Any]]:
+    from mtpcode.generation import Done, GenerationOptions, Piece
+
+    # Start from an empty cache (a 1-token prompt shares at most BOS with the next),
+    # so every run pays the same prefill and prefill tok/s means something.
+    for _ in engine.generate(ids[:1], GenerationOptions(max_tokens=0, heads=0)):
+        pass
+    opts = GenerationOptions(max_tokens=max_tokens, heads=heads, adaptive=adaptive)
+    tokens: list[int] = []
+    stats = None
+    for ev in engine.generate(ids, opts):
+        if isinstance(ev, Piece):
+            tokens.extend(ev.token_ids)
+        elif isinstance(ev, Done):
+            stats = ev.stats
+    assert stats is not None  # generate() always ends with Done
+    d = stats.to_dict()
+    steps = max(stats.main_forwards, 1)
+    d["stop_tokens"] = len(tokens)
+    d["python_ms_per_step"] = round(1e3 * stats.python_s / steps, 4)
+    d["native_ms_per_step"] = round(1e3 * (stats.decode_s - stats.python_s) / steps, 4)
+    return tokens, d
+
+
+@contextlib.contextmanager
+def _llama_model_params(use_extra_bufts: bool) -> Iterator[None]:
+    """Make llama-cpp-python's ``Llama`` load with ``use_extra_bufts`` as mtpcode does
+    (its constructor has no parameter for it; on AMX CPUs the default crashes on quantized models)."""
+    import llama_cpp.llama_cpp as native
+
+    original = native.llama_model_default_params
+
+    def patched():
+        params = original()
+        params.use_extra_bufts = use_extra_bufts
+        return params
+
+    native.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        native.llama_model_default_params = original
+
+
+class Anchor:
+    """Plain greedy decoding of ``main.gguf`` with llama-cpp-python's high-level ``Llama``."""
+
+    def __init__(self, main_path: Path, *, n_ctx: int, n_threads: int, extra_bufts: bool) -> None:
+        from llama_cpp import Llama
+
+        with _llama_model_params(extra_bufts):
+            self.llm = Llama(str(main_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                             verbose=False, flash_attn=False)
+
+    def run(self, ids: list[int], max_tokens: int) -> tuple[list[int], dict[str, Any]]:
+        llm = self.llm
+        llm.reset()
+        tokens: list[int] = []
+        t0 = time.perf_counter()
+        t_first = t_last = t0
+        for tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+            now = time.perf_counter()
+            if llm._model.token_is_eog(tok) if hasattr(llm._model, "token_is_eog") else tok == llm.token_eos():
+                break
+            tokens.append(int(tok))
+            if len(tokens) == 1:
+                t_first = now
+            t_last = now
+            if len(tokens) >= max_tokens:
+                break
+        # Same definition as Stats.decode_tps: tokens / time after the first token was chosen.
+        decode_s = t_last - t_first
+        n = len(tokens)
+        return tokens, {
+            "generated_tokens": n,
+            "prefill_s": round(t_first - t0, 6),
+            "decode_s": round(decode_s, 6),
+            "decode_tokens_per_s": round(n / decode_s, 2) if decode_s > 0 and n > 1 else 0.0,
+            "prefill_tokens_per_s": round(len(ids) / (t_first - t0), 2) if t_first > t0 else 0.0,
+            "tokens_per_forward": 1.0,
+        }
+
+    def close(self) -> None:
+        self.llm.close() if hasattr(self.llm, "close") else None
+
+
+def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[int] | None = None,
+              max_tokens: int = 128, repeat: int = 3, threads: int | None = None, n_ctx: int = 4096,
+              adaptive: bool = True, anchor: bool = True, extra_bufts: str = "auto", costs: bool = True,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every configuration on every prompt ``repeat`` times; return the results document (see SCHEMA)."""
+    from mtpcode.llama import default_threads
+    from mtpcode.runtime import Engine
+
+    say = progress or (lambda _msg: None)
+    rss0 = rss_mb()
+    n_threads = threads or default_threads()
+    t_load = time.perf_counter()
+    engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, extra_bufts=extra_bufts)
+    load_s = time.perf_counter() - t_load
+    rss_engine = rss_mb()
+    anchor_obj = None
+    try:
+        all_heads = list(range(1, engine.n_heads + 1))
+        head_list = sorted(set(all_heads if heads is None else heads) - {0})
+        bad = [h for h in head_list if not 0 < h <= engine.n_heads]
+        if bad:
+            raise UsageError(f"--heads {bad[0]}: this bundle has {engine.n_heads} draft heads")
+        configs = ["0", *(str(h) for h in head_list)]
+        if anchor:
+            anchor_obj = Anchor(engine.bundle.main_path, n_ctx=n_ctx, n_threads=n_threads,
+                                extra_bufts=engine.extra_bufts)
+            configs.append(ANCHOR)
+        rss_all = rss_mb()
+        prompt_ids = []
+        for q in prompts:
+            ids = engine.tokenize(q.text)
+            if len(ids) + max_tokens + engine.n_heads + 1 > engine.n_ctx:
+                raise UsageError(f"prompt {q.name} ({len(ids)} tokens) + {max_tokens} tokens does not fit "
+                                 f"in the context ({engine.n_ctx}); use --ctx or fewer --max-tokens")
+            prompt_ids.append(ids)
+        # warm-up: page in the weights, start the thread pools
+        say("warming up")
+        _engine_run(engine, prompt_ids[0], engine.n_heads, min(16, max_tokens), adaptive)
+        if anchor_obj is not None:
+            anchor_obj.run(prompt_ids[0], min(16, max_tokens))
+        runs: list[Run] = []
+        total = repeat * len(prompts) * len(configs)
+        for r in range(repeat):
+            for pi, ids in enumerate(prompt_ids):
+                shift = (r + pi) % len(configs)
+                for config in configs[shift:] + configs[:shift]:
+                    say(f"[{len(runs) + 1}/{total}] repeat {r + 1}, prompt {pi + 1} ({prompts[pi].name}), "
+                        f"{'plain llama.cpp' if config == ANCHOR else config + ' heads'}")
+                    reset_peak_rss()
+                    if config == ANCHOR:
+                        tokens, stats = anchor_obj.run(ids, max_tokens)
+                    else:
+                        tokens, stats = _engine_run(engine, ids, int(config), max_tokens, adaptive)
+                    runs.append(Run(pi, config, r, tokens, stats, round(peak_rss_mb(), 1)))
+        doc = _summarize(engine, prompts, prompt_ids, configs, runs)
+        doc["conditions"] = _conditions(engine, model_path, n_threads, n_ctx, max_tokens, repeat, adaptive,
+                                        load_s=load_s)
+        doc["memory"] = {
+            "rss_before_load_mb": round(rss0, 1),
+            "rss_after_engine_load_mb": round(rss_engine, 1),
+            "engine_rss_mb": round(rss_engine - rss0, 1),
+            "rss_with_anchor_mb": round(rss_all, 1),
+            "peak_rss_mb": round(max(run.peak_rss_mb for run in runs), 1),
+            "note": "RSS counts the mmapped model pages; the anchor maps main.gguf a second time in the same process",
+        }
+    finally:
+        if anchor_obj is not None:
+            anchor_obj.close()
+        engine.close()
+    doc["anchors"] = _anchors(engine, doc)
+    if costs:
+        say("measuring forward costs (1..n rows, one head, eval-callback overhead)")
+        doc["forward_costs"] = _forward_costs(model_path, doc, n_threads)
+    return doc
+
+
+def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int) -> dict[str, Any]:
+    """The bundle's own cost profile (as in the synthetic cost model) and what it predicts."""
+    from mtpcode.bench_synthetic import measure_costs
+
+    mode = "on" if doc["conditions"]["extra_bufts"] else "off"
+    n = int(doc["conditions"]["n_heads"]) + 1
+    costs = measure_costs(model_path, mode=mode, max_batch=max(n, 8), repeat=max(5, doc["conditions"]["repeat"]),
+                          threads=threads)
+    costs.pop("verify_all_s", None)
+    # predicted speedup from the measured tokens/forward and these costs (no Python overhead)
+    pred = {}
+    for config, s in doc["summary"].items():
+        if config in ("0", ANCHOR) or "drafts_per_step" not in s:
+            continue
+        k = s["drafts_per_step"]  # adaptive: the mean number of drafts actually verified per step
+        lo, hi = int(np.floor(k)), int(np.ceil(k))
+        rel = costs["verify_rel"]
+        verify = float(rel[str(lo + 1)]) + (k - lo) * (float(rel[str(hi + 1)]) - float(rel[str(lo + 1)]))
+        pred[config] = round(s["tokens_per_forward"] / (verify + k * float(costs["head_rel"] or 0.0)), 3)
+    costs["predicted_speedup_without_python"] = pred
+    return costs
+
+
+def _conditions(engine, model_path: Path, threads: int, n_ctx: int, max_tokens: int, repeat: int,
+                adaptive: bool, load_s: float) -> dict[str, Any]:
+    import llama_cpp
+
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = (0.0, 0.0, 0.0)
+    m = engine.manifest
+    return {
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": str(model_path),
+        "quantization": m.quantization,
+        "n_embd": m.n_embd, "n_vocab": m.n_vocab, "n_trunk": m.n_trunk, "n_heads": engine.n_heads,
+        "threads": threads, "n_ctx": n_ctx, "max_tokens": max_tokens, "repeat": repeat,
+        "adaptive": adaptive, "extra_bufts": engine.extra_bufts,
+        "load_s": round(load_s, 3),
+        "cpu": _cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in load],
+        "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], configs: list[str],
+               runs: list[Run]) -> dict[str, Any]:
+    by: dict[tuple[int, str], list[Run]] = {}
+    for run in runs:
+        by.setdefault((run.prompt, run.config), []).append(run)
+    # greedy outputs must be identical in every configuration
+    mismatches = []
+    for pi in range(len(prompts)):
+        ref = by[(pi, "0")][0].tokens
+        for config in configs:
+            for run in by[(pi, config)]:
+                if run.tokens != ref:
+                    first = next((i for i, (a, b) in enumerate(zip(run.tokens, ref)) if a != b),
+                                 min(len(run.tokens), len(ref)))
+                    mismatches.append({"prompt": prompts[pi].name, "config": config, "repeat": run.repeat,
+                                       "first_difference_at": first, "tokens": len(run.tokens),
+                                       "reference_tokens": len(ref)})
+    per_prompt = []
+    for pi, q in enumerate(prompts):
+        base = by[(pi, "0")]
+        base_tps = _median([r.stats["decode_tokens_per_s"] for r in base])
+        entry: dict[str, Any] = {"name": q.name, "prompt_tokens": len(prompt_ids[pi]),
+                                 "generated_tokens": len(base[0].tokens), "configs": {}}
+        for config in configs:
+            rs = by[(pi, config)]
+            tps = [r.stats["decode_tokens_per_s"] for r in rs]
+            paired = [r.stats["decode_tokens_per_s"] / b.stats["decode_tokens_per_s"]
+                      for r in rs for b in base if b.repeat == r.repeat and b.stats["decode_tokens_per_s"] > 0]
+            c: dict[str, Any] = {
+                "decode_tokens_per_s": round(_median(tps), 2),
+                "decode_tokens_per_s_all": tps,
+                "speedup": round(_median(paired), 3),
+                "speedup_of_medians": round(_median(tps) / base_tps, 3) if base_tps else 0.0,
+                "prefill_tokens_per_s": round(_median([r.stats.get("prefill_tokens_per_s", 0.0) for r in rs]), 1),
+                "tokens_per_forward": round(_median([r.stats.get("tokens_per_forward", 0.0) for r in rs]), 3),
+                "peak_rss_mb": max(r.peak_rss_mb for r in rs),
+            }
+            if config != ANCHOR:
+                drafted = np.sum([r.stats["drafted_tokens"] for r in rs], axis=0) if int(config) else []
+                accepted = np.sum([r.stats["accepted_tokens"] for r in rs], axis=0) if int(config) else []
+                c["acceptance"] = [round(float(a) / float(d), 4) if d else 0.0 for a, d in zip(accepted, drafted)]
+                c["drafted_tokens"] = [int(d) for d in drafted]
+                c["python_ms_per_step"] = round(_median([r.stats["python_ms_per_step"] for r in rs]), 4)
+                c["native_ms_per_step"] = round(_median([r.stats["native_ms_per_step"] for r in rs]), 4)
+                c["main_forwards"] = int(_median([r.stats["main_forwards"] for r in rs]))
+            entry["configs"][config] = c
+        per_prompt.append(entry)
+    summary: dict[str, Any] = {}
+    for config in configs:
+        cs = [p["configs"][config] for p in per_prompt]
+        speedups = [c["speedup"] for c in cs]
+        rs = [r for r in runs if r.config == config]
+        s: dict[str, Any] = {
+            "median_speedup": round(_median(speedups), 3),
+            "min_speedup": round(min(speedups), 3),
+            "max_speedup": round(max(speedups), 3),
+            "prompts_below_bar": [p["name"] for p, c in zip(per_prompt, cs) if config != "0" and c["speedup"] < SLOW_BAR],
+            "median_decode_tokens_per_s": round(_median([c["decode_tokens_per_s"] for c in cs]), 2),
+            "median_prefill_tokens_per_s": round(_median([c["prefill_tokens_per_s"] for c in cs]), 1),
+        }
+        if config != ANCHOR:
+            gen = sum(r.stats["generated_tokens"] for r in rs)
+            fwd = sum(r.stats["main_forwards"] for r in rs)
+            s["tokens_per_forward"] = round(gen / fwd, 3) if fwd else 0.0
+            if int(config):
+                drafted = np.sum([r.stats["drafted_tokens"] for r in rs], axis=0)
+                accepted = np.sum([r.stats["accepted_tokens"] for r in rs], axis=0)
+                s["acceptance"] = [round(float(a) / float(d), 4) if d else 0.0 for a, d in zip(accepted, drafted)]
+                s["drafts_per_step"] = round(float(drafted.sum()) / fwd, 3) if fwd else 0.0
+            s["python_ms_per_step"] = round(_median([c["python_ms_per_step"] for c in cs]), 4)
+            s["native_ms_per_step"] = round(_median([c["native_ms_per_step"] for c in cs]), 4)
+        summary[config] = s
+    return {
+        "schema": SCHEMA,
+        "kind": "bench",
+        "configs": configs,
+        "prompts": per_prompt,
+        "summary": summary,
+        "greedy_identical": not mismatches,
+        "mismatches": mismatches,
+        "runs": [{"prompt": r.prompt, "config": r.config, "repeat": r.repeat, "stats": r.stats,
+                  "peak_rss_mb": r.peak_rss_mb} for r in runs],
+    }
+
+
+def _anchors(engine, doc: dict[str, Any]) -> dict[str, Any]:
+    from mtpcode.bench_synthetic import PAPER_SPEEDUP, PAPER_TOKENS_PER_FORWARD
+
+    main_bytes = bytes_per_forward(engine.bundle.main_path, embd_input=False)
+    head_bytes = [bytes_per_forward(p, embd_input=True) for p in engine.bundle.head_paths]
+    bw = memory_bandwidth()
+    gbs = bw["best_gb_s"] * 1e9
+    out: dict[str, Any] = {
+        "paper_table_s2_code_4_heads": {"speedup": PAPER_SPEEDUP, "tokens_per_forward": PAPER_TOKENS_PER_FORWARD},
+        "memory_bandwidth": bw,
+        "main_bytes_per_forward": main_bytes,
+        "head_bytes_per_forward": head_bytes,
+        "plain_tokens_per_s_bound": round(gbs / main_bytes, 1),
+    }
+    for config, s in doc["summary"].items():
+        if config in ("0", ANCHOR):
+            continue
+        k = int(config)
+        tpf = s.get("tokens_per_forward", 1.0)
+        out[f"bound_{k}_heads_tokens_per_s"] = round(gbs * tpf / (main_bytes + sum(head_bytes[:k])), 1)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# reporting
+
+
+def format_table(doc: dict[str, Any]) -> str:
+    """The terminal report of a bench document."""
+    configs = doc["configs"]
+    spec = [c for c in configs if c not in ("0", ANCHOR)]
+    lines = []
+    cond = doc["conditions"]
+    lines.append(f"model {cond['model']} ({cond['quantization']}, {cond['n_heads']} heads), {cond['threads']} threads, "
+                 f"{cond['max_tokens']} tokens x {len(doc['prompts'])} prompts x {cond['repeat']} repeats, "
+                 f"adaptive={'on' if cond['adaptive'] else 'off'}")
+    head = f"{'prompt':<34} {'plain tok/s':>11}"
+    for c in spec:
+        head += f" | {c}h tok/s  speedup tok/fwd"
+    if ANCHOR in configs:
+        head += f" | {'llama.cpp':>9}"
+    lines.append(head)
+    lines.append("-" * len(head))
+    for p in doc["prompts"]:
+        cs = p["configs"]
+        row = f"{p['name'][-34:]:<34} {cs['0']['decode_tokens_per_s']:>11.1f}"
+        for c in spec:
+            mark = "!" if cs[c]["speedup"] < SLOW_BAR else " "
+            row += f" | {cs[c]['decode_tokens_per_s']:>8.1f} {cs[c]['speedup']:>7.2f}x{mark}{cs[c]['tokens_per_forward']:>6.2f}"
+        if ANCHOR in configs:
+            row += f" | {cs[ANCHOR]['decode_tokens_per_s']:>9.1f}"
+        lines.append(row)
+    lines.append("")
+    lines.append(f"{'config':<10} {'median x':>8} {'min x':>6} {'tok/fwd':>7} {'tok/s':>8} {'prefill':>8} "
+                 f"{'py ms/step':>10} {'llama ms/step':>13}  acceptance per head")
+    for c in configs:
+        s = doc["summary"][c]
+        name = "plain" if c == "0" else (ANCHOR if c == ANCHOR else f"{c} heads")
+        acc = " ".join(f"{a:.0%}" for a in s.get("acceptance", [])) or "-"
+        py = f"{s['python_ms_per_step']:.2f}" if "python_ms_per_step" in s else "-"
+        nat = f"{s['native_ms_per_step']:.2f}" if "native_ms_per_step" in s else "-"
+        tpf = f"{s['tokens_per_forward']:.2f}" if "tokens_per_forward" in s else "1.00"
+        lines.append(f"{name:<10} {s['median_speedup']:>7.2f}x {s['min_speedup']:>5.2f}x {tpf:>7} "
+                     f"{s['median_decode_tokens_per_s']:>8.1f} {s['median_prefill_tokens_per_s']:>8.0f} "
+                     f"{py:>10} {nat:>13}  {acc}")
+    a = doc["anchors"]
+    lines.append("")
+    lines.append(f"memory bandwidth {a['memory_bandwidth']['best_gb_s']} GB/s (numpy copy); main.gguf reads "
+                 f"{a['main_bytes_per_forward'] / 1e6:.1f} MB per forward -> plain decoding <= "
+                 f"{a['plain_tokens_per_s_bound']:.0f} tok/s")
+    lines.append(f"paper Table S2 (code, 4 heads): {a['paper_table_s2_code_4_heads']['speedup']}x, "
+                 f"{a['paper_table_s2_code_4_heads']['tokens_per_forward']} tokens/forward")
+    fc = doc.get("forward_costs")
+    if fc:
+        rel = " ".join(f"{b}:{v:.2f}" for b, v in fc["verify_rel"].items())
+        pred = ", ".join(f"{c} heads {v:.2f}x" for c, v in fc["predicted_speedup_without_python"].items())
+        lines.append(f"main forward, 1 row: {1e3 * fc['verify_s']['1']:.2f} ms (of which trunk-capture callback "
+                     f"{1e3 * fc['capture_overhead_s']:.2f} ms); one head: {1e3 * fc['head_s']:.2f} ms "
+                     f"({fc['head_rel']:.0%} of a 1-row forward)")
+        lines.append(f"time of b rows / 1 row: {rel}")
+        if pred:
+            lines.append(f"speedup these costs predict at the measured tokens/forward (no Python overhead): {pred}")
+    mem = doc["memory"]
+    lines.append(f"memory: engine {mem['engine_rss_mb']:.0f} MB RSS after load, peak {mem['peak_rss_mb']:.0f} MB "
+                 "(process, with the llama.cpp anchor loaded)")
+    slow = {c: doc["summary"][c]["prompts_below_bar"] for c in spec if doc["summary"][c]["prompts_below_bar"]}
+    if slow:
+        for c, names in slow.items():
+            lines.append(f"SLOWER THAN PLAIN ({c} heads < {SLOW_BAR}x): {', '.join(names)}")
+    else:
+        lines.append(f"speculative >= {SLOW_BAR}x plain on every prompt")
+    return "\n".join(lines)
+
+
+def format_mismatches(doc: dict[str, Any]) -> str:
+    return "\n".join(
+        f"MISMATCH: prompt {m['prompt']}, {m['config']} heads, repeat {m['repeat'] + 1}: greedy output differs "
+        f"from plain decoding at token {m['first_difference_at']}" for m in doc["mismatches"])
+
+
+def bench_svg(doc: dict[str, Any]) -> str:
+    """Speedup and tokens per forward vs number of heads (per prompt and median)."""
+    from mtpcode.bench_svg import Panel, Series, render
+
+    ks = [int(c) for c in doc["configs"] if c != ANCHOR]
+    sp = Panel("decode speedup over plain", "draft heads", "speedup (x)", xticks=ks,
+               hlines=[(1.0, "plain"), (SLOW_BAR, f"{SLOW_BAR}x bar")])
+    tp = Panel("tokens per main forward", "draft heads", "tokens / forward", xticks=ks, hlines=[(1.0, "")])
+    dots_s, dots_t = [], []
+    for p in doc["prompts"]:
+        for k in ks:
+            c = p["configs"][str(k)]
+            dots_s.append((k, c["speedup"]))
+            dots_t.append((k, c["tokens_per_forward"]))
+    sp.series = [Series("per prompt", dots_s, line=False, color="#999999"),
+                 Series("median", [(k, doc["summary"][str(k)]["median_speedup"]) for k in ks])]
+    tp.series = [Series("per prompt", dots_t, line=False, color="#999999"),
+                 Series("all prompts", [(k, doc["summary"][str(k)]["tokens_per_forward"]) for k in ks])]
+    if ANCHOR in doc["configs"]:
+        sp.series.append(Series("llama.cpp plain", [(0, doc["summary"][ANCHOR]["median_speedup"])],
+                                line=False, color="#2ca02c"))
+    cond = doc["conditions"]
+    title = f"mtpcode bench: {Path(cond['model']).name} ({cond['quantization']}), {cond['threads']} threads"
+    return render([sp, tp], title=title)
+
+
+def synthetic_svg(doc: dict[str, Any]) -> str:
+    """Main forward time over b rows relative to 1 row, per quantization and buffer mode."""
+    from mtpcode.bench_svg import Panel, Series, render
+
+    panel = Panel("main forward cost vs rows verified", "rows in the forward", "time / time of 1 row",
+                  hlines=[(1.0, "")])
+    for m in doc["measurements"]:
+        if m.get("crashed"):
+            continue
+        pts = [(int(b), v) for b, v in m["verify_rel"].items()]
+        panel.series.append(Series(f"{m['quantization']} {m['mode']}", pts))
+    panel.xticks = sorted({x for s in panel.series for x, _ in s.points})
+    return render([panel], title=f"synthetic {doc['shape']} shape, {doc['threads']} threads", width=640)
+
+
+def write_plot(doc: dict[str, Any], out: Path) -> None:
+    svg = synthetic_svg(doc) if doc.get("kind") == "synthetic" else bench_svg(doc)
+    if out.suffix.lower() == ".svg":
+        _write_text(out, svg)
+        return
+    raise UsageError(f"--plot {out}: only .svg plots are written (matplotlib is not a dependency)")
+
+
+def _check_plot_path(out: Path | None) -> None:
+    if out is not None and out.suffix.lower() != ".svg":
+        raise UsageError(f"--plot {out}: give a .svg path (plots are written as SVG; PNG would need matplotlib, "
+                         "which mtpcode does not depend on)")
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------------------
+# synthetic cost model
+
+
+def run_synthetic(shape: str, quants: Sequence[str], *, max_batch: int = 8, repeat: int = 3, threads: int = 2,
+                  repack: bool = True, tokens_per_forward: float | None = None, n_drafts: int | None = None,
+                  cache: Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Build (or reuse) the synthetic bundles, measure each in a child process, and project speedups."""
+    from mtpcode import bench_synthetic as S
+
+    say = progress or (lambda _msg: None)
+    if max_batch < 2:
+        raise UsageError("--max-batch must be at least 2")
+    tpf = S.PAPER_TOKENS_PER_FORWARD if tokens_per_forward is None else tokens_per_forward
+    drafts = S.SHAPES[shape]["n_future_tokens"] - 1 if n_drafts is None else n_drafts
+    measurements = []
+    for quant in quants:
+        path = S.build_bundle(shape, quant, cache, n_heads=1, progress=say)
+        modes = ["off"] + (["repack"] if repack and quant in S.REPACK_QUANTS else [])
+        for mode in modes:
+            say(f"measuring {shape} {quant}, extra buffer types off{' + CPU_REPACK for Q4_0 blocks' if mode == 'repack' else ''}")
+            m = S.measure_in_child(path, mode=mode, max_batch=max_batch, repeat=repeat, threads=threads)
+            m.setdefault("quantization", quant)
+            m["main_bytes_per_forward"] = bytes_per_forward(path / "main.gguf", embd_input=False)
+            if not m.get("crashed"):
+                m["projection"] = S.project(m, tpf, min(drafts, max_batch - 1))
+                m["projection_min"] = S.project(m, tpf, min(drafts, max_batch - 1), statistic="min")
+            measurements.append(m)
+    bw = memory_bandwidth()
+    for m in measurements:
+        if not m.get("crashed"):
+            m["bandwidth_bound_s"] = round(m["main_bytes_per_forward"] / (bw["best_gb_s"] * 1e9), 4)
+    return {
+        "schema": SCHEMA,
+        "kind": "synthetic",
+        "shape": shape,
+        "params": S.SHAPES[shape],
+        "threads": threads,
+        "max_batch": max_batch,
+        "repeat": repeat,
+        "tokens_per_forward_assumed": tpf,
+        "paper_table_s2_code_4_heads": {"speedup": S.PAPER_SPEEDUP, "tokens_per_forward": S.PAPER_TOKENS_PER_FORWARD},
+        "memory_bandwidth": bw,
+        "measurements": measurements,
+        "conditions": {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": _cpu_name(),
+                       "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
+    }
+
+
+def format_synthetic(doc: dict[str, Any]) -> str:
+    lines = [f"synthetic {doc['shape']} shape ({', '.join(f'{k}={v}' for k, v in doc['params'].items())}), "
+             f"{doc['threads']} threads, median of {doc['repeat']}; memory bandwidth "
+             f"{doc['memory_bandwidth']['best_gb_s']} GB/s"]
+    for m in doc["measurements"]:
+        label = f"{m['quantization']} {'extra bufts off' if m['mode'] == 'off' else 'CPU_REPACK (Q4_0 blocks)'}"
+        if m.get("crashed"):
+            lines.append(f"{label}: CRASHED ({m['error']})")
+            continue
+        t1 = m["verify_s"]["1"]
+        rel = " ".join(f"{b}:{v:.2f}" for b, v in m["verify_rel"].items())
+        lines.append(f"{label}: 1-row forward {1e3 * t1:.0f} ms (bandwidth bound {1e3 * m['bandwidth_bound_s']:.0f} ms), "
+                     f"head {1e3 * m['head_s']:.1f} ms = {m['head_rel']:.1%} of it")
+        lines.append(f"  time of b rows / 1 row: {rel}")
+        rel_min = " ".join(f"{b}:{v:.2f}" for b, v in m["verify_min_rel"].items())
+        lines.append(f"  same from the fastest run of each size:   {rel_min}")
+        lines.append(f"  eval-callback (trunk capture) cost per forward: {1e3 * m['capture_overhead_s']:.2f} ms")
+        for key, what in (("projection", "medians"), ("projection_min", "fastest runs")):
+            pj = m[key]
+            at, best = pj["at_n"], pj["best"]
+            lines.append(f"  PROJECTED speedup ({what}) at {pj['tokens_per_forward_at_n']} tokens/forward with "
+                         f"{pj['n_drafts']} drafts: {at['speedup']:.2f}x (best: {best['drafts']} drafts, {best['speedup']:.2f}x)")
+    lines.append(f"paper Table S2 (code, 4 heads, measured on their hardware): {doc['paper_table_s2_code_4_heads']['speedup']}x "
+                 f"at {doc['paper_table_s2_code_4_heads']['tokens_per_forward']} tokens/forward")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# the command
+
+
+def _parse_heads(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        heads = [int(x) for x in value.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"--heads {value!r}: give a comma-separated list of head counts, e.g. 1,2,3") from None
+    if not heads or any(h < 0 for h in heads):
+        raise UsageError(f"--heads {value!r}: head counts must be >= 0")
+    return heads
+
+
+@click.command("bench")
+@click.option("-m", "--model", help="Bundle directory or registered name (default: the configured model, else the built-in one).")
+@click.option("--prompts", "prompts_path", metavar="FILE|DIR",
+              help="Prompts: a directory (one file per prompt), a .jsonl file, or one text file. "
+                   "Default: held-out Python standard-library snippets.")
+@click.option("-n", "--max-tokens", type=int, default=128, show_default=True, help="Tokens to generate per run.")
+@click.option("--heads", "heads_list", metavar="LIST", help="Head counts to compare with plain decoding, e.g. 1,2,3 [default: all].")
+@click.option("--repeat", type=int, default=3, show_default=True, help="Repetitions of every configuration (medians are reported).")
+@click.option("--n-prompts", type=int, default=8, show_default=True, help="Number of default prompts.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results as JSON here ('-' = stdout).")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a plot (SVG) here.")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp [default: the CPUs available].")
+@click.option("--ctx", type=int, default=2048, show_default=True, help="Context size in tokens.")
+@click.option("--no-adaptive", is_flag=True, help="Always draft with the requested heads (no adaptive policy).")
+@click.option("--no-anchor", is_flag=True, help="Skip the plain llama-cpp-python Llama run.")
+@click.option("--no-costs", is_flag=True, help="Skip measuring the bundle's forward costs after the runs.")
+@click.option("--synthetic", metavar="SHAPE", help="Cost model at a real size instead: random-weight bundle of SHAPE (7b, 1b, tiny).")
+@click.option("--quant", "quants", default="Q4_0,Q4_K_M", show_default=True, help="Synthetic: quantization types to measure.")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="Synthetic: largest verify batch measured.")
+@click.option("--no-repack", is_flag=True, help="Synthetic: skip the CPU_REPACK comparison.")
+@click.option("--tokens-per-forward", type=float, help="Synthetic: acceptance to project with [default: the paper's 3.50].")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_out, plot_out, threads, ctx,
+          no_adaptive, no_anchor, no_costs, synthetic, quants, max_batch, no_repack, tokens_per_forward, quiet):
+    """Benchmark speculative vs plain decoding (or, with --synthetic, project a real-size model's speedup)."""
+    _check_plot_path(plot_out)
+    if repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+    if threads is not None and threads < 1:
+        raise UsageError("--threads must be at least 1")
+
+    def say(msg: str) -> None:
+        if not quiet:
+            click.echo(f"bench: {msg}", err=True)
+
+    if synthetic:
+        from mtpcode.bench_synthetic import QUANTS, SHAPES
+
+        if synthetic not in SHAPES:
+            raise UsageError(f"--synthetic {synthetic!r}: choose one of {', '.join(SHAPES)}")
+        qs = [q.strip().upper() for q in quants.split(",") if q.strip()]
+        bad = [q for q in qs if q not in QUANTS]
+        if bad or not qs:
+            raise UsageError(f"--quant {quants!r}: choose from {', '.join(QUANTS)}")
+        doc = run_synthetic(synthetic, qs, max_batch=max_batch, repeat=repeat, threads=threads or 2,
+                            repack=not no_repack, tokens_per_forward=tokens_per_forward, progress=say)
+        report = format_synthetic(doc)
+    else:
+        from mtpcode.config import load_settings
+        from mtpcode.models import resolve_model
+
+        if max_tokens < 1:
+            raise UsageError("--max-tokens must be at least 1")
+        settings = load_settings()
+        path = resolve_model(model, settings)
+        prompts = load_prompts(prompts_path) if prompts_path else default_prompts(n_prompts)
+        doc = run_bench(path, prompts, heads=_parse_heads(heads_list), max_tokens=max_tokens, repeat=repeat,
+                        threads=threads or settings.threads, n_ctx=ctx, adaptive=not no_adaptive,
+                        anchor=not no_anchor, extra_bufts=settings.extra_bufts, costs=not no_costs,
+                        progress=say)
+        report = format_table(doc)
+    if json_out is not None and str(json_out) == "-":
+        click.echo(json.dumps(doc, indent=1))
+    else:
+        click.echo(report)
+        if json_out is not None:
+            _write_text(json_out, json.dumps(doc, indent=1) + "\n")
+    if plot_out is not None:
+        write_plot(doc, plot_out)
+    if doc.get("mismatches"):
+        click.secho(format_mismatches(doc), err=True, fg="red", bold=True)
+        raise MtpError(f"greedy output differs from plain decoding in {len(doc['mismatches'])} run(s): "
+                       "speculative decoding is not exact here (see MISMATCH lines above)")

@@ -1,0 +1,614 @@
+"""A cost model at real model sizes: random-weight bundles written directly in a
+quantized type, the measured time of a main forward over 1..n tokens and of one
+head forward, and the speedup they project at given acceptance rates.
+
+Why random weights: no real MTP checkpoint can be downloaded here, and the time
+of a forward does not depend on the weight values, only on the shape and the
+storage type. The bundle is written block by block (random quantized blocks with
+sane scales), so a 7B shape never exists as a 13 GB float file.
+
+Each measurement runs in a child process (``python -m mtpcode.bench_synthetic``):
+a configuration that crashes llama.cpp (the AMX / CPU_REPACK segfaults of
+DESIGN.md §4) is reported as a crash instead of taking the benchmark down, and
+every configuration starts from a clean address space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from mtpcode import bundle as B
+from mtpcode.errors import MtpError, UsageError
+
+# name -> ModelParams fields. "7b" is Meta's 7B MTP code model (Gloeckle et al. 2024).
+SHAPES: dict[str, dict[str, Any]] = {
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, n_future_tokens=4, multiple_of=256),
+    "1b": dict(dim=2048, n_layers=24, n_heads=16, vocab_size=32000, n_future_tokens=4, multiple_of=256),
+    "tiny": dict(dim=256, n_layers=6, n_heads=4, vocab_size=512, n_future_tokens=4, multiple_of=256),
+}
+QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
+FORMAT_TAG = "v1"  # bump when the written files change, so stale caches are rebuilt
+
+# Block weights that the CPU_REPACK buffer type may hold: only Q4_0 ones (DESIGN.md §4:
+# the same override on Q8_0 weights crashed at load on this machine).
+REPACK_PATTERN = r"blk\.[0-9]+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight"
+REPACK_QUANTS = ("Q4_0",)
+
+# The paper's Table S2 anchor (code, 7B, n=4): tokens per forward and measured speedup.
+PAPER_TOKENS_PER_FORWARD = 3.50
+PAPER_SPEEDUP = 3.05
+
+
+# ---------------------------------------------------------------------------
+# writing random quantized blocks
+
+
+@dataclass(frozen=True)
+class _BlockLayout:
+    """Bytes of one quantization block and where its float16 scales sit."""
+
+    weights: int  # weights per block
+    size: int  # bytes per block
+    scales: tuple[int, ...]  # byte offsets of f16 scale fields
+    scale_gain: float  # typical |dequantized weight| for scale 1.0 (sets the scale for a target std)
+
+
+_LAYOUTS = {
+    "Q4_0": _BlockLayout(32, 18, (0,), 4.6),  # d, qs[16]: w = d * (q - 8)
+    "Q8_0": _BlockLayout(32, 34, (0,), 74.0),  # d, qs[32]: w = d * q
+    "Q4_K": _BlockLayout(256, 144, (0, 2), 32 * 4.6),  # d, dmin, scales[12], qs[128]
+    "Q6_K": _BlockLayout(256, 210, (208,), 74.0 * 18.5),  # ql, qh, scales[16], d
+    "F32": _BlockLayout(1, 4, (), 1.0),
+}
+
+
+def _gguf_type(name: str):
+    import gguf
+
+    return gguf.GGMLQuantizationType[name]
+
+
+def tensor_types(quant: str, name: str, layer: int, n_layers: int, tied_output: bool) -> str:
+    """Storage type of one tensor, following llama.cpp's recipe for ``quant``.
+
+    Output (and a tied token_embd) is Q6_K except in Q8_0 files; Q4_K_M keeps
+    attn_v and ffn_down in Q6_K on llama.cpp's "more bits" layers.
+    """
+    if name.endswith("norm.weight"):
+        return "F32"
+    is_output = name == "output.weight" or (tied_output and name == "token_embd.weight")
+    if quant == "Q8_0":
+        return "Q8_0"
+    if is_output:
+        return "Q6_K"
+    if quant == "Q4_0":
+        return "Q4_0"
+    # Q4_K_M
+    if name.endswith(("attn_v.weight", "ffn_down.weight")):
+        eighth = n_layers // 8
+        more = layer < eighth or layer >= 7 * n_layers // 8 or (layer - eighth) % 3 == 2
+        return "Q6_K" if more else "Q4_K"
+    return "Q4_K"
+
+
+class _RandomBytes:
+    """Deterministic random bytes from a fixed pool (values need only be valid, not unique)."""
+
+    def __init__(self, seed: int, pool_bytes: int = 1 << 24) -> None:
+        self.pool = np.frombuffer(np.random.default_rng(seed).bytes(pool_bytes), dtype=np.uint8)
+        self.offset = 0
+
+    def take(self, n: int) -> np.ndarray:
+        out = np.empty(n, dtype=np.uint8)
+        done = 0
+        while done < n:
+            chunk = min(n - done, len(self.pool) - self.offset)
+            out[done: done + chunk] = self.pool[self.offset: self.offset + chunk]
+            done += chunk
+            self.offset = (self.offset + chunk + 4099) % len(self.pool)
+        return out
+
+
+def random_tensor(kind: str, rows: int, cols: int, std: float, rnd: _RandomBytes) -> np.ndarray:
+    """Bytes (rows, row_bytes) of a ``kind`` matrix whose dequantized weights have roughly ``std``."""
+    lay = _LAYOUTS[kind]
+    if kind == "F32":
+        return (np.ones((rows, cols), dtype=np.float32) + 0.1 * (rnd.take(rows * cols).reshape(rows, cols) / 255.0 - 0.5)).astype(np.float32)
+    if cols % lay.weights:
+        raise UsageError(f"row length {cols} is not a multiple of {lay.weights} ({kind} blocks)")
+    n_blocks = rows * cols // lay.weights
+    data = rnd.take(n_blocks * lay.size).reshape(n_blocks, lay.size)
+    scale = np.float16(std / lay.scale_gain).tobytes()
+    for off in lay.scales:
+        data[:, off] = scale[0]
+        data[:, off + 1] = scale[1]
+    return data.reshape(rows, cols // lay.weights * lay.size)
+
+
+# ---------------------------------------------------------------------------
+# the synthetic bundle
+
+
+def cache_root() -> Path:
+    """Where synthetic bundles are kept: MTPCODE_CACHE_DIR, MTPCODE_HOME/cache, else the platform's cache dir."""
+    explicit = os.environ.get("MTPCODE_CACHE_DIR", "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    home = os.environ.get("MTPCODE_HOME", "").strip()
+    if home:
+        return Path(home).expanduser() / "cache"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("mtpcode", appauthor=False))
+
+
+def _vocab(n: int) -> tuple[list[str], list[float], list[int]]:
+    """A valid Llama SentencePiece vocabulary of ``n`` pieces: unk, bos, eos, 256 byte pieces, fillers."""
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    pieces += [f"\u2581t{i}" for i in range(n - len(pieces))]
+    types += [1] * (n - len(types))
+    return pieces[:n], [float(-i) for i in range(n)], types[:n]
+
+
+def _block_tensors(p, prefix: str, layer: int, n_layers: int, quant: str, tied: bool,
+                   rnd: _RandomBytes) -> Iterator[tuple[str, Callable[[], np.ndarray], str]]:
+    d, h, kv = p.dim, p.ffn_hidden, p.kv_heads * p.head_dim
+    mats = [("attn_q", d, d), ("attn_k", kv, d), ("attn_v", kv, d), ("attn_output", d, d),
+            ("ffn_gate", h, d), ("ffn_up", h, d), ("ffn_down", d, h)]
+    yield f"{prefix}attn_norm.weight", lambda: random_tensor("F32", 1, d, 1.0, rnd)[0], "F32"
+    yield f"{prefix}ffn_norm.weight", lambda: random_tensor("F32", 1, d, 1.0, rnd)[0], "F32"
+    for short, rows, cols in mats:
+        name = f"{prefix}{short}.weight"
+        kind = tensor_types(quant, name, layer, n_layers, tied)
+        yield name, (lambda kind=kind, rows=rows, cols=cols: random_tensor(kind, rows, cols, cols ** -0.5, rnd)), kind
+
+
+def _write_gguf(path: Path, p, quant: str, *, role: str, head_index: int, fingerprint: str,
+                n_blocks: int, block_offset: int, with_output: bool, seed: int) -> None:
+    import gguf
+
+    rnd = _RandomBytes(seed)
+    tied = not with_output
+    w = gguf.GGUFWriter(path, arch="llama")
+    w.add_name(f"mtpcode synthetic {role} {head_index}")
+    w.add_context_length(p.max_seq_len)
+    w.add_embedding_length(p.dim)
+    w.add_block_count(n_blocks)
+    w.add_feed_forward_length(p.ffn_hidden)
+    w.add_head_count(p.n_heads)
+    w.add_head_count_kv(p.kv_heads)
+    w.add_layer_norm_rms_eps(p.norm_eps)
+    w.add_rope_dimension_count(p.head_dim)
+    w.add_rope_freq_base(p.rope_theta)
+    w.add_vocab_size(p.vocab_size)
+    w.add_file_type({"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}[quant])
+    pieces, scores, types = _vocab(p.vocab_size)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+    w.add_string(B.KV_ROLE, role)
+    w.add_uint32(B.KV_HEAD_INDEX, head_index)
+    w.add_uint32(B.KV_N_FUTURE, p.n_future_tokens)
+    w.add_uint32(B.KV_N_TRUNK, p.n_trunk)
+    w.add_string(B.KV_FINGERPRINT, fingerprint)
+
+    n_all = p.n_trunk + 1  # the layer numbering llama.cpp's quantizer would see in main.gguf
+    tensors: list[tuple[str, Callable[[], np.ndarray], str]] = []
+    emb_kind = tensor_types(quant, "token_embd.weight", 0, n_all, tied)
+    tensors.append(("token_embd.weight",
+                    lambda: random_tensor(emb_kind, p.vocab_size, p.dim, 1.0 if not tied else p.dim ** -0.5, rnd),
+                    emb_kind))
+    for i in range(n_blocks):
+        layer = block_offset + i
+        tensors += list(_block_tensors(p, f"blk.{i}.", layer if role == "main" else 0,
+                                       n_all if role == "main" else 1, quant, tied, rnd))
+    tensors.append(("output_norm.weight", lambda: random_tensor("F32", 1, p.dim, 1.0, rnd)[0], "F32"))
+    if with_output:
+        out_kind = tensor_types(quant, "output.weight", 0, n_all, False)
+        tensors.append(("output.weight", lambda: random_tensor(out_kind, p.vocab_size, p.dim, p.dim ** -0.5, rnd),
+                        out_kind))
+    # shapes first (tensor infos), then data one tensor at a time
+    makers = []
+    for name, make, kind in tensors:
+        if kind == "F32":
+            shape = (p.dim,)
+            w.add_tensor_info(name, shape, np.dtype(np.float32), 4 * p.dim)
+        else:
+            rows, cols = _shape_of(name, p)
+            lay = _LAYOUTS[kind]
+            nbytes = rows * cols // lay.weights * lay.size
+            w.add_tensor_info(name, (rows, cols // lay.weights * lay.size), np.dtype(np.uint8), nbytes,
+                              raw_dtype=_gguf_type(kind))
+        makers.append(make)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for make in makers:
+        w.write_tensor_data(make())
+    w.close()
+
+
+def _shape_of(name: str, p) -> tuple[int, int]:
+    d, h, kv = p.dim, p.ffn_hidden, p.kv_heads * p.head_dim
+    short = name.split(".")[-2]
+    return {
+        "token_embd": (p.vocab_size, d), "output": (p.vocab_size, d),
+        "attn_q": (d, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, d),
+        "ffn_gate": (h, d), "ffn_up": (h, d), "ffn_down": (d, h),
+    }[short]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: int | None = None,
+                 progress: Callable[[str], None] | None = None) -> Path:
+    """The random-weight bundle of ``shape`` in ``quant``, built once and cached.
+
+    ``n_heads`` limits how many head files are written (the cost model times
+    one head; all heads have the same shape). Returns the bundle directory.
+    """
+    from converters.params import ModelParams
+
+    if shape not in SHAPES:
+        raise UsageError(f"unknown synthetic shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    if quant not in QUANTS:
+        raise UsageError(f"synthetic bundles are written in {', '.join(QUANTS)}, not {quant!r}")
+    p = ModelParams(**SHAPES[shape])
+    heads = p.n_future_tokens - 1 if n_heads is None else min(n_heads, p.n_future_tokens - 1)
+    root = (cache or cache_root()) / "synthetic"
+    out = root / f"{shape}-{quant.lower()}-{heads}h-{FORMAT_TAG}"
+    if (out / B.MANIFEST_NAME).is_file():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{out.name}.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    fp = hashlib.sha256(f"synthetic|{shape}|{json.dumps(SHAPES[shape], sort_keys=True)}".encode()).hexdigest()[:16]
+    try:
+        entries = []
+        jobs = [(B.MAIN_NAME, "main", 0)] + [(B.head_name(k), "head", k) for k in range(1, heads + 1)]
+        for file_name, role, k in jobs:
+            if progress:
+                progress(f"writing {out.name}/{file_name}")
+            path = tmp / file_name
+            if role == "main":
+                _write_gguf(path, p, quant, role=role, head_index=0, fingerprint=fp, n_blocks=p.n_trunk + 1,
+                            block_offset=0, with_output=True, seed=1)
+            else:
+                _write_gguf(path, p, quant, role=role, head_index=k, fingerprint=fp, n_blocks=1,
+                            block_offset=0, with_output=False, seed=1 + k)
+            entries.append(B.FileEntry(file_name, path.stat().st_size, _sha256(path)))
+        manifest = B.Manifest(
+            n_future_tokens=heads + 1, n_trunk=p.n_trunk, n_embd=p.dim, n_vocab=p.vocab_size,
+            quantization=quant, fingerprint=fp, main=entries[0], heads=tuple(entries[1:]),
+            source={"synthetic": shape, "params": p.to_dict(), "weights": "random"},
+        )
+        (tmp / B.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
+        os.replace(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---------------------------------------------------------------------------
+# CPU_REPACK through tensor_buft_overrides
+
+
+class _BuftOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def cpu_repack_buft() -> int:
+    """The CPU device's "CPU_REPACK" buffer type (ggml_backend_dev_get_extra_bufts), or 0 if absent."""
+    from mtpcode.llama import LIB_DIR, init_backend
+
+    init_backend()
+    base = ctypes.CDLL(str(LIB_DIR / "libggml-base.so"))
+    cpu = ctypes.CDLL(str(LIB_DIR / "libggml-cpu.so"))
+    cpu.ggml_backend_cpu_reg.restype = ctypes.c_void_p
+    base.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    base.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+    base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_buft_name.restype = ctypes.c_char_p
+    reg = cpu.ggml_backend_cpu_reg()
+    dev = base.ggml_backend_reg_dev_get(reg, 0)
+    fn_addr = base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+    if not reg or not dev or not fn_addr:
+        return 0
+    get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn_addr)
+    arr = get_extra(dev)
+    i = 0
+    while arr and arr[i]:
+        if base.ggml_backend_buft_name(arr[i]) == b"CPU_REPACK":
+            return int(arr[i])
+        i += 1
+    return 0
+
+
+@contextlib.contextmanager
+def _model_params_hook(overrides: ctypes.Array | None) -> Iterator[None]:
+    """Make mtpcode.llama.Model load with ``tensor_buft_overrides`` (Model has no parameter for it yet)."""
+    import llama_cpp
+
+    original = llama_cpp.llama_model_default_params
+
+    def patched():
+        params = original()
+        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value if overrides is not None else None
+        return params
+
+    llama_cpp.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        llama_cpp.llama_model_default_params = original
+
+
+# ---------------------------------------------------------------------------
+# measuring (in a child process)
+
+
+def _median(xs: Sequence[float]) -> float:
+    return float(np.median(np.asarray(xs, dtype=np.float64))) if xs else 0.0
+
+
+def _rss_peak_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, repeat: int = 3,
+                  threads: int = 2, prefix: int = 64) -> dict[str, Any]:
+    """Time main forwards of 1..max_batch rows (after a ``prefix``-token KV) and one head forward.
+
+    ``mode``: "off" (extra buffer types off, the AMX-safe default), "on"
+    (llama.cpp's default extra buffer types: crashes on AMX CPUs with quantized
+    weights) or "repack" (extra buffer types off, Q4_0 block weights routed to
+    CPU_REPACK). The main context captures h_trunk through the eval callback,
+    as the runtime does; the cost of that callback is measured separately
+    (``capture_overhead_s``: a 1-row forward with minus without it).
+    Runs in this process: call it through :func:`measure_in_child` to survive crashes.
+    """
+    from mtpcode.bundle import open_bundle
+    from mtpcode.llama import Context, Model, TrunkCapture
+
+    bundle = open_bundle(bundle_dir)
+    m = bundle.manifest
+    overrides = None
+    if mode == "repack":
+        if m.quantization not in REPACK_QUANTS:
+            raise UsageError(f"CPU_REPACK is only routed for {', '.join(REPACK_QUANTS)} weights, not {m.quantization}")
+        buft = cpu_repack_buft()
+        if not buft:
+            raise MtpError("this llama.cpp build has no CPU_REPACK buffer type")
+        overrides = (_BuftOverride * 2)(_BuftOverride(REPACK_PATTERN.encode(), buft), _BuftOverride(None, None))
+    elif mode not in ("off", "on"):
+        raise UsageError(f"unknown cost-model mode {mode!r} (off, on or repack)")
+    extra = mode == "on"
+    n_ctx = prefix + max_batch + 16
+    n_batch = max(prefix, max_batch)
+    t0 = time.perf_counter()
+    with _model_params_hook(overrides):
+        main = Model(bundle.main_path, extra_bufts=extra)
+    head = Model(bundle.head_paths[0], extra_bufts=extra) if bundle.head_paths else None
+    load_s = time.perf_counter() - t0
+    trunk = np.zeros((n_ctx, m.n_embd), dtype=np.float32)
+    capture = TrunkCapture(m.trunk_tensor, trunk)
+    rng = np.random.default_rng(0)
+    try:
+        ctx = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, capture=capture)
+        ctx.batch.tokens[:prefix] = rng.integers(3, m.n_vocab, prefix)
+        ctx.decode(prefix, 0, last_logits_only=True)
+        # the same model without the trunk capture: what the eval callback costs per forward
+        bare = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads)
+        bare.batch.tokens[:prefix] = ctx.batch.tokens[:prefix]
+        bare.decode(prefix, 0, last_logits_only=True)
+        bare_times: list[float] = []
+        hctx = None
+        if head is not None:
+            hctx = Context(head, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True)
+            np.copyto(hctx.batch.embd[:prefix], trunk[:prefix])
+            hctx.decode(prefix, 0, last_logits_only=True)
+        sizes = list(range(1, max_batch + 1))
+        times: dict[int, list[float]] = {b: [] for b in sizes}
+        head_times: list[float] = []
+        # one warm-up pass (page faults of the mmapped weights, thread pool start)
+        for b in (1, max_batch):
+            ctx.batch.tokens[:b] = rng.integers(3, m.n_vocab, b)
+            ctx.decode(b, prefix, last_logits_only=False)
+            ctx.trim(prefix)
+        for r in range(repeat):
+            order = sizes[r % len(sizes):] + sizes[: r % len(sizes)]  # rotate: spread drifts over sizes
+            for b in order:
+                ctx.batch.tokens[:b] = rng.integers(3, m.n_vocab, b)
+                t = time.perf_counter()
+                ctx.decode(b, prefix, last_logits_only=False)
+                times[b].append(time.perf_counter() - t)
+                ctx.trim(prefix)
+                if b == 1:
+                    bare.batch.tokens[0] = ctx.batch.tokens[0]
+                    t = time.perf_counter()
+                    bare.decode(1, prefix, last_logits_only=False)
+                    bare_times.append(time.perf_counter() - t)
+                    bare.trim(prefix)
+                if hctx is not None and b == 1:
+                    for _ in range(2):
+                        np.copyto(hctx.batch.embd[:1], trunk[prefix: prefix + 1])
+                        t = time.perf_counter()
+                        hctx.decode(1, prefix, last_logits_only=True)
+                        head_times.append(time.perf_counter() - t)
+                        hctx.trim(prefix)
+        verify = {b: _median(times[b]) for b in sizes}
+        result = {
+            "mode": mode,
+            "bundle": str(bundle_dir),
+            "quantization": m.quantization,
+            "threads": threads,
+            "prefix_tokens": prefix,
+            "repeat": repeat,
+            "load_s": round(load_s, 3),
+            "verify_s": {str(b): round(v, 6) for b, v in verify.items()},
+            "verify_all_s": {str(b): [round(x, 6) for x in times[b]] for b in sizes},
+            "verify_rel": {str(b): round(v / verify[1], 4) for b, v in verify.items()},
+            "head_s": round(_median(head_times), 6),
+            "head_rel": round(_median(head_times) / verify[1], 4) if head_times else None,
+            "head_min_s": round(min(head_times), 6) if head_times else 0.0,
+            "head_min_rel": round(min(head_times) / min(times[1]), 4) if head_times else None,
+            "verify_min_s": {str(b): round(min(times[b]), 6) for b in sizes},
+            "verify_min_rel": {str(b): round(min(times[b]) / min(times[1]), 4) for b in sizes},
+            "capture_overhead_s": round(_median(times[1]) - _median(bare_times), 6),
+            "no_capture_1_s": round(_median(bare_times), 6),
+            "peak_rss_mb": round(_rss_peak_mb(), 1),
+        }
+        return result
+    finally:
+        for obj in ("hctx", "bare", "ctx"):
+            c = locals().get(obj)
+            if c is not None:
+                c.close()
+        if head is not None:
+            head.close()
+        main.close()
+
+
+def _failure_line(stderr: str) -> str:
+    """The line of a child's stderr that says why it died (ggml abort or Python error), not the backtrace."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        if re.search(r"\.(c|cpp):\d+: ", line) or "GGML_ASSERT" in line:
+            return re.sub(r"^.*/(ggml/src/|src/)", "", line)
+    for line in reversed(lines):
+        if not line.startswith(("#", "[", "warning:")):
+            return line
+    return "no message"
+
+
+def measure_in_child(bundle_dir: Path, *, mode: str, max_batch: int, repeat: int, threads: int,
+                     timeout: float = 1800) -> dict[str, Any]:
+    """:func:`measure_costs` in a child process; a crash becomes ``{"crashed": True, ...}``."""
+    cmd = [sys.executable, "-m", "mtpcode.bench_synthetic", str(bundle_dir), "--mode", mode,
+           "--max-batch", str(max_batch), "--repeat", str(repeat), "--threads", str(threads)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"mode": mode, "crashed": True, "error": f"timed out after {timeout:.0f} s"}
+    if proc.returncode != 0:
+        how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+        return {"mode": mode, "crashed": True, "error": f"{how}: {_failure_line(proc.stderr)}"}
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (json.JSONDecodeError, IndexError):
+        return {"mode": mode, "crashed": True, "error": "no result from the measuring process"}
+
+
+# ---------------------------------------------------------------------------
+# projection
+
+
+def geometric_acceptance(tokens_per_forward: float, n_drafts: int) -> float:
+    """The per-draft acceptance a with 1 + a + a^2 + ... + a^n = tokens_per_forward (an assumption:
+    each further draft is accepted with the same conditional probability)."""
+    lo, hi = 0.0, 1.0
+    target = min(tokens_per_forward, n_drafts + 1.0)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(mid ** i for i in range(n_drafts + 1)) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def project(costs: dict[str, Any], tokens_per_forward: float = PAPER_TOKENS_PER_FORWARD,
+            n_drafts: int = 3, *, statistic: str = "median") -> dict[str, Any]:
+    """Projected speedup of self-speculative decoding over plain decoding from measured costs.
+
+    Plain decoding: one 1-row forward per token. Speculative with k drafts: one
+    (k+1)-row forward plus k head forwards per step, yielding 1 + a + ... + a^k
+    tokens (a from ``tokens_per_forward`` at ``n_drafts`` drafts, geometric).
+    Python overhead per step is not included (see the real benchmark for it).
+    ``statistic``: which timings to use, "median" or "min" (the least-disturbed
+    run of each size, on a shared machine the closer to the intrinsic cost).
+    """
+    if statistic not in ("median", "min"):
+        raise UsageError(f"statistic must be median or min, not {statistic!r}")
+    suffix = "_min_rel" if statistic == "min" else "_rel"
+    rel = {int(b): float(v) for b, v in costs["verify" + suffix].items()}
+    head = float(costs.get("head" + suffix) or 0.0)
+    a = geometric_acceptance(tokens_per_forward, n_drafts)
+    per_k = []
+    for k in range(0, min(n_drafts, max(rel) - 1) + 1):
+        tpf = sum(a ** i for i in range(k + 1))
+        cost = rel[k + 1] + k * head
+        per_k.append({"drafts": k, "tokens_per_forward": round(tpf, 3), "step_cost_rel": round(cost, 3),
+                      "speedup": round(tpf / cost, 3)})
+    best = max(per_k, key=lambda r: r["speedup"])
+    return {
+        "label": "PROJECTION (measured forward costs x assumed acceptance), not a measured speedup",
+        "statistic": statistic,
+        "tokens_per_forward_at_n": tokens_per_forward,
+        "n_drafts": n_drafts,
+        "per_draft_acceptance": round(a, 4),
+        "per_k": per_k,
+        "at_n": per_k[min(n_drafts, len(per_k) - 1)],
+        "best": best,
+    }
+
+
+def _main(argv: Sequence[str]) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m mtpcode.bench_synthetic")
+    ap.add_argument("bundle")
+    ap.add_argument("--mode", default="off")
+    ap.add_argument("--max-batch", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    result = measure_costs(Path(args.bundle), mode=args.mode, max_batch=args.max_batch, repeat=args.repeat,
+                           threads=args.threads)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

@@ -1,0 +1,176 @@
+"""``mtpcode bench`` on tiny real bundles, and the synthetic cost model on a tiny shape.
+
+No timing assertions: the machine is shared and noisy. What must hold is
+checked: the JSON has its fields, greedy output is identical across head
+counts, measured numbers are positive and consistent with each other.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mtpcode.cli import main
+
+from runtime_helpers import agreeing_checkpoint
+
+
+@pytest.fixture(scope="module")
+def agreeing_bundle(tmp_path_factory, make_checkpoint) -> Path:
+    """A tiny F32 bundle whose heads agree with the main model often (acceptance > 0)."""
+    from converters.convert import convert_checkpoint
+
+    ckpt, _ = make_checkpoint()
+    root = tmp_path_factory.mktemp("bench")
+    agree = agreeing_checkpoint(ckpt, root / "ckpt-agree")
+    out = root / "agree-f32"
+    convert_checkpoint(agree, out, quant="F32", threads=2)
+    return out
+
+
+@pytest.fixture
+def prompts_dir(tmp_path) -> Path:
+    d = tmp_path / "prompts"
+    d.mkdir()
+    (d / "a.py").write_text("def add(a, b):\n    return a + b\n\n\ndef mul(a, b):\n", encoding="utf-8")
+    (d / "b.py").write_text("import os\n\nclass Path:\n    def __init__(self, p):\n", encoding="utf-8")
+    return d
+
+
+def _bench(args: list[str]) -> tuple[int, str, str]:
+    runner = CliRunner(mix_stderr=False) if "mix_stderr" in CliRunner.__init__.__code__.co_varnames else CliRunner()
+    result = runner.invoke(main, ["bench", *args], catch_exceptions=False)
+    return result.exit_code, result.stdout, getattr(result, "stderr", "")
+
+
+def test_bench_json_fields_and_identical_greedy_output(agreeing_bundle, prompts_dir, tmp_path):
+    out = tmp_path / "bench.json"
+    plot = tmp_path / "bench.svg"
+    code, stdout, stderr = _bench(["--model", str(agreeing_bundle), "--prompts", str(prompts_dir), "-n", "24",
+                                   "--repeat", "2", "--threads", "2", "--ctx", "256", "--json", str(out),
+                                   "--plot", str(plot), "-q"])
+    assert code == 0, stderr
+    doc = json.loads(out.read_text())
+    assert doc["schema"] == "mtpcode-bench/1"
+    assert doc["configs"] == ["0", "1", "2", "3", "llama.cpp"]
+    assert doc["greedy_identical"] is True and doc["mismatches"] == []
+    assert [p["name"] for p in doc["prompts"]] == ["a.py", "b.py"]
+    # every configuration ran on every prompt, every repetition
+    assert len(doc["runs"]) == 2 * 2 * 5
+    for p in doc["prompts"]:
+        assert p["generated_tokens"] > 0
+        for config, c in p["configs"].items():
+            assert c["decode_tokens_per_s"] > 0
+            assert c["speedup"] > 0
+            assert c["peak_rss_mb"] > 0
+            if config not in ("0", "llama.cpp"):
+                assert len(c["acceptance"]) == int(config)
+                assert all(0.0 <= a <= 1.0 for a in c["acceptance"])
+                assert c["python_ms_per_step"] >= 0 and c["native_ms_per_step"] > 0
+        assert p["configs"]["0"]["tokens_per_forward"] == pytest.approx(1.0, abs=0.05)
+    s = doc["summary"]
+    # the agreeing heads are accepted sometimes: more than one token per forward with drafting
+    assert s["3"]["tokens_per_forward"] > 1.0
+    assert s["0"]["median_speedup"] == pytest.approx(1.0)
+    assert doc["memory"]["peak_rss_mb"] >= doc["memory"]["rss_after_engine_load_mb"] > 0
+    a = doc["anchors"]
+    assert a["memory_bandwidth"]["best_gb_s"] > 0
+    assert a["main_bytes_per_forward"] > 0 and a["plain_tokens_per_s_bound"] > 0
+    assert a["paper_table_s2_code_4_heads"] == {"speedup": 3.05, "tokens_per_forward": 3.5}
+    assert doc["conditions"]["threads"] == 2
+    # the terminal table names every prompt; the plot is an SVG document
+    assert "a.py" in stdout and "plain" in stdout
+    assert plot.read_text().startswith("<svg")
+
+
+def test_bench_plain_and_speculative_agree_with_llama_on_random_model(tiny_bundle, prompts_dir, tmp_path):
+    # random heads: drafts are almost never accepted, output must still be identical
+    out = tmp_path / "b.json"
+    code, _, stderr = _bench(["--model", str(tiny_bundle), "--prompts", str(prompts_dir / "a.py"), "-n", "16",
+                              "--repeat", "1", "--heads", "3", "--threads", "2", "--ctx", "128",
+                              "--json", str(out), "-q"])
+    assert code == 0, stderr
+    doc = json.loads(out.read_text())
+    assert doc["configs"] == ["0", "3", "llama.cpp"]
+    assert doc["greedy_identical"]
+
+
+def test_bench_rejects_bad_arguments(tiny_bundle, prompts_dir, tmp_path):
+    code, _, stderr = _bench(["--model", str(tiny_bundle), "--prompts", str(prompts_dir), "--plot",
+                              str(tmp_path / "x.png")])
+    assert code == 2 and "svg" in stderr.lower()
+    code, _, stderr = _bench(["--model", str(tiny_bundle), "--prompts", str(prompts_dir), "--heads", "7",
+                              "-n", "4", "--repeat", "1", "--ctx", "128", "-q", "--no-anchor"])
+    assert code == 2 and "3 draft heads" in stderr
+    code, _, stderr = _bench(["--model", str(tiny_bundle), "--prompts", str(tmp_path / "missing")])
+    assert code == 66
+
+
+def test_default_prompts_are_heldout_stdlib_snippets():
+    from converters.data import is_heldout
+
+    from mtpcode.bench import default_prompts
+
+    prompts = default_prompts(3)
+    assert len(prompts) == 3
+    assert prompts == default_prompts(3)  # deterministic
+    for p in prompts:
+        rel, line = p.name.rsplit(":", 1)
+        assert is_heldout(rel) and int(line) > 0
+        assert p.text.rstrip().split("\n")[-1].lstrip().startswith("def ")
+
+
+def test_synthetic_cost_model_tiny_shape(tmp_path, monkeypatch):
+    from mtpcode import bench_synthetic as S
+    from mtpcode.bench import run_synthetic
+    from mtpcode.bundle import open_bundle
+
+    monkeypatch.setenv("MTPCODE_CACHE_DIR", str(tmp_path / "cache"))
+    doc = run_synthetic("tiny", ["Q4_0", "Q4_K_M"], max_batch=4, repeat=1, threads=2, repack=False)
+    assert doc["kind"] == "synthetic" and len(doc["measurements"]) == 2
+    for m in doc["measurements"]:
+        assert not m.get("crashed"), m
+        assert set(m["verify_s"]) == {"1", "2", "3", "4"}
+        assert all(v > 0 for v in m["verify_s"].values())
+        assert m["verify_rel"]["1"] == pytest.approx(1.0)
+        assert m["head_s"] > 0
+        pj = m["projection"]
+        assert pj["label"].startswith("PROJECTION")
+        assert pj["per_k"][0]["speedup"] == pytest.approx(1.0)  # no drafts: the plain cost
+        assert pj["at_n"]["drafts"] == 3
+        assert pj["at_n"]["tokens_per_forward"] == pytest.approx(3.5, abs=1e-3)
+    # the bundle is a valid bundle of the requested shape and is reused from the cache
+    path = S.build_bundle("tiny", "Q4_0", n_heads=1)
+    b = open_bundle(path)
+    assert b.manifest.n_embd == 256 and b.manifest.quantization == "Q4_0" and b.manifest.n_heads == 1
+    assert S.build_bundle("tiny", "Q4_0", n_heads=1) == path
+
+
+def test_synthetic_bundle_runs_in_the_engine(tmp_path, monkeypatch):
+    """The random quantized blocks are valid: the full synthetic bundle decodes through the runtime."""
+    from mtpcode import bench_synthetic as S
+    from mtpcode.generation import Done, GenerationOptions
+    from mtpcode.runtime import Engine
+
+    monkeypatch.setenv("MTPCODE_CACHE_DIR", str(tmp_path / "cache"))
+    path = S.build_bundle("tiny", "Q4_K_M")
+    with Engine(path, n_ctx=64, n_threads=2) as engine:
+        assert engine.n_heads == 3
+        events = list(engine.generate([1, 300, 301, 302], GenerationOptions(max_tokens=8)))
+    done = events[-1]
+    assert isinstance(done, Done) and done.stats.generated_tokens > 0
+
+
+def test_projection_arithmetic():
+    from mtpcode.bench_synthetic import geometric_acceptance, project
+
+    a = geometric_acceptance(3.5, 3)
+    assert 1 + a + a * a + a ** 3 == pytest.approx(3.5, abs=1e-6)
+    costs = {"verify_rel": {"1": 1.0, "2": 1.0, "3": 1.0, "4": 1.0}, "head_rel": 0.0}
+    pj = project(costs, 3.5, 3)
+    assert pj["at_n"]["speedup"] == pytest.approx(3.5, abs=1e-3)  # free verification: speedup = tokens/forward
+    costs = {"verify_rel": {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0}, "head_rel": 0.1}
+    assert project(costs, 3.5, 3)["best"]["drafts"] == 0  # verification as dear as decoding: never pays
