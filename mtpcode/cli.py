@@ -18,18 +18,17 @@ from mtpcode.errors import Interrupted, MtpError
 
 
 class MtpGroup(click.Group):
-    """A click group that turns mtpcode's errors into one line and an exit code."""
+    """A click group that turns mtpcode's errors into one line and an exit code.
 
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
+    The handling sits in ``invoke`` (where the command runs), not in ``main``:
+    click's ``main`` would otherwise catch Ctrl-C (printing a blank line and
+    "Aborted!") and a closed pipe (exit 1) before we see them.
+    """
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
         try:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Exit as exc:
-            sys.exit(exc.exit_code)
-        except click.ClickException as exc:
-            exc.show()
-            sys.exit(exc.exit_code)
-        except (click.exceptions.Abort, KeyboardInterrupt):
-            # click raises Abort for Ctrl-C / EOF at its own prompts.
+            return super().invoke(ctx)
+        except (KeyboardInterrupt, click.exceptions.Abort):
             _fail(Interrupted("interrupted"))
         except MtpError as exc:
             _fail(exc)
