@@ -39,7 +39,7 @@ BUILTIN_NOTE = (
 def read_input(file: str | None) -> bytes:
     """The bytes of FILE, or of stdin when FILE is None or ``-``. NoInputError if FILE is missing."""
     if file is None or file == "-":
-        stream = click.get_binary_stream("stdin")
+        stream = sys.stdin.buffer
         if _isatty(stream) and _stderr_is_terminal():
             click.echo("mtpcode: reading code from the terminal; end it with Ctrl-D", err=True)
         return stream.read()
@@ -282,7 +282,7 @@ def complete(
     talk = show_stats or _stderr_is_terminal()
     t0 = time.perf_counter()
     engine, path = load_engine(settings, model, note=sys.stderr if talk else None)
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     try:
         with engine:
             _run(engine, path, request, options, stops, out, as_json=as_json, echo=echo,

@@ -301,10 +301,10 @@ def serve(stdio: bool, model: str | None, heads: int | None, max_tokens: int | N
     settings = load_settings(model=model, heads=heads, max_tokens=max_tokens, temperature=temperature,
                              threads=threads, gpu_layers=gpu_layers, ctx=ctx)
     engine, path = load_engine(settings, model, note=sys.stderr)
-    out = click.get_binary_stream("stdout")
+    out = sys.stdout.buffer
     log = sys.stderr if verbose else None
     with engine:
         server = Server(engine, settings, out, log)
         server.send({"id": None, "ready": True, "model": str(Path(path)), "builtin": is_builtin(path),
                      "heads": engine.n_heads, "n_ctx": engine.n_ctx, "version": __version__})
-        server.serve(click.get_binary_stream("stdin"))
+        server.serve(sys.stdin.buffer)
