@@ -52,6 +52,7 @@ class _TensorHeader(ctypes.Structure):
 
 
 _NAME_OFFSET = _TensorHeader.name.offset
+_string_at = ctypes.string_at
 _NE1_OFFSET = _TensorHeader.ne.offset + 8
 _TYPE_F32 = 0
 
@@ -302,8 +303,11 @@ class TrunkCapture:
         self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
 
     def _on_eval(self, tensor: int, ask: bool, user_data: int) -> bool:
+        # Called for every node of every graph: keep the common path to one C call.
         try:
-            return self._handle(tensor, ask)
+            if _string_at(tensor + _NAME_OFFSET, self._want_len) != self._want:
+                return False  # not ours (only wanted nodes are ever called with ask=False)
+            return True if ask else self._copy(tensor)
         except BaseException as exc:
             # Ctrl-C during llama_decode is delivered here (the only Python code
             # running then); ctypes would print and swallow it. Keep it, let the
@@ -311,11 +315,7 @@ class TrunkCapture:
             self.pending = exc
             return not ask
 
-    def _handle(self, tensor: int, ask: bool) -> bool:
-        if ctypes.string_at(tensor + _NAME_OFFSET, self._want_len) != self._want:
-            return False  # not ours (only wanted nodes are ever called with ask=False)
-        if ask:
-            return True
+    def _copy(self, tensor: int) -> bool:
         hdr = _TensorHeader.from_address(tensor)
         rows = int(hdr.ne[1])
         if hdr.type != _TYPE_F32 or hdr.ne[0] * 4 != self.row_bytes:
