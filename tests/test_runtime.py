@@ -112,6 +112,18 @@ def test_greedy_speculative_equals_plain_and_llama_cpp(make_bundle, quant) -> No
     _check_greedy_equality(make_bundle(quant=quant))
 
 
+@pytest.mark.parametrize("n_future", [1, 2])
+def test_bundles_with_fewer_heads(make_bundle, n_future) -> None:
+    bundle = make_bundle(n_future_tokens=n_future)
+    with Engine(bundle, n_ctx=CTX, n_threads=1) as engine:
+        assert engine.n_heads == n_future - 1
+        ids = engine.tokenize(PROMPTS[0])
+        ref = llama_cpp_greedy(bundle / "main.gguf", ids, N_NEW)
+        for heads in range(n_future):
+            assert run(engine, ids, max_tokens=N_NEW, heads=heads)[0] == ref
+        assert run(engine, ids, max_tokens=N_NEW)[3].stats.heads_used == n_future - 1  # None: all
+
+
 def test_accepted_drafts_keep_greedy_output_exact(agree_bundle) -> None:
     drafted, accepted, _ = _check_greedy_equality(agree_bundle)
     # both paths exercised: drafts accepted (tokens per forward > 1) and rejected (rollback)
