@@ -131,6 +131,18 @@ def test_checkpoint_converts_with_project_converter(trained, tmp_path):
     assert (m.n_future_tokens, m.n_trunk, m.n_embd, m.n_vocab) == (4, 2, TINY.dim, TINY.vocab_size)
     assert len(m.heads) == 3
 
+    # llama.cpp must tokenize code exactly as the SentencePiece model the
+    # trainer used (no dummy prefix, whitespace runs, byte fallback).
+    from mtpcode.llama import Model
+
+    sp = data.load_tokenizer(trained / "tokenizer.model")
+    _, held = data.split_sources()
+    texts = [src.text[:3000] for src in held[:4]] + ["  x\n\n\tif a:\n        b = 'é✓' + \"\\x00\"\n"]
+    with Model(result.out_dir / "main.gguf") as model:
+        for text in texts:
+            assert model.tokenize(text, add_bos=False) == sp.encode(text)
+            assert model.tokenize(text)[:1] == [data.BOS_ID]
+
 
 def test_resume_continues_the_same_trajectory(trained, tmp_path, work_dir):
     out = tmp_path / "resumed"
