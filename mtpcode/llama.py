@@ -210,7 +210,10 @@ class Model:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: llama_cpp may already be torn down
+            pass
 
 
 # ---------------------------------------------------------------------------
@@ -270,7 +273,10 @@ class Batch:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: llama_cpp may already be torn down
+            pass
 
 
 # ---------------------------------------------------------------------------
@@ -441,7 +447,10 @@ class Context:
         self.close()
 
     def __del__(self) -> None:
-        self.close()
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: llama_cpp may already be torn down
+            pass
 
 
 def read_meta(model: Model, keys: Sequence[str]) -> dict[str, str | None]:
