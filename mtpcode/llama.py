@@ -15,6 +15,8 @@ import ctypes
 import functools
 import logging
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -347,6 +349,39 @@ class TrunkCapture:
             raise exc
 
 
+class _DeferSigint:
+    """Record Ctrl-C instead of raising it while llama_decode runs Python callbacks.
+
+    Python runs signal handlers at the next bytecode boundary, which during
+    llama_decode is inside the eval callback, even before its ``try``; ctypes
+    then prints the KeyboardInterrupt and drops it. Only the main thread gets
+    signals, and only the default handler is replaced (an application's own
+    handler is left alone); the interrupt is raised once llama_decode returns.
+    """
+
+    def __init__(self) -> None:
+        self.hit = False
+        self._old: object = None
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.hit = True
+
+    def __enter__(self) -> "_DeferSigint":
+        self.hit = False
+        self._old = None
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._old = signal.signal(signal.SIGINT, self._record)
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+            self._old = None
+            if self.hit and exc_type is None:
+                raise KeyboardInterrupt
+
+
 # ---------------------------------------------------------------------------
 # context
 
@@ -372,6 +407,7 @@ class Context:
         # Llama keeps it off by default, and greedy output must match it token for token.
         params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.capture = capture
+        self._defer_sigint = _DeferSigint()
         if capture is not None:
             params.cb_eval = capture.callback
             params.cb_eval_user_data = None
@@ -399,9 +435,12 @@ class Context:
         self.batch.set(start_pos, n, last_logits_only)
         if self.capture is not None:
             self.capture.reset(start_pos)
-        rc = llama_cpp.llama_decode(self.ptr, self.batch.struct)
         if self.capture is not None:
+            with self._defer_sigint:
+                rc = llama_cpp.llama_decode(self.ptr, self.batch.struct)
             self.capture.raise_pending()
+        else:
+            rc = llama_cpp.llama_decode(self.ptr, self.batch.struct)
         if rc != 0:
             what = {1: "no free KV slot (context full)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
             raise MtpError(f"llama_decode on {self.model.path.name} failed: {what} (rc={rc}, {n} rows at {start_pos})")

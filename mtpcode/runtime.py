@@ -366,7 +366,7 @@ class Engine:
             step.start(self._main.logits(1)[0])
             stats.prefill_s = _perf() - t0
             t_decode = _perf()
-            native = 0.0
+            native = suspended = 0.0
             pending = [step.pending]
             drafted_flags = [False]
             n_total = len(ids)
@@ -390,7 +390,9 @@ class Engine:
                     n_total += 1
                 text = out.push(emit)
                 if emit or text:
+                    t_yield = _perf()
                     yield Piece(text=text, token_ids=tuple(emit), drafted=tuple(flags))
+                    suspended += _perf() - t_yield  # the consumer's time is not decode time
                 if self._owner is not owner:
                     raise MtpError("this generation was superseded by a newer generate() call on the same engine")
                 reason = reason or out.stop_reason
@@ -406,11 +408,11 @@ class Engine:
                 room = min(self.n_ctx - n_total - 1, options.max_tokens - stats.generated_tokens - 1)
                 native += step.run(max(0, room), stats)
                 pending, drafted_flags = step.new_tokens, step.new_flags
+            stats.decode_s = _perf() - t_decode - suspended
+            stats.python_s = max(0.0, stats.decode_s - native)
             tail = out.push([], final=True)
             if tail:
                 yield Piece(text=tail, token_ids=(), drafted=())
-            stats.decode_s = _perf() - t_decode
-            stats.python_s = max(0.0, stats.decode_s - native)
             yield Done(text=out.final_text, stop_reason=out.stop_reason or reason, stats=stats)
         finally:
             if self._owner is owner:

@@ -323,6 +323,7 @@ def test_extra_bufts_policy(tmp_path) -> None:
     assert use_extra_bufts("on") and not use_extra_bufts("off")
 
 
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_ctrl_c_during_prefill_propagates_and_engine_recovers(tiny_bundle, capfd) -> None:
     """SIGINT while llama_decode runs lands in the trunk callback; it must not be swallowed."""
     import os
@@ -335,12 +336,13 @@ def test_ctrl_c_during_prefill_propagates_and_engine_recovers(tiny_bundle, capfd
         assert 600 < len(ids) < 2000
         ref = run(cold, ids, max_tokens=8, heads=3)[0]
     with Engine(tiny_bundle, n_ctx=2048, n_batch=64, n_threads=1) as engine:
-        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            for i in range(200):  # until the signal arrives
-                run(engine, prompts[i % 2], max_tokens=8, heads=3)
-        timer.join()
+        for attempt in range(4):  # a signal lost in the callback fails the attempt; repeat to catch it
+            timer = threading.Timer(0.03, os.kill, (os.getpid(), signal.SIGINT))
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                for i in range(200):  # until the signal arrives; nearly all the time is in the main prefill
+                    run(engine, prompts[i % 2], max_tokens=1, heads=0)
+            timer.join()
         assert "Exception ignored" not in capfd.readouterr().err
         assert run(engine, ids, max_tokens=8, heads=3)[0] == ref
 
