@@ -709,7 +709,7 @@ def run_synthetic(shape: str, quants: Sequence[str], *, max_batch: int = 8, repe
         path = S.build_bundle(shape, quant, cache, n_heads=1, progress=say)
         modes = ["off"] + (["repack"] if repack and quant in S.REPACK_QUANTS else [])
         for mode in modes:
-            say(f"measuring {shape} {quant}, extra buffer types off{' + CPU_REPACK for Q4_0 blocks' if mode == 'repack' else ''}")
+            say(f"measuring {shape} {quant}, extra buffer types off{' + CPU_REPACK for Q4_0/Q4_K blocks' if mode == 'repack' else ''}")
             m = S.measure_in_child(path, mode=mode, max_batch=max_batch, repeat=repeat, threads=threads)
             m.setdefault("quantization", quant)
             m["main_bytes_per_forward"] = bytes_per_forward(path / "main.gguf", embd_input=False)
@@ -743,7 +743,7 @@ def format_synthetic(doc: dict[str, Any]) -> str:
              f"{doc['threads']} threads, median of {doc['repeat']}; memory bandwidth "
              f"{doc['memory_bandwidth']['best_gb_s']} GB/s"]
     for m in doc["measurements"]:
-        label = f"{m['quantization']} {'extra bufts off' if m['mode'] == 'off' else 'CPU_REPACK (Q4_0 blocks)'}"
+        label = f"{m['quantization']} {'extra bufts off' if m['mode'] == 'off' else 'CPU_REPACK (Q4_0/Q4_K blocks)'}"
         if m.get("crashed"):
             lines.append(f"{label}: CRASHED ({m['error']})")
             continue

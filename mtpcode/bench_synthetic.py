@@ -42,10 +42,11 @@ SHAPES: dict[str, dict[str, Any]] = {
 QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
 FORMAT_TAG = "v1"  # bump when the written files change, so stale caches are rebuilt
 
-# Block weights that the CPU_REPACK buffer type may hold: only Q4_0 ones (DESIGN.md §4:
-# the same override on Q8_0 weights crashed at load on this machine).
-REPACK_PATTERN = r"blk\.[0-9]+\.(attn_q|attn_k|attn_v|attn_output|ffn_gate|ffn_up|ffn_down)\.weight"
-REPACK_QUANTS = ("Q4_0",)
+# Block weight types routed to the CPU_REPACK buffer type (its x86 kernels handle
+# Q4_0 and Q4_K; DESIGN.md §4: routing Q8_0 weights crashed at load). The
+# override names each tensor, so a Q6_K attn_v in a Q4_K_M file stays where it is.
+REPACK_TYPES = ("Q4_0", "Q4_K")
+REPACK_QUANTS = ("Q4_0", "Q4_K_M")
 
 # The paper's Table S2 anchor (code, 7B, n=4): tokens per forward and measured speedup.
 PAPER_TOKENS_PER_FORWARD = 3.50
@@ -324,28 +325,47 @@ def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: 
 # CPU_REPACK through tensor_buft_overrides
 
 
+def repack_pattern(gguf_path: Path, types: Sequence[str] = REPACK_TYPES) -> str:
+    """A regex matching exactly the block weights of ``gguf_path`` stored in one of ``types``."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    names = [t.name for t in reader.tensors
+             if t.name.startswith("blk.") and t.name.endswith(".weight") and t.tensor_type.name in types]
+    if not names:
+        return ""
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
+
+
 class _BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
 def cpu_repack_buft() -> int:
-    """The CPU device's "CPU_REPACK" buffer type (ggml_backend_dev_get_extra_bufts), or 0 if absent."""
+    """The CPU device's "CPU_REPACK" buffer type (ggml_backend_dev_get_extra_bufts), or 0 if absent.
+
+    The device must come from libggml's registry (ggml_backend_dev_by_type), the
+    instance llama.cpp uses: libggml-cpu.so's own ggml_backend_cpu_reg() is a
+    different instance here, and a buffer type from it aborts at context creation
+    ("pre-allocated tensor in a buffer (CPU_REPACK) that cannot run the operation").
+    """
     from mtpcode.llama import LIB_DIR, init_backend
 
     init_backend()
+    ggml = ctypes.CDLL(str(LIB_DIR / "libggml.so"))
     base = ctypes.CDLL(str(LIB_DIR / "libggml-base.so"))
-    cpu = ctypes.CDLL(str(LIB_DIR / "libggml-cpu.so"))
-    cpu.ggml_backend_cpu_reg.restype = ctypes.c_void_p
-    base.ggml_backend_reg_dev_get.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    base.ggml_backend_reg_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
     base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
     base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
     base.ggml_backend_buft_name.restype = ctypes.c_char_p
-    reg = cpu.ggml_backend_cpu_reg()
-    dev = base.ggml_backend_reg_dev_get(reg, 0)
-    fn_addr = base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
-    if not reg or not dev or not fn_addr:
+    dev = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    reg = ggml.ggml_backend_dev_backend_reg(dev) if dev else None
+    fn_addr = base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+    if not fn_addr:
         return 0
     get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn_addr)
     arr = get_extra(dev)
@@ -402,7 +422,7 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
 
     ``mode``: "off" (extra buffer types off, the AMX-safe default), "on"
     (llama.cpp's default extra buffer types: crashes on AMX CPUs with quantized
-    weights) or "repack" (extra buffer types off, Q4_0 block weights routed to
+    weights) or "repack" (extra buffer types off, Q4_0/Q4_K block weights routed to
     CPU_REPACK). The main context captures h_trunk through the eval callback,
     as the runtime does; the cost of that callback is measured separately
     (``capture_overhead_s``: a 1-row forward with minus without it).
@@ -420,7 +440,8 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
         buft = cpu_repack_buft()
         if not buft:
             raise MtpError("this llama.cpp build has no CPU_REPACK buffer type")
-        overrides = (_BuftOverride * 2)(_BuftOverride(REPACK_PATTERN.encode(), buft), _BuftOverride(None, None))
+        pattern = repack_pattern(bundle.main_path)
+        overrides = (_BuftOverride * 2)(_BuftOverride(pattern.encode(), buft), _BuftOverride(None, None))
     elif mode not in ("off", "on"):
         raise UsageError(f"unknown cost-model mode {mode!r} (off, on or repack)")
     extra = mode == "on"
@@ -442,7 +463,6 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
         bare = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads)
         bare.batch.tokens[:prefix] = ctx.batch.tokens[:prefix]
         bare.decode(prefix, 0, last_logits_only=True)
-        bare_times: list[float] = []
         hctx = None
         if head is not None:
             hctx = Context(head, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True)
@@ -450,33 +470,49 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
             hctx.decode(prefix, 0, last_logits_only=True)
         sizes = list(range(1, max_batch + 1))
         times: dict[int, list[float]] = {b: [] for b in sizes}
+        ratios: dict[int, list[float]] = {b: [] for b in sizes}
+        head_ratios: list[float] = []
+        capture_diffs: list[float] = []
         head_times: list[float] = []
+
+        def main_forward(c: Context, b: int) -> float:
+            c.batch.tokens[:b] = rng.integers(3, m.n_vocab, b)
+            t = time.perf_counter()
+            c.decode(b, prefix, last_logits_only=False)
+            dt = time.perf_counter() - t
+            c.trim(prefix)
+            return dt
+
+        def head_forward() -> float:
+            np.copyto(hctx.batch.embd[:1], trunk[prefix: prefix + 1])
+            t = time.perf_counter()
+            hctx.decode(1, prefix, last_logits_only=True)
+            dt = time.perf_counter() - t
+            hctx.trim(prefix)
+            return dt
+
         # one warm-up pass (page faults of the mmapped weights, thread pool start)
         for b in (1, max_batch):
-            ctx.batch.tokens[:b] = rng.integers(3, m.n_vocab, b)
-            ctx.decode(b, prefix, last_logits_only=False)
-            ctx.trim(prefix)
+            main_forward(ctx, b)
+        main_forward(bare, 1)
+        # Every measurement is paired with a 1-row forward right before it, and the
+        # ratio of the pair is kept: on a shared machine the load drifts over seconds,
+        # and a ratio of neighbours cancels most of that drift.
         for r in range(repeat):
-            order = sizes[r % len(sizes):] + sizes[: r % len(sizes)]  # rotate: spread drifts over sizes
+            order = sizes[1:][r % (len(sizes) - 1):] + sizes[1:][: r % (len(sizes) - 1)]
             for b in order:
-                ctx.batch.tokens[:b] = rng.integers(3, m.n_vocab, b)
-                t = time.perf_counter()
-                ctx.decode(b, prefix, last_logits_only=False)
-                times[b].append(time.perf_counter() - t)
-                ctx.trim(prefix)
-                if b == 1:
-                    bare.batch.tokens[0] = ctx.batch.tokens[0]
-                    t = time.perf_counter()
-                    bare.decode(1, prefix, last_logits_only=False)
-                    bare_times.append(time.perf_counter() - t)
-                    bare.trim(prefix)
-                if hctx is not None and b == 1:
-                    for _ in range(2):
-                        np.copyto(hctx.batch.embd[:1], trunk[prefix: prefix + 1])
-                        t = time.perf_counter()
-                        hctx.decode(1, prefix, last_logits_only=True)
-                        head_times.append(time.perf_counter() - t)
-                        hctx.trim(prefix)
+                t1 = main_forward(ctx, 1)
+                tb = main_forward(ctx, b)
+                times[1].append(t1)
+                times[b].append(tb)
+                ratios[b].append(tb / t1)
+            t1 = main_forward(ctx, 1)
+            capture_diffs.append(t1 - main_forward(bare, 1))
+            if hctx is not None:
+                th = head_forward()
+                head_times.append(th)
+                head_ratios.append(th / t1)
+        ratios[1] = [1.0]
         verify = {b: _median(times[b]) for b in sizes}
         result = {
             "mode": mode,
@@ -488,15 +524,14 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
             "load_s": round(load_s, 3),
             "verify_s": {str(b): round(v, 6) for b, v in verify.items()},
             "verify_all_s": {str(b): [round(x, 6) for x in times[b]] for b in sizes},
-            "verify_rel": {str(b): round(v / verify[1], 4) for b, v in verify.items()},
+            "verify_rel": {str(b): round(_median(ratios[b]), 4) for b in sizes},
             "head_s": round(_median(head_times), 6),
-            "head_rel": round(_median(head_times) / verify[1], 4) if head_times else None,
+            "head_rel": round(_median(head_ratios), 4) if head_ratios else None,
             "head_min_s": round(min(head_times), 6) if head_times else 0.0,
             "head_min_rel": round(min(head_times) / min(times[1]), 4) if head_times else None,
             "verify_min_s": {str(b): round(min(times[b]), 6) for b in sizes},
             "verify_min_rel": {str(b): round(min(times[b]) / min(times[1]), 4) for b in sizes},
-            "capture_overhead_s": round(_median(times[1]) - _median(bare_times), 6),
-            "no_capture_1_s": round(_median(bare_times), 6),
+            "capture_overhead_s": round(_median(capture_diffs), 6),
             "peak_rss_mb": round(_rss_peak_mb(), 1),
         }
         return result

@@ -1,0 +1,92 @@
+"""Markdown tables from ``mtpcode bench --json`` results, for docs/PERFORMANCE.md.
+
+    python -m mtpcode.bench_report docs/results/bench-builtin.json docs/results/bench-synthetic-7b.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mtpcode.bench import ANCHOR, SLOW_BAR
+
+
+def _row(cells: list[Any]) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def bench_markdown(doc: dict[str, Any]) -> str:
+    configs = doc["configs"]
+    spec = [c for c in configs if c not in ("0", ANCHOR)]
+    out = []
+    header = ["prompt", "prompt tok", "plain tok/s"]
+    for c in spec:
+        header += [f"{c} heads tok/s", f"{c}h speedup", f"{c}h tok/fwd"]
+    if ANCHOR in configs:
+        header.append("llama.cpp tok/s")
+    out += [_row(header), _row(["---"] * len(header))]
+    for p in doc["prompts"]:
+        cs = p["configs"]
+        cells = [f"`{p['name']}`", p["prompt_tokens"], f"{cs['0']['decode_tokens_per_s']:.1f}"]
+        for c in spec:
+            flag = " **(<0.95)**" if cs[c]["speedup"] < SLOW_BAR else ""
+            cells += [f"{cs[c]['decode_tokens_per_s']:.1f}", f"{cs[c]['speedup']:.2f}x{flag}",
+                      f"{cs[c]['tokens_per_forward']:.2f}"]
+        if ANCHOR in configs:
+            cells.append(f"{cs[ANCHOR]['decode_tokens_per_s']:.1f}")
+        out.append(_row(cells))
+    out.append("")
+    header = ["configuration", "median speedup", "min speedup", "tokens/forward", "drafts/step", "acceptance per head",
+              "decode tok/s (median)", "prefill tok/s", "Python ms/step", "llama.cpp ms/step"]
+    out += [_row(header), _row(["---"] * len(header))]
+    for c in configs:
+        s = doc["summary"][c]
+        name = "plain (0 heads)" if c == "0" else ("llama-cpp-python `Llama`, greedy" if c == ANCHOR else f"{c} heads")
+        acc = " / ".join(f"{a:.0%}" for a in s.get("acceptance", [])) or "-"
+        out.append(_row([
+            name, f"{s['median_speedup']:.2f}x", f"{s['min_speedup']:.2f}x",
+            f"{s['tokens_per_forward']:.2f}" if "tokens_per_forward" in s else "1",
+            f"{s['drafts_per_step']:.2f}" if "drafts_per_step" in s else "-", acc,
+            f"{s['median_decode_tokens_per_s']:.1f}", f"{s['median_prefill_tokens_per_s']:.0f}",
+            f"{s['python_ms_per_step']:.2f}" if "python_ms_per_step" in s else "-",
+            f"{s['native_ms_per_step']:.2f}" if "native_ms_per_step" in s else "-",
+        ]))
+    return "\n".join(out)
+
+
+def synthetic_markdown(doc: dict[str, Any]) -> str:
+    out = []
+    sizes = [str(b) for b in range(1, doc["max_batch"] + 1)]
+    header = ["quantization, buffers", "1 row (ms)", *[f"{b} rows" for b in sizes[1:]], "head", "trunk capture (ms)",
+              "projected @3.50 tok/fwd (medians)", "projected (fastest runs)"]
+    out += [_row(header), _row(["---"] * len(header))]
+    for m in doc["measurements"]:
+        label = f"{m['quantization']}, {'extra buffer types off' if m['mode'] == 'off' else 'CPU_REPACK for Q4_0/Q4_K blocks'}"
+        if m.get("crashed"):
+            out.append(_row([label, f"crashed: {m['error']}"] + [""] * (len(header) - 2)))
+            continue
+        rel = [f"{m['verify_rel'][b]:.2f}x" for b in sizes[1:]]
+        pj, pjm = m["projection"], m["projection_min"]
+        out.append(_row([
+            label, f"{1e3 * m['verify_s']['1']:.0f}", *rel, f"{m['head_rel']:.1%}",
+            f"{1e3 * m['capture_overhead_s']:.1f}",
+            f"**{pj['at_n']['speedup']:.2f}x** ({pj['at_n']['drafts']} drafts); best {pj['best']['speedup']:.2f}x "
+            f"({pj['best']['drafts']})",
+            f"{pjm['at_n']['speedup']:.2f}x; best {pjm['best']['speedup']:.2f}x ({pjm['best']['drafts']})",
+        ]))
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+    for path in argv:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        print(f"<!-- {path} -->")
+        print(synthetic_markdown(doc) if doc.get("kind") == "synthetic" else bench_markdown(doc))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
