@@ -119,3 +119,22 @@ def test_wrong_rules_fail_the_same_bound(wrong: str) -> None:
 def test_residual_when_p_equals_q_falls_back_to_p() -> None:
     p = np.array([0.2, 0.8])
     assert sampling.residual(p, p.copy(), np.random.default_rng(0), np.empty(2)) in (0, 1)
+
+
+def test_top_p_candidate_shortcut_matches_a_full_sort() -> None:
+    """The nucleus found among argpartition candidates equals the one from sorting everything."""
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        logits = (rng.standard_normal(5000) * rng.choice([0.3, 1.0, 3.0, 10.0])).astype(np.float32)
+        temp, top_p = float(rng.choice([0.5, 1.0, 2.0])), float(rng.choice([0.5, 0.9, 0.99]))
+        x = logits.astype(np.float64) / temp
+        p = _softmax(x)
+        order = np.argsort(-p, kind="stable")
+        n_keep = int(np.searchsorted(np.cumsum(p[order]), top_p, side="left")) + 1
+        expect = np.zeros_like(p)
+        expect[order[:n_keep]] = p[order[:n_keep]]
+        expect /= expect.sum()
+        w = sampling.Warper(5000, SamplingOptions(temperature=temp, top_p=top_p))
+        got = w.probs(logits, w.new_buffer())
+        assert np.array_equal(np.flatnonzero(got), np.flatnonzero(expect))
+        np.testing.assert_allclose(got, expect, rtol=1e-9, atol=1e-15)
