@@ -225,6 +225,7 @@ class Engine:
         self._n_head = [0] * self.n_heads
         self._head_logits_at = [-1] * self.n_heads  # position whose logits each head context holds
         self._owner: object | None = None
+        self._policies: dict[tuple[int, bool], DraftPolicy] = {}  # learned across calls
 
     # -- loading checks ---------------------------------------------------
 
@@ -337,6 +338,22 @@ class Engine:
         if self._main_model is None:
             raise MtpError("engine used after close()")
         return self._main_model
+
+    def _draft_policy(self, heads: int, adaptive: bool, greedy: bool, seeded: bool) -> DraftPolicy:
+        """The adaptive policy for ``heads``; what it learned carries over to the next call
+        (kept apart for greedy and sampled decoding, whose acceptance differs).
+
+        Seeded sampling gets a fresh policy on the fixed cost model: its draft
+        counts, hence its random draws, must depend only on the seed and the
+        prompt, not on timings or on earlier calls.
+        """
+        reproducible = seeded and not greedy
+        if not adaptive or reproducible:
+            return DraftPolicy(heads, adaptive, measured=not reproducible)
+        key = (heads, greedy)
+        if key not in self._policies:
+            self._policies[key] = DraftPolicy(heads, adaptive=True)
+        return self._policies[key]
 
     def _reconcile(self) -> None:
         """Make the KV caches hold exactly what the bookkeeping says (after an
@@ -479,8 +496,8 @@ class _Step:
         self.e = engine
         self.heads = heads
         self.greedy = options.sampling.greedy
-        # seeded sampling must not depend on timing noise (see DraftPolicy)
-        self.policy = DraftPolicy(heads, options.adaptive, measured=self.greedy or options.sampling.seed is None)
+        self.policy = engine._draft_policy(heads, options.adaptive, self.greedy,
+                                           seeded=options.sampling.seed is not None)
         self.pending = -1
         self.new_tokens: list[int] = []
         self.new_flags: list[bool] = []

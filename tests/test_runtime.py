@@ -368,3 +368,15 @@ def test_draft_policy_follows_acceptance_and_cost() -> None:
     # not adaptive: always every head
     policy = DraftPolicy(2, adaptive=False)
     assert {policy.choose() for _ in range(40)} == {2}
+
+
+def test_adaptive_policy_learns_across_calls(tiny_bundle) -> None:
+    """Random heads are never accepted: after one long call the next starts without them."""
+    with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as engine:
+        first = run(engine, PROMPTS[0], max_tokens=80, heads=3)[3].stats
+        second = run(engine, PROMPTS[2], max_tokens=20, heads=3)[3].stats
+        assert first.drafted_tokens[2] >= 8  # warm-up with every head
+        assert second.drafted_tokens[2] <= 2  # at most a probe
+        # seeded sampling does not use (or change) what greedy decoding learned
+        opts = dict(max_tokens=20, heads=3, sampling=SamplingOptions(temperature=1.0, seed=3))
+        assert run(engine, PROMPTS[2], **opts)[3].stats.drafted_tokens[2] >= 8
