@@ -380,3 +380,13 @@ def test_adaptive_policy_learns_across_calls(tiny_bundle) -> None:
         # seeded sampling does not use (or change) what greedy decoding learned
         opts = dict(max_tokens=20, heads=3, sampling=SamplingOptions(temperature=1.0, seed=3))
         assert run(engine, PROMPTS[2], **opts)[3].stats.drafted_tokens[2] >= 8
+
+
+def test_small_batches_chunk_prefill_and_head_catch_up(agree_bundle) -> None:
+    prompt = PROMPTS[1] + PROMPTS[2] * 4
+    with Engine(agree_bundle, n_ctx=CTX, n_threads=1) as big:
+        ids = big.tokenize(prompt)
+        ref = run(big, ids, max_tokens=N_NEW, heads=0)[0]
+    with Engine(agree_bundle, n_ctx=CTX, n_batch=2, n_threads=1) as small:  # raised to heads + 1 = 4
+        assert small.n_batch == 4 and len(ids) > 10 * small.n_batch
+        assert run(small, ids, max_tokens=N_NEW, heads=3, adaptive=False)[0] == ref
