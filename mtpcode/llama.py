@@ -72,20 +72,24 @@ def _ggml_base() -> ctypes.CDLL:
 # ---------------------------------------------------------------------------
 # process-wide setup
 
-_LOG_TAIL: collections.deque[str] = collections.deque(maxlen=12)
+_LOG_TAIL: collections.deque[tuple[int, str]] = collections.deque(maxlen=16)
+_GGML_LOG_ERROR = 4  # enum ggml_log_level (ggml.h): NONE, DEBUG, INFO, WARN, ERROR, CONT
 
 
 @llama_cpp.llama_log_callback
 def _log_callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     msg = text.decode("utf-8", errors="replace").rstrip()
     if msg:
-        _LOG_TAIL.append(msg)
+        _LOG_TAIL.append((level, msg))
         log.debug("%s", msg)
 
 
 def _recent_log() -> str:
-    lines = [line for line in _LOG_TAIL if line.strip()]
-    return lines[-1] if lines else "no detail from llama.cpp"
+    """llama.cpp's error lines since the last clear (the reason a call failed), else its last line."""
+    errors = [msg for level, msg in _LOG_TAIL if level == _GGML_LOG_ERROR]
+    if errors:
+        return "; ".join(errors[-3:])
+    return _LOG_TAIL[-1][1] if _LOG_TAIL else "no detail from llama.cpp"
 
 
 @functools.cache
@@ -491,6 +495,3 @@ class Context:
         except Exception:  # interpreter shutdown: llama_cpp may already be torn down
             pass
 
-
-def read_meta(model: Model, keys: Sequence[str]) -> dict[str, str | None]:
-    return {k: model.meta(k) for k in keys}

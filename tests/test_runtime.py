@@ -390,3 +390,13 @@ def test_small_batches_chunk_prefill_and_head_catch_up(agree_bundle) -> None:
     with Engine(agree_bundle, n_ctx=CTX, n_batch=2, n_threads=1) as small:  # raised to heads + 1 = 4
         assert small.n_batch == 4 and len(ids) > 10 * small.n_batch
         assert run(small, ids, max_tokens=N_NEW, heads=3, adaptive=False)[0] == ref
+
+
+def test_corrupt_gguf_is_a_model_error_naming_the_file(tiny_bundle, tmp_path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bundle, broken)
+    with open(broken / "main.gguf", "r+b") as f:  # same size, so the manifest check passes
+        f.seek(100)
+        f.write(b"\xff" * 64)
+    with pytest.raises(ModelError, match=r"main\.gguf: llama\.cpp could not load the model \(.*failed"):
+        Engine(broken, n_ctx=64, n_threads=1)
