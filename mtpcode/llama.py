@@ -112,7 +112,7 @@ def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return False
 
 
-EXTRA_BUFTS_POLICIES = ("auto", "on", "off")
+EXTRA_BUFTS_POLICIES = ("auto", "on", "off", "repack")
 
 
 def use_extra_bufts(policy: str) -> bool:
@@ -120,13 +120,70 @@ def use_extra_bufts(policy: str) -> bool:
 
     "auto" turns llama.cpp's extra CPU buffer types (AMX tiles, CPU_REPACK)
     off on CPUs with AMX: with them on, decoding a quantized model segfaults
-    there (DESIGN.md §4). "on"/"off" force the setting.
+    there (DESIGN.md §4). "on"/"off" force the setting. "repack" turns them
+    off too, but the caller routes Q4_0/Q4_K block weights to CPU_REPACK
+    explicitly (``repack_pattern``, ``Model(repack=...)``): the repacked
+    kernels without the AMX buffer type (opt-in; see docs/runtime.md).
     """
     if policy not in EXTRA_BUFTS_POLICIES:
         raise MtpError(f"extra_bufts must be one of {', '.join(EXTRA_BUFTS_POLICIES)}, not {policy!r}")
     if policy == "auto":
         return not cpu_has_amx()
     return policy == "on"
+
+
+# Weight types whose block matrices may be routed to CPU_REPACK. Q8_0 is not
+# among them: DESIGN.md §4 saw it crash at load with the override.
+REPACK_TYPES = ("Q4_0", "Q4_K")
+
+
+def repack_pattern(gguf_path: str | os.PathLike[str], types: Sequence[str] = REPACK_TYPES) -> str:
+    """A regex matching exactly the block weights of ``gguf_path`` stored in one of ``types`` ("" if none)."""
+    import re
+
+    import gguf
+
+    reader = gguf.GGUFReader(str(gguf_path))
+    names = [t.name for t in reader.tensors
+             if t.name.startswith("blk.") and t.name.endswith(".weight") and t.tensor_type.name in types]
+    return "^(" + "|".join(re.escape(n) for n in names) + ")$" if names else ""
+
+
+class _BuftOverride(ctypes.Structure):
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+@functools.cache
+def cpu_repack_buft() -> int:
+    """The CPU device's "CPU_REPACK" buffer type, or 0 if this build has none.
+
+    The device comes from libggml's registry (ggml_backend_dev_by_type), the
+    instance llama.cpp uses; a buffer type from libggml-cpu's own registry is a
+    different instance and aborts at context creation.
+    """
+    init_backend()
+    ggml = ctypes.CDLL(str(LIB_DIR / "libggml.so"))
+    base = _ggml_base()
+    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
+    base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
+    base.ggml_backend_buft_name.restype = ctypes.c_char_p
+    dev = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    reg = ggml.ggml_backend_dev_backend_reg(dev) if dev else None
+    addr = base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
+    if not addr:
+        return 0
+    arr = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(addr)(dev)
+    i = 0
+    while arr and arr[i]:
+        if base.ggml_backend_buft_name(arr[i]) == b"CPU_REPACK":
+            return int(arr[i])
+        i += 1
+    return 0
 
 
 def default_threads() -> int:
@@ -145,12 +202,22 @@ def default_threads() -> int:
 class Model:
     """A loaded GGUF model (``llama_model*``) and its vocabulary."""
 
-    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0, extra_bufts: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0, extra_bufts: bool = True,
+                 repack: str = "") -> None:
+        """``repack``: a regex of tensor names to place in the CPU_REPACK buffer type
+        (``repack_pattern``); ignored when this build has no such buffer type."""
         init_backend()
         self.path = Path(path)
         params = llama_cpp.llama_model_default_params()
         params.n_gpu_layers = int(n_gpu_layers)
         params.use_extra_bufts = bool(extra_bufts)
+        self.repacked = False
+        buft = cpu_repack_buft() if repack else 0
+        if buft:
+            # NULL-terminated array; kept alive on self for the model's lifetime
+            self._overrides = (_BuftOverride * 2)(_BuftOverride(repack.encode(), buft), _BuftOverride(None, None))
+            params.tensor_buft_overrides = ctypes.addressof(self._overrides)
+            self.repacked = True
         _LOG_TAIL.clear()
         ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:

@@ -38,7 +38,7 @@ from mtpcode import sampling
 from mtpcode.bundle import KV_FINGERPRINT, KV_HEAD_INDEX, KV_ROLE, Bundle, Manifest, open_bundle
 from mtpcode.errors import ContextOverflowError, DataError, ModelError, MtpError, UsageError
 from mtpcode.generation import Done, GenerationOptions, Piece, Stats, StopCondition, StopStrings
-from mtpcode.llama import Context, Model, TrunkCapture, default_threads, use_extra_bufts
+from mtpcode.llama import Context, Model, TrunkCapture, default_threads, repack_pattern, use_extra_bufts
 
 _perf = time.perf_counter
 
@@ -198,10 +198,12 @@ class Engine:
         self._main: Context | None = None
         self._heads: list[Context] = []
         try:
-            self._main_model = Model(self.bundle.main_path, n_gpu_layers=n_gpu_layers, extra_bufts=extra)
+            repack = (lambda path: repack_pattern(path)) if extra_bufts == "repack" else (lambda path: "")
+            self._main_model = Model(self.bundle.main_path, n_gpu_layers=n_gpu_layers, extra_bufts=extra,
+                                     repack=repack(self.bundle.main_path))
             self._check_main(self._main_model)
             for k, path in enumerate(self.bundle.head_paths, start=1):
-                model = Model(path, n_gpu_layers=head_layers, extra_bufts=extra)
+                model = Model(path, n_gpu_layers=head_layers, extra_bufts=extra, repack=repack(path))
                 self._head_models.append(model)
                 self._check_head(k, model)
             n_embd = self._main_model.n_embd

@@ -4,6 +4,7 @@
     python tests/runtime_bench.py forward-cost BUNDLE...        main forward by rows, extra_bufts on/off
     python tests/runtime_bench.py python-time BUNDLE...         per-forward Python vs llama.cpp time
     python tests/runtime_bench.py agreement BUNDLE...           quantized greedy agreement
+    python tests/runtime_bench.py policies BUNDLE...            plain decode speed per extra_bufts policy
 
 All runs use one llama.cpp thread: the CI machines have two cores shared with
 other jobs, and a second thread mostly measures the neighbours. Times are the
@@ -131,8 +132,27 @@ def agreement(*bundles: str) -> None:
               f"(first divergence per prompt: {' '.join(points)})")
 
 
+def policies(*bundles: str) -> None:
+    """Plain decoding time per token under each extra_bufts policy (minimum of 3 generations of 32 tokens)."""
+    from mtpcode.generation import Done, GenerationOptions
+    from mtpcode.runtime import Engine
+
+    for bundle in bundles:
+        for policy in ("on", "off", "repack"):
+            with Engine(bundle, n_ctx=256, n_threads=1, extra_bufts=policy) as e:
+                first = [t for ev in e.generate(PROMPTS[0], GenerationOptions(max_tokens=32, heads=0))
+                         if not isinstance(ev, Done) for t in ev.token_ids]
+                per_token = []
+                for i in range(3):
+                    st = list(e.generate(f"x = {i}\n", GenerationOptions(max_tokens=32, heads=0)))[-1].stats
+                    per_token.append(st.decode_s / st.main_forwards)
+                print(f"{Path(bundle).name:16s} extra_bufts={policy:6s} repacked={e._main_model.repacked!s:5s} "
+                      f"{min(per_token) * 1e3:6.2f} ms/token  first tokens {first[:6]}")
+
+
 if __name__ == "__main__":
-    commands = {"build": build, "forward-cost": forward_cost, "python-time": python_time, "agreement": agreement}
+    commands = {"build": build, "forward-cost": forward_cost, "python-time": python_time, "agreement": agreement,
+                "policies": policies}
     if len(sys.argv) < 3 or sys.argv[1] not in commands:
         sys.exit(__doc__)
     np.seterr(all="ignore")

@@ -60,3 +60,37 @@ def test_quantized_bundle_decodes_with_default_settings(make_bundle, quant, reco
     record_property(f"{quant}_greedy_agreement", rate)
     print(f"{quant}: greedy agreement speculative vs plain {agreed}/{total} = {rate:.1%}")
     assert rate > 0.0
+
+
+REPACK_CHILD = r"""
+import json, sys
+from mtpcode.generation import Done, GenerationOptions
+from mtpcode.runtime import Engine
+
+out = {}
+for policy in sys.argv[2:]:
+    with Engine(sys.argv[1], n_ctx=256, n_threads=1, extra_bufts=policy) as engine:
+        toks = [t for ev in engine.generate("def main():\n    ", GenerationOptions(max_tokens=24, heads=3))
+                if not isinstance(ev, Done) for t in ev.token_ids]
+        out[policy] = {"tokens": toks, "repacked": engine._main_model.repacked}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("quant", ["Q4_0", "Q4_K_M"])
+def test_repack_policy_routes_q4_blocks_and_decodes(make_bundle, quant) -> None:
+    """extra_bufts="repack": extra buffer types off, Q4_0/Q4_K block weights in CPU_REPACK."""
+    from mtpcode.llama import cpu_has_amx, repack_pattern
+
+    bundle = make_bundle(quant=quant)
+    # dim 128 rows are too short for K-quants: the tiny Q4_K_M falls back to other types
+    routed = bool(repack_pattern(bundle / "main.gguf"))
+    assert routed or quant == "Q4_K_M"
+    policies = ["repack"] + ([] if cpu_has_amx() else ["on"])  # "on" is the crash on AMX CPUs
+    proc = subprocess.run([sys.executable, "-c", REPACK_CHILD, str(bundle), *policies],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"repack decode died (rc={proc.returncode}): {proc.stderr[-2000:]}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["repack"]["repacked"] == routed and out["repack"]["tokens"]
+    if "on" in out:  # same kernels as llama.cpp's own repacking
+        assert out["repack"]["tokens"] == out["on"]["tokens"]
