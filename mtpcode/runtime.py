@@ -29,7 +29,6 @@ import codecs
 import os
 import threading
 import time
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -166,11 +165,6 @@ class DraftPolicy:
 # the engine
 
 
-@dataclass
-class _Timer:
-    native: float = 0.0  # seconds inside llama_decode during the current phase
-
-
 class Engine:
     """A bundle loaded for generation: main context, head contexts and their caches.
 
@@ -198,7 +192,9 @@ class Engine:
         self._main: Context | None = None
         self._heads: list[Context] = []
         try:
-            repack = (lambda path: repack_pattern(path)) if extra_bufts == "repack" else (lambda path: "")
+            def repack(path: os.PathLike[str]) -> str:
+                return repack_pattern(path) if extra_bufts == "repack" else ""
+
             self._main_model = Model(self.bundle.main_path, n_gpu_layers=n_gpu_layers, extra_bufts=extra,
                                      repack=repack(self.bundle.main_path))
             self._check_main(self._main_model)
@@ -251,8 +247,7 @@ class Engine:
             )
 
     def _check_head(self, k: int, model: Model) -> None:
-        main = self._main_model
-        assert main is not None
+        main = self._model
         name = self.manifest.heads[k - 1].file
         role, index, fp = model.meta(KV_ROLE), model.meta(KV_HEAD_INDEX), model.meta(KV_FINGERPRINT)
         if role != "head" or index != str(k):

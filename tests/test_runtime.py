@@ -320,7 +320,7 @@ def test_extra_bufts_policy(tmp_path) -> None:
     plain.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n")
     assert cpu_has_amx(str(amx)) and not cpu_has_amx(str(plain))
     assert use_extra_bufts("auto") == (not cpu_has_amx())
-    assert use_extra_bufts("on") and not use_extra_bufts("off")
+    assert use_extra_bufts("on") and not use_extra_bufts("off") and not use_extra_bufts("repack")
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
