@@ -41,9 +41,9 @@ else:  # pragma: no cover - exercised only on 3.10
 APP_NAME = "mtpcode"
 CONFIG_NAME = "config.toml"
 ENV_PREFIX = "MTPCODE_"
-# Values of the extra_bufts setting (mtpcode.llama.use_extra_bufts; repeated here
-# so that reading settings does not import llama.cpp).
-EXTRA_BUFTS_POLICIES = ("auto", "on", "off")
+# Values of the extra_bufts setting, resolved by mtpcode.llama.use_extra_bufts.
+# Defined here, not there, so that reading settings does not import llama.cpp.
+EXTRA_BUFTS_POLICIES = ("auto", "on", "off", "repack")
 
 
 @dataclass(frozen=True)

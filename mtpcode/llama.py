@@ -23,6 +23,7 @@ from typing import Sequence
 import llama_cpp
 import numpy as np
 
+from mtpcode.config import EXTRA_BUFTS_POLICIES
 from mtpcode.errors import ModelError, MtpError
 
 log = logging.getLogger("mtpcode.llama")
@@ -110,9 +111,6 @@ def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
             flags = set(line.split(":", 1)[-1].split())
             return bool(flags & {"amx_tile", "amx_int8", "amx_bf16"})
     return False
-
-
-EXTRA_BUFTS_POLICIES = ("auto", "on", "off", "repack")
 
 
 def use_extra_bufts(policy: str) -> bool:
