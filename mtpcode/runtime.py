@@ -183,7 +183,6 @@ class Engine:
         if n_batch < 1:
             raise UsageError(f"batch size {n_batch} must be positive")
         n_batch = max(min(n_batch, n_ctx), self.n_heads + 1)
-        threads = n_threads if n_threads and n_threads > 0 else default_threads()
         extra = use_extra_bufts(extra_bufts)
         head_layers = n_gpu_layers if head_gpu_layers is None else head_gpu_layers
         self.extra_bufts = extra
@@ -202,6 +201,7 @@ class Engine:
                 model = Model(path, n_gpu_layers=head_layers, extra_bufts=extra, repack=repack(path))
                 self._head_models.append(model)
                 self._check_head(k, model)
+            threads = n_threads if n_threads and n_threads > 0 else default_threads(self._main_model.n_params)
             n_embd = self._main_model.n_embd
             self._trunk = np.zeros((n_ctx, n_embd), dtype=np.float32)
             self._capture = TrunkCapture(self.manifest.trunk_tensor, self._trunk)
