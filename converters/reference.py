@@ -30,18 +30,23 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_table(head_dim: int, seq_len: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
-    """Complex rotations ``[seq_len, head_dim/2]`` as in Meta's ``precompute_freqs_cis``."""
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), freqs)
-    return torch.polar(torch.ones_like(angles), angles)
+def rope_tables(head_dim: int, seq_len: int, theta: float,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[seq_len, head_dim/2]`` of Meta's ``precompute_freqs_cis`` (real form, so bf16 works)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
+    return angles.cos().to(device), angles.sin().to(device)
 
 
-def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; rotates adjacent pairs (d0, d1), (d2, d3), …"""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    out = torch.view_as_real(xc * rope[None, :, None, :]).flatten(3)
-    return out.type_as(x)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; rotates adjacent pairs (d0, d1), (d2, d3), … as Meta's complex product does."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
+
+
+Rope = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
@@ -53,18 +58,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(p.dim, p.kv_heads * p.head_dim, bias=False)
         self.wo = nn.Linear(p.n_heads * p.head_dim, p.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         b, t, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), rope)
-        k = apply_rope(self.wk(x).view(b, t, self.n_kv, self.head_dim), rope)
+        q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), *rope)
+        k = apply_rope(self.wk(x).view(b, t, self.n_kv, self.head_dim), *rope)
         v = self.wv(x).view(b, t, self.n_kv, self.head_dim)
-        # Grouped-query attention: kv head j serves query heads j*n_rep … (j+1)*n_rep-1.
-        n_rep = self.n_heads // self.n_kv
-        k = k.repeat_interleave(n_rep, dim=2)
-        v = v.repeat_interleave(n_rep, dim=2)
+        # Grouped-query attention: kv head j serves query heads j*n_rep … (j+1)*n_rep-1,
+        # as llama.cpp groups them. Scale 1/sqrt(head_dim).
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-            scale=1.0 / math.sqrt(self.head_dim),
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, enable_gqa=self.n_kv != self.n_heads,
         )
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
@@ -88,7 +91,7 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(p.dim, p.norm_eps)
         self.ffn_norm = RMSNorm(p.dim, p.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -105,21 +108,40 @@ class MTPTransformer(nn.Module):
         self.norm = RMSNorm(p.dim, p.norm_eps)
         self.output = nn.Linear(p.dim, p.vocab_size, bias=False)
 
-    def head_blocks(self) -> list[TransformerBlock]:
+    @property
+    def heads(self) -> list[TransformerBlock]:
+        """Prediction heads in order: head k predicts the token k+1 places ahead."""
         return [self.layers[self.params.n_trunk], *self.extra_heads]
 
-    def trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+    def init_weights(self, seed: int) -> None:
+        """Training init (GPT-2/Llama style): N(0, 0.02), residual projections scaled by depth, norms 1."""
+        gen = torch.Generator().manual_seed(seed)
+        depth_scale = 1.0 / math.sqrt(2 * (self.params.n_trunk + 1))
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                    continue
+                std = 0.02 * (depth_scale if name.endswith(("wo.weight", "w2.weight")) else 1.0)
+                param.copy_(torch.randn(param.shape, generator=gen) * std)
+
+    def rope(self, seq_len: int, device: torch.device | None = None) -> Rope:
+        return rope_tables(self.params.head_dim, seq_len, self.params.rope_theta, device)
+
+    def trunk(self, tokens: torch.Tensor, rope: Rope | None = None) -> torch.Tensor:
         """Residual stream after the last trunk block: [B, T, dim]."""
-        rope = rope_table(self.params.head_dim, tokens.shape[1], self.params.rope_theta, tokens.device)
+        if rope is None:
+            rope = self.rope(tokens.shape[1], tokens.device)
         h = self.tok_embeddings(tokens)
         for block in self.layers[: self.params.n_trunk]:
             h = block(h, rope)
         return h
 
-    def head_logits(self, h_trunk: torch.Tensor, k: int) -> torch.Tensor:
+    def head_logits(self, h_trunk: torch.Tensor, k: int, rope: Rope | None = None) -> torch.Tensor:
         """Logits of head k (0 = next token) from trunk states: [B, T, vocab]."""
-        rope = rope_table(self.params.head_dim, h_trunk.shape[1], self.params.rope_theta, h_trunk.device)
-        return self.output(self.norm(self.head_blocks()[k](h_trunk, rope)))
+        if rope is None:
+            rope = self.rope(h_trunk.shape[1], h_trunk.device)
+        return self.output(self.norm(self.heads[k](h_trunk, rope)))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """All heads' logits: [n_future_tokens, B, T, vocab]; head k at t predicts token t+1+k."""

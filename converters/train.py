@@ -25,10 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from converters.data import prepare_corpus
-from converters.mtp_model import MTPTransformer, evaluate, mtp_loss_backward
 from converters.params import ModelParams
+from converters.reference import MTPTransformer
 from mtpcode.errors import DataError, UsageError
 
 STATE_NAME = "train_state.pt"
@@ -114,6 +115,52 @@ def heldout_batches(stream: np.ndarray, cfg: TrainConfig, n_batches: int) -> lis
     windows = np.stack([stream[i * stride : i * stride + width] for i in range(n_windows)])
     return [torch.from_numpy(windows[i : i + cfg.batch_size].astype(np.int64))
             for i in range(0, n_windows, cfg.batch_size)]
+
+
+def mtp_loss_backward(
+    model: MTPTransformer, tokens: torch.Tensor, loss_scale: float = 1.0
+) -> list[float]:
+    """The paper's loss with its memory-saving backward; returns per-head mean CE.
+
+    ``tokens`` is (B, T + n_future_tokens): the model reads the first T and
+    head k is scored on tokens[t + 1 + k]. The trunk runs forward once; each
+    head's loss is backpropagated on its own into a detached copy of h_trunk
+    (so only one head's activations live at a time), and the accumulated
+    gradient then goes through the trunk once. Gradients accumulate into
+    ``.grad`` (scaled by ``loss_scale``); the total loss is the sum over heads.
+    """
+    n = model.params.n_future_tokens
+    t = tokens.shape[1] - n
+    rope = model.rope(t, tokens.device)
+    h = model.trunk(tokens[:, :t], rope)
+    h_leaf = h.detach().requires_grad_(True)
+    losses = []
+    for k in range(n):
+        logits = model.head_logits(h_leaf, k, rope)
+        target = tokens[:, 1 + k : 1 + k + t]
+        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten())
+        (loss * loss_scale).backward()
+        losses.append(loss.item())
+    h.backward(h_leaf.grad)
+    return losses
+
+
+@torch.no_grad()
+def evaluate(model: MTPTransformer, batches) -> tuple[list[float], list[float]]:
+    """Per-head (mean CE, top-1 accuracy) over an iterable of (B, T + n) token batches."""
+    n = model.params.n_future_tokens
+    loss_sum, hit_sum, count = [0.0] * n, [0.0] * n, 0
+    for tokens in batches:
+        t = tokens.shape[1] - n
+        rope = model.rope(t, tokens.device)
+        h = model.trunk(tokens[:, :t], rope)
+        for k in range(n):
+            logits = model.head_logits(h, k, rope).float()
+            target = tokens[:, 1 + k : 1 + k + t]
+            loss_sum[k] += F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="sum").item()
+            hit_sum[k] += (logits.argmax(-1) == target).sum().item()
+        count += target.numel()
+    return [s / count for s in loss_sum], [s / count for s in hit_sum]
 
 
 def make_optimizer(model: MTPTransformer, cfg: TrainConfig) -> torch.optim.AdamW:
