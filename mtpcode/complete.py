@@ -22,6 +22,7 @@ from typing import IO, Any, Sequence
 
 import click
 
+from mtpcode.cli_options import model_option, runtime_options, sampling_options
 from mtpcode.config import Settings, load_settings
 from mtpcode.errors import DataError, Interrupted, NoInputError, UsageError
 from mtpcode.generation import Done, Piece, StopCondition
@@ -207,19 +208,13 @@ def stream_completion(
 
 @click.command("complete")
 @click.argument("file", required=False)
-@click.option("-m", "--model", help="Bundle directory or registered name (default: the configured model).")
+@model_option
 @click.option("-n", "--max-tokens", type=int, help="Stop after this many tokens [default: 256].")
-@click.option("-t", "--temperature", type=float, help="0 = greedy (default); > 0 samples.")
-@click.option("--top-k", type=int, help="Sample from the k most likely tokens (0 = off).")
-@click.option("--top-p", type=float, help="Nucleus sampling threshold (1 = off).")
-@click.option("--min-p", type=float, help="Drop tokens below min-p times the top probability (0 = off).")
-@click.option("--seed", type=int, help="Random seed for sampling (reported by --stats/--json).")
+@sampling_options
 @click.option("-s", "--stop", "stop", multiple=True, help="Stop before this string (repeatable; \\n and \\t are understood).")
 @click.option("--heads", type=int, help="Draft heads to use (default: all the model has; 0 = no speculation).")
 @click.option("--no-speculative", is_flag=True, help="Plain decoding, no draft heads (same as --heads 0).")
-@click.option("--threads", type=int, help="CPU threads for llama.cpp (default: llama.cpp's choice).")
-@click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all; default 0).")
-@click.option("--ctx", type=int, help="Context size in tokens [default: 4096].")
+@runtime_options
 @click.option("--cursor", metavar="LINE:COL", help="Complete at this point of the input (1-based); the rest is the suffix.")
 @click.option("--echo", is_flag=True, help="Print the input with the completion in place (for filters like Vim's :%!).")
 @click.option("--lines", type=int, metavar="N", help="Stop after N non-blank lines.")

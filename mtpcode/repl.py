@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from mtpcode.cli_options import model_option, runtime_options, sampling_options
 from mtpcode.errors import UsageError
 
 NOT_A_TERMINAL = (
@@ -30,18 +31,12 @@ def _isatty(stream) -> bool:
 
 @click.command("repl")
 @click.argument("file", required=False)
-@click.option("-m", "--model", help="Bundle directory or registered name (default: the configured model).")
+@model_option
 @click.option("-l", "--language", help="Highlighting language, a pygments name [default: python, or FILE's].")
 @click.option("-n", "--max-tokens", type=int, help="Most tokens per completion [default: 256].")
-@click.option("-t", "--temperature", type=float, help="0 = greedy (default); > 0 samples.")
-@click.option("--top-k", type=int, help="Sample from the k most likely tokens (0 = off).")
-@click.option("--top-p", type=float, help="Nucleus sampling threshold (1 = off).")
-@click.option("--min-p", type=float, help="Drop tokens below min-p times the top probability (0 = off).")
-@click.option("--seed", type=int, help="Random seed for sampling.")
+@sampling_options
 @click.option("--heads", type=int, help="Draft heads to use (default: all the model has; 0 = no speculation).")
-@click.option("--threads", type=int, help="CPU threads for llama.cpp (default: llama.cpp's choice).")
-@click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all; default 0).")
-@click.option("--ctx", type=int, help="Context size in tokens [default: 4096].")
+@runtime_options
 @click.option(
     "--stop",
     default="block",

@@ -36,6 +36,7 @@ from typing import IO, Any
 import click
 
 from mtpcode import __version__
+from mtpcode.cli_options import model_option, runtime_options
 from mtpcode.config import Settings, load_settings, override_settings
 from mtpcode.errors import Interrupted, MtpError, UsageError
 from mtpcode.generation import Done, GenerationOptions, Piece, StopCondition
@@ -271,13 +272,11 @@ class Server:
 
 @click.command("serve")
 @click.option("--stdio", is_flag=True, required=True, help="Speak JSON lines on stdin/stdout (the only transport).")
-@click.option("-m", "--model", help="Bundle directory or registered name (default: the configured model).")
+@model_option
 @click.option("--heads", type=int, help="Default draft heads per request (0 = no speculation).")
 @click.option("--max-tokens", type=int, help="Default max_tokens per request [default: 256].")
 @click.option("--temperature", type=float, help="Default temperature per request [default: 0, greedy].")
-@click.option("--threads", type=int, help="CPU threads for llama.cpp.")
-@click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all).")
-@click.option("--ctx", type=int, help="Context size in tokens [default: 4096].")
+@runtime_options
 @click.option("-v", "--verbose", is_flag=True, help="Log requests and stats on stderr.")
 def serve(stdio: bool, model: str | None, heads: int | None, max_tokens: int | None, temperature: float | None,
           threads: int | None, gpu_layers: int | None, ctx: int | None, verbose: bool) -> None:

@@ -1,0 +1,42 @@
+"""Click options shared by the commands that run a model (complete, repl, serve)."""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def _apply(f: F, *options: Callable[[F], F]) -> F:
+    for option in reversed(options):  # so --help lists them in the order written
+        f = option(f)
+    return f
+
+
+def model_option(f: F) -> F:
+    return click.option("-m", "--model", help="Bundle directory or registered name (default: the configured model).")(f)
+
+
+def sampling_options(f: F) -> F:
+    """-t, --top-k, --top-p, --min-p, --seed."""
+    return _apply(
+        f,
+        click.option("-t", "--temperature", type=float, help="0 = greedy (default); > 0 samples."),
+        click.option("--top-k", type=int, help="Sample from the k most likely tokens (0 = off)."),
+        click.option("--top-p", type=float, help="Nucleus sampling threshold (1 = off)."),
+        click.option("--min-p", type=float, help="Drop tokens below min-p times the top probability (0 = off)."),
+        click.option("--seed", type=int, help="Random seed for sampling (reported in the stats)."),
+    )
+
+
+def runtime_options(f: F) -> F:
+    """--threads, --gpu-layers, --ctx."""
+    return _apply(
+        f,
+        click.option("--threads", type=int,
+                     help="CPU threads for llama.cpp (default: every CPU, 1 for models under 50M parameters)."),
+        click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all; default 0)."),
+        click.option("--ctx", type=int, help="Context size in tokens [default: 4096]."),
+    )
