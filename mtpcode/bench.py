@@ -315,15 +315,14 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
               adaptive: bool = True, anchor: bool = True, extra_bufts: str = "auto", costs: bool = True,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every configuration on every prompt ``repeat`` times; return the results document (see SCHEMA)."""
-    from mtpcode.llama import default_threads
     from mtpcode.runtime import Engine
 
     say = progress or (lambda _msg: None)
     rss0 = rss_mb()
-    n_threads = threads or default_threads()
     t_load = time.perf_counter()
-    engine = Engine(model_path, n_ctx=n_ctx, n_threads=n_threads, extra_bufts=extra_bufts)
+    engine = Engine(model_path, n_ctx=n_ctx, n_threads=threads, extra_bufts=extra_bufts)
     load_s = time.perf_counter() - t_load
+    n_threads = engine.n_threads  # the runtime's default when threads is None (1 for small models)
     rss_engine = rss_mb()
     anchor_obj = None
     try:
@@ -392,8 +391,9 @@ def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int) -> dict[
 
     mode = "on" if doc["conditions"]["extra_bufts"] else "off"
     n = int(doc["conditions"]["n_heads"]) + 1
-    costs = measure_costs(model_path, mode=mode, max_batch=max(n, 8), repeat=max(5, doc["conditions"]["repeat"]),
-                          threads=threads)
+    # small models: many cheap repeats (their forwards take a millisecond and are noisy); large: a few
+    small = doc["anchors"]["main_bytes_per_forward"] < 200e6
+    costs = measure_costs(model_path, mode=mode, max_batch=max(n, 8), repeat=40 if small else 5, threads=threads)
     costs.pop("verify_all_s", None)
     # predicted speedup from the measured tokens/forward and these costs (no Python overhead)
     pred = {}
@@ -455,15 +455,17 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
                 if run.tokens != ref:
                     first = next((i for i, (a, b) in enumerate(zip(run.tokens, ref)) if a != b),
                                  min(len(run.tokens), len(ref)))
-                    mismatches.append({"prompt": prompts[pi].name, "config": config, "repeat": run.repeat,
-                                       "first_difference_at": first, "tokens": len(run.tokens),
-                                       "reference_tokens": len(ref)})
+                    mismatches.append({"prompt": prompts[pi].name, "prompt_index": pi, "config": config,
+                                       "repeat": run.repeat, "first_difference_at": first,
+                                       "tokens": len(run.tokens), "reference_tokens": len(ref),
+                                       "token_ids": run.tokens})
     per_prompt = []
     for pi, q in enumerate(prompts):
         base = by[(pi, "0")]
         base_tps = _median([r.stats["decode_tokens_per_s"] for r in base])
         entry: dict[str, Any] = {"name": q.name, "prompt_tokens": len(prompt_ids[pi]),
-                                 "generated_tokens": len(base[0].tokens), "configs": {}}
+                                 "generated_tokens": len(base[0].tokens), "text": q.text,
+                                 "plain_token_ids": base[0].tokens, "configs": {}}
         for config in configs:
             rs = by[(pi, config)]
             tps = [r.stats["decode_tokens_per_s"] for r in rs]
@@ -620,10 +622,70 @@ def format_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def divergence_margins(doc: dict[str, Any], threads: int | None = None) -> list[dict[str, Any]]:
+    """For each distinct point where a speculative run left the plain output: how close
+    the main model's logits of the two competing tokens are there.
+
+    The logits are recomputed by a plain prefill of prompt + the common prefix. A
+    gap that is tiny next to the logits' spread means a near-tie that llama.cpp
+    resolves differently for a 1-row decode and a batched verify (its kernels
+    are not batch-invariant), not a wrong acceptance rule. Also stored in
+    ``doc["mismatch_margins"]``.
+    """
+    from mtpcode.bundle import open_bundle
+    from mtpcode.llama import Context, Model, default_threads
+
+    cond = doc["conditions"]
+    bundle = open_bundle(cond["model"])
+    seen: dict[tuple[int, int, int], dict[str, Any]] = {}
+    model = Model(bundle.main_path, extra_bufts=bool(cond["extra_bufts"]))
+    ctx = None
+    try:
+        for m in doc["mismatches"]:
+            p = doc["prompts"][m["prompt_index"]]
+            i = m["first_difference_at"]
+            ref, other = p["plain_token_ids"], m["token_ids"]
+            if i >= len(ref) or i >= len(other):
+                continue  # one output is a prefix of the other (an end-of-text decision)
+            key = (m["prompt_index"], i, other[i])
+            if key in seen:
+                continue
+            ids = model.tokenize(p["text"], add_bos=True) + list(ref[:i])
+            if ctx is None or ctx.n_ctx < len(ids) + 1:
+                if ctx is not None:
+                    ctx.close()
+                n_ctx = max(len(ids) + 16, 256)
+                ctx = Context(model, n_ctx=n_ctx, n_batch=min(512, n_ctx),
+                              n_threads=threads or cond["threads"] or default_threads())
+            ctx.trim(0)
+            pos = 0
+            while pos < len(ids):
+                n = min(ctx.batch.capacity, len(ids) - pos)
+                ctx.batch.tokens[:n] = ids[pos: pos + n]
+                ctx.decode(n, pos, last_logits_only=True)
+                pos += n
+            logits = np.asarray(ctx.logits(1)[0], dtype=np.float64)
+            a, b = int(ref[i]), int(other[i])
+            seen[key] = {"prompt": p["name"], "at_token": i, "plain_token": a, "speculative_token": b,
+                         "logit_gap": round(float(logits[a] - logits[b]), 6),
+                         "logit_std": round(float(logits.std()), 4),
+                         "argmax_here": int(logits.argmax())}
+    finally:
+        if ctx is not None:
+            ctx.close()
+        model.close()
+    doc["mismatch_margins"] = list(seen.values())
+    return doc["mismatch_margins"]
+
+
 def format_mismatches(doc: dict[str, Any]) -> str:
-    return "\n".join(
-        f"MISMATCH: prompt {m['prompt']}, {m['config']} heads, repeat {m['repeat'] + 1}: greedy output differs "
-        f"from plain decoding at token {m['first_difference_at']}" for m in doc["mismatches"])
+    lines = [f"MISMATCH: prompt {m['prompt']}, {m['config']} heads, repeat {m['repeat'] + 1}: greedy output differs "
+             f"from plain decoding at token {m['first_difference_at']}" for m in doc["mismatches"]]
+    for g in doc.get("mismatch_margins", []):
+        lines.append(f"  at {g['prompt']} token {g['at_token']}: logit({g['plain_token']}) - logit({g['speculative_token']}) "
+                     f"= {g['logit_gap']:+.2e} (logits' std {g['logit_std']:.2f}): "
+                     f"{'a near-tie' if abs(g['logit_gap']) < 0.01 * g['logit_std'] else 'NOT a near-tie'}")
+    return "\n".join(lines)
 
 
 def bench_svg(doc: dict[str, Any]) -> str:
@@ -694,7 +756,7 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def run_synthetic(shape: str, quants: Sequence[str], *, max_batch: int = 8, repeat: int = 3, threads: int = 2,
-                  repack: bool = True, tokens_per_forward: float | None = None, n_drafts: int | None = None,
+                  repack: bool = True, modes: Sequence[str] = ("off", "on", "repack"), tokens_per_forward: float | None = None, n_drafts: int | None = None,
                   cache: Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build (or reuse) the synthetic bundles, measure each in a child process, and project speedups."""
     from mtpcode import bench_synthetic as S
@@ -707,9 +769,10 @@ def run_synthetic(shape: str, quants: Sequence[str], *, max_batch: int = 8, repe
     measurements = []
     for quant in quants:
         path = S.build_bundle(shape, quant, cache, n_heads=1, progress=say)
-        modes = ["off"] + (["repack"] if repack and quant in S.REPACK_QUANTS else [])
         for mode in modes:
-            say(f"measuring {shape} {quant}, extra buffer types off{' + CPU_REPACK for Q4_0/Q4_K blocks' if mode == 'repack' else ''}")
+            if mode == "repack" and not (repack and quant in S.REPACK_QUANTS):
+                continue
+            say(f"measuring {shape} {quant}, {MODE_LABELS[mode]}")
             m = S.measure_in_child(path, mode=mode, max_batch=max_batch, repeat=repeat, threads=threads)
             m.setdefault("quantization", quant)
             m["main_bytes_per_forward"] = bytes_per_forward(path / "main.gguf", embd_input=False)
@@ -738,12 +801,19 @@ def run_synthetic(shape: str, quants: Sequence[str], *, max_batch: int = 8, repe
     }
 
 
+MODE_LABELS = {
+    "off": "extra buffer types off",
+    "on": "extra buffer types on (llama.cpp default; crashes on AMX CPUs)",
+    "repack": "extra buffer types off + CPU_REPACK for Q4_0/Q4_K blocks",
+}
+
+
 def format_synthetic(doc: dict[str, Any]) -> str:
     lines = [f"synthetic {doc['shape']} shape ({', '.join(f'{k}={v}' for k, v in doc['params'].items())}), "
              f"{doc['threads']} threads, median of {doc['repeat']}; memory bandwidth "
              f"{doc['memory_bandwidth']['best_gb_s']} GB/s"]
     for m in doc["measurements"]:
-        label = f"{m['quantization']} {'extra bufts off' if m['mode'] == 'off' else 'CPU_REPACK (Q4_0/Q4_K blocks)'}"
+        label = f"{m['quantization']} {MODE_LABELS.get(m['mode'], m['mode'])}"
         if m.get("crashed"):
             lines.append(f"{label}: CRASHED ({m['error']})")
             continue
@@ -792,7 +862,7 @@ def _parse_heads(value: str | None) -> list[int] | None:
 @click.option("--n-prompts", type=int, default=8, show_default=True, help="Number of default prompts.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results as JSON here ('-' = stdout).")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a plot (SVG) here.")
-@click.option("--threads", type=int, help="CPU threads for llama.cpp [default: the CPUs available].")
+@click.option("--threads", type=int, help="CPU threads for llama.cpp [default: the runtime's choice].")
 @click.option("--ctx", type=int, default=2048, show_default=True, help="Context size in tokens.")
 @click.option("--no-adaptive", is_flag=True, help="Always draft with the requested heads (no adaptive policy).")
 @click.option("--no-anchor", is_flag=True, help="Skip the plain llama-cpp-python Llama run.")
@@ -801,10 +871,13 @@ def _parse_heads(value: str | None) -> list[int] | None:
 @click.option("--quant", "quants", default="Q4_0,Q4_K_M", show_default=True, help="Synthetic: quantization types to measure.")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Synthetic: largest verify batch measured.")
 @click.option("--no-repack", is_flag=True, help="Synthetic: skip the CPU_REPACK comparison.")
+@click.option("--buffers", default="off,on,repack", show_default=True,
+              help="Synthetic: weight buffer modes to measure (off, on, repack), each in its own process.")
 @click.option("--tokens-per-forward", type=float, help="Synthetic: acceptance to project with [default: the paper's 3.50].")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_out, plot_out, threads, ctx,
-          no_adaptive, no_anchor, no_costs, synthetic, quants, max_batch, no_repack, tokens_per_forward, quiet):
+          no_adaptive, no_anchor, no_costs, synthetic, quants, max_batch, no_repack, buffers, tokens_per_forward,
+          quiet):
     """Benchmark speculative vs plain decoding (or, with --synthetic, project a real-size model's speedup)."""
     _check_plot_path(plot_out)
     if repeat < 1:
@@ -825,8 +898,11 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
         bad = [q for q in qs if q not in QUANTS]
         if bad or not qs:
             raise UsageError(f"--quant {quants!r}: choose from {', '.join(QUANTS)}")
+        modes = [b.strip() for b in buffers.split(",") if b.strip()]
+        if not modes or any(b not in MODE_LABELS for b in modes):
+            raise UsageError(f"--buffers {buffers!r}: choose from {', '.join(MODE_LABELS)}")
         doc = run_synthetic(synthetic, qs, max_batch=max_batch, repeat=repeat, threads=threads or 2,
-                            repack=not no_repack, tokens_per_forward=tokens_per_forward, progress=say)
+                            repack=not no_repack, modes=modes, tokens_per_forward=tokens_per_forward, progress=say)
         report = format_synthetic(doc)
     else:
         from mtpcode.config import load_settings
@@ -842,6 +918,9 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
                         anchor=not no_anchor, extra_bufts=settings.extra_bufts, costs=not no_costs,
                         progress=say)
         report = format_table(doc)
+    if doc.get("mismatches"):
+        say("recomputing the logits where outputs diverge")
+        divergence_margins(doc, threads)
     if json_out is not None and str(json_out) == "-":
         click.echo(json.dumps(doc, indent=1))
     else:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mtpcode.bench import ANCHOR, SLOW_BAR
+from mtpcode.bench import ANCHOR, MODE_LABELS, SLOW_BAR
 
 
 def _row(cells: list[Any]) -> str:
@@ -63,7 +63,7 @@ def synthetic_markdown(doc: dict[str, Any]) -> str:
               "projected @3.50 tok/fwd (medians)", "projected (fastest runs)"]
     out += [_row(header), _row(["---"] * len(header))]
     for m in doc["measurements"]:
-        label = f"{m['quantization']}, {'extra buffer types off' if m['mode'] == 'off' else 'CPU_REPACK for Q4_0/Q4_K blocks'}"
+        label = f"{m['quantization']}, {MODE_LABELS.get(m['mode'], m['mode'])}"
         if m.get("crashed"):
             out.append(_row([label, f"crashed: {m['error']}"] + [""] * (len(header) - 2)))
             continue

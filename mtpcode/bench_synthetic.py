@@ -15,8 +15,6 @@ every configuration starts from a clean address space.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import json
 import os
@@ -40,12 +38,10 @@ SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=256, n_layers=6, n_heads=4, vocab_size=512, n_future_tokens=4, multiple_of=256),
 }
 QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
-FORMAT_TAG = "v1"  # bump when the written files change, so stale caches are rebuilt
+FORMAT_TAG = "v2"  # bump when the written files change, so stale caches are rebuilt
 
-# Block weight types routed to the CPU_REPACK buffer type (its x86 kernels handle
-# Q4_0 and Q4_K; DESIGN.md §4: routing Q8_0 weights crashed at load). The
-# override names each tensor, so a Q6_K attn_v in a Q4_K_M file stays where it is.
-REPACK_TYPES = ("Q4_0", "Q4_K")
+# Bundles whose block weights can be routed to CPU_REPACK (mtpcode.llama.REPACK_TYPES:
+# Q4_0 and Q4_K; DESIGN.md §4: routing Q8_0 weights crashed at load).
 REPACK_QUANTS = ("Q4_0", "Q4_K_M")
 
 # The paper's Table S2 anchor (code, 7B, n=4): tokens per forward and measured speedup.
@@ -71,7 +67,7 @@ _LAYOUTS = {
     "Q4_0": _BlockLayout(32, 18, (0,), 4.6),  # d, qs[16]: w = d * (q - 8)
     "Q8_0": _BlockLayout(32, 34, (0,), 74.0),  # d, qs[32]: w = d * q
     "Q4_K": _BlockLayout(256, 144, (0, 2), 32 * 4.6),  # d, dmin, scales[12], qs[128]
-    "Q6_K": _BlockLayout(256, 210, (208,), 74.0 * 18.5),  # ql, qh, scales[16], d
+    "Q6_K": _BlockLayout(256, 210, (208,), 9.2 * 18.5),  # ql, qh, scales[16] (kept in -16..15), d
     "F32": _BlockLayout(1, 4, (), 1.0),
 }
 
@@ -132,10 +128,18 @@ def random_tensor(kind: str, rows: int, cols: int, std: float, rnd: _RandomBytes
         raise UsageError(f"row length {cols} is not a multiple of {lay.weights} ({kind} blocks)")
     n_blocks = rows * cols // lay.weights
     data = rnd.take(n_blocks * lay.size).reshape(n_blocks, lay.size)
-    scale = np.float16(std / lay.scale_gain).tobytes()
+    if kind == "Q6_K":  # small block scales keep d a normal float16
+        data[:, 192:208] = ((data[:, 192:208] & 0x1F).astype(np.int16) - 16).astype(np.int8).view(np.uint8)
+    # A random sign per block scale: the quantized values of a block are not zero-mean
+    # (Q4_0: q - 8 for q in 0..15 averages -0.5), and with one sign for all blocks every
+    # matrix has a rank-one bias that blows the residual stream up to ~1e4 and drives
+    # SiLU outputs into subnormal floats, which makes the CPU kernels many times slower
+    # than for a real model.
+    scale = np.frombuffer(np.float16(std / lay.scale_gain).tobytes(), dtype=np.uint8)
+    signs = (data[:, -1] & 0x80) if lay.scales else None
     for off in lay.scales:
         data[:, off] = scale[0]
-        data[:, off + 1] = scale[1]
+        data[:, off + 1] = scale[1] | signs
     return data.reshape(rows, cols // lay.weights * lay.size)
 
 
@@ -322,81 +326,6 @@ def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: 
 
 
 # ---------------------------------------------------------------------------
-# CPU_REPACK through tensor_buft_overrides
-
-
-def repack_pattern(gguf_path: Path, types: Sequence[str] = REPACK_TYPES) -> str:
-    """A regex matching exactly the block weights of ``gguf_path`` stored in one of ``types``."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(gguf_path))
-    names = [t.name for t in reader.tensors
-             if t.name.startswith("blk.") and t.name.endswith(".weight") and t.tensor_type.name in types]
-    if not names:
-        return ""
-    return "^(" + "|".join(re.escape(n) for n in names) + ")$"
-
-
-class _BuftOverride(ctypes.Structure):
-    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
-
-
-def cpu_repack_buft() -> int:
-    """The CPU device's "CPU_REPACK" buffer type (ggml_backend_dev_get_extra_bufts), or 0 if absent.
-
-    The device must come from libggml's registry (ggml_backend_dev_by_type), the
-    instance llama.cpp uses: libggml-cpu.so's own ggml_backend_cpu_reg() is a
-    different instance here, and a buffer type from it aborts at context creation
-    ("pre-allocated tensor in a buffer (CPU_REPACK) that cannot run the operation").
-    """
-    from mtpcode.llama import LIB_DIR, init_backend
-
-    init_backend()
-    ggml = ctypes.CDLL(str(LIB_DIR / "libggml.so"))
-    base = ctypes.CDLL(str(LIB_DIR / "libggml-base.so"))
-    ggml.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
-    ggml.ggml_backend_dev_by_type.restype = ctypes.c_void_p
-    ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
-    ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
-    base.ggml_backend_reg_get_proc_address.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    base.ggml_backend_reg_get_proc_address.restype = ctypes.c_void_p
-    base.ggml_backend_buft_name.argtypes = [ctypes.c_void_p]
-    base.ggml_backend_buft_name.restype = ctypes.c_char_p
-    dev = ggml.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
-    reg = ggml.ggml_backend_dev_backend_reg(dev) if dev else None
-    fn_addr = base.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts") if reg else None
-    if not fn_addr:
-        return 0
-    get_extra = ctypes.CFUNCTYPE(ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p)(fn_addr)
-    arr = get_extra(dev)
-    i = 0
-    while arr and arr[i]:
-        if base.ggml_backend_buft_name(arr[i]) == b"CPU_REPACK":
-            return int(arr[i])
-        i += 1
-    return 0
-
-
-@contextlib.contextmanager
-def _model_params_hook(overrides: ctypes.Array | None) -> Iterator[None]:
-    """Make mtpcode.llama.Model load with ``tensor_buft_overrides`` (Model has no parameter for it yet)."""
-    import llama_cpp
-
-    original = llama_cpp.llama_model_default_params
-
-    def patched():
-        params = original()
-        params.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p).value if overrides is not None else None
-        return params
-
-    llama_cpp.llama_model_default_params = patched
-    try:
-        yield
-    finally:
-        llama_cpp.llama_model_default_params = original
-
-
-# ---------------------------------------------------------------------------
 # measuring (in a child process)
 
 
@@ -429,27 +358,25 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
     Runs in this process: call it through :func:`measure_in_child` to survive crashes.
     """
     from mtpcode.bundle import open_bundle
-    from mtpcode.llama import Context, Model, TrunkCapture
+    from mtpcode.llama import Context, Model, TrunkCapture, repack_pattern
 
     bundle = open_bundle(bundle_dir)
     m = bundle.manifest
-    overrides = None
+    pattern = ""
     if mode == "repack":
         if m.quantization not in REPACK_QUANTS:
             raise UsageError(f"CPU_REPACK is only routed for {', '.join(REPACK_QUANTS)} weights, not {m.quantization}")
-        buft = cpu_repack_buft()
-        if not buft:
-            raise MtpError("this llama.cpp build has no CPU_REPACK buffer type")
         pattern = repack_pattern(bundle.main_path)
-        overrides = (_BuftOverride * 2)(_BuftOverride(pattern.encode(), buft), _BuftOverride(None, None))
     elif mode not in ("off", "on"):
         raise UsageError(f"unknown cost-model mode {mode!r} (off, on or repack)")
     extra = mode == "on"
     n_ctx = prefix + max_batch + 16
     n_batch = max(prefix, max_batch)
     t0 = time.perf_counter()
-    with _model_params_hook(overrides):
-        main = Model(bundle.main_path, extra_bufts=extra)
+    main = Model(bundle.main_path, extra_bufts=extra, repack=pattern)
+    if pattern and not main.repacked:
+        main.close()
+        raise MtpError("this llama.cpp build has no CPU_REPACK buffer type")
     head = Model(bundle.head_paths[0], extra_bufts=extra) if bundle.head_paths else None
     load_s = time.perf_counter() - t0
     trunk = np.zeros((n_ctx, m.n_embd), dtype=np.float32)

@@ -129,7 +129,8 @@ def test_synthetic_cost_model_tiny_shape(tmp_path, monkeypatch):
     from mtpcode.bundle import open_bundle
 
     monkeypatch.setenv("MTPCODE_CACHE_DIR", str(tmp_path / "cache"))
-    doc = run_synthetic("tiny", ["Q4_0", "Q4_K_M"], max_batch=4, repeat=1, threads=2, repack=True)
+    doc = run_synthetic("tiny", ["Q4_0", "Q4_K_M"], max_batch=4, repeat=1, threads=2, repack=True,
+                        modes=("off", "repack"))
     assert doc["kind"] == "synthetic"
     # extra buffer types off, and CPU_REPACK for the Q4_0 / Q4_K block weights: neither crashes
     assert [(m["quantization"], m["mode"]) for m in doc["measurements"]] == [
