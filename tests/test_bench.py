@@ -178,3 +178,22 @@ def test_projection_arithmetic():
     assert pj["at_n"]["speedup"] == pytest.approx(3.5, abs=1e-3)  # free verification: speedup = tokens/forward
     costs = {"verify_rel": {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0}, "head_rel": 0.1}
     assert project(costs, 3.5, 3)["best"]["drafts"] == 0  # verification as dear as decoding: never pays
+
+
+def test_divergence_margins_recompute_the_plain_choice(tiny_bundle, tmp_path):
+    """A (constructed) divergence from the plain output is measured on the real model:
+    the plain token is the argmax there, by a positive logit gap."""
+    from mtpcode.bench import Prompt, divergence_margins, run_bench
+
+    doc = run_bench(tiny_bundle, [Prompt("p", "def add(a, b):\n    return")], heads=[1], max_tokens=8, repeat=1,
+                    threads=2, n_ctx=128, anchor=False, costs=False)
+    plain = doc["prompts"][0]["plain_token_ids"]
+    assert len(plain) > 4
+    other = list(plain)
+    other[3] = (plain[3] + 1) % 512
+    doc["mismatches"] = [{"prompt": "p", "prompt_index": 0, "config": "1", "repeat": 0,
+                          "first_difference_at": 3, "tokens": len(other), "reference_tokens": len(plain),
+                          "token_ids": other}]
+    (gap,) = divergence_margins(doc)
+    assert gap["at_token"] == 3 and gap["plain_token"] == plain[3]
+    assert gap["argmax_here"] == plain[3] and gap["logit_gap"] > 0
