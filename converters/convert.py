@@ -47,14 +47,6 @@ def fingerprint(ckpt: Checkpoint) -> str:
     return h.hexdigest()[:16]
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _intermediate_type(ckpt: Checkpoint, quant: str) -> str:
     """Float type to write: the target for float quants, else lossless for the source dtype."""
     if quant in FLOAT_QUANTS:
@@ -133,7 +125,7 @@ def convert_checkpoint(
                 report(f"quantizing {file_name} to {quant}", 0, 0)
                 quantize_file(raw, final, quant, threads)
                 raw.unlink()
-            entries[file_name] = B.FileEntry(file_name, final.stat().st_size, sha256_file(final))
+            entries[file_name] = B.FileEntry(file_name, final.stat().st_size, B.sha256_file(final))
 
         manifest = B.Manifest(
             n_future_tokens=p.n_future_tokens,

@@ -88,16 +88,7 @@ def _add_metadata(w: gguf.GGUFWriter, p: ModelParams, vocab: SpmVocab, *, name: 
                   file_type: int, role: str, head_index: int, fingerprint: str) -> None:
     w.add_name(name)
     w.add_file_type(int(file_type))
-    w.add_context_length(p.max_seq_len)
-    w.add_embedding_length(p.dim)
-    w.add_block_count(n_blocks)
-    w.add_feed_forward_length(p.ffn_hidden)
-    w.add_head_count(p.n_heads)
-    w.add_head_count_kv(p.kv_heads)
-    w.add_layer_norm_rms_eps(p.norm_eps)
-    w.add_rope_dimension_count(p.head_dim)
-    w.add_rope_freq_base(p.rope_theta)
-    w.add_vocab_size(p.vocab_size)
+    B.add_model_metadata(w, p, n_blocks=n_blocks, role=role, head_index=head_index, fingerprint=fingerprint)
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(vocab.pieces)
@@ -112,11 +103,6 @@ def _add_metadata(w: gguf.GGUFWriter, p: ModelParams, vocab: SpmVocab, *, name: 
     w.add_add_eos_token(False)
     w.add_add_space_prefix(vocab.add_dummy_prefix)
     w.add_remove_extra_whitespaces(vocab.remove_extra_whitespaces)
-    w.add_string(B.KV_ROLE, role)
-    w.add_uint32(B.KV_HEAD_INDEX, head_index)
-    w.add_uint32(B.KV_N_FUTURE, p.n_future_tokens)
-    w.add_uint32(B.KV_N_TRUNK, p.n_trunk)
-    w.add_string(B.KV_FINGERPRINT, fingerprint)
 
 
 def write_gguf(path: Path, ckpt: Checkpoint, vocab: SpmVocab, plan: list[TensorPlan], *, float_type: str,

@@ -17,7 +17,6 @@ import json
 import os
 import platform
 import re
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -190,16 +190,7 @@ def _write_gguf(path: Path, p, quant: str, *, role: str, head_index: int, finger
     tied = not with_output
     w = gguf.GGUFWriter(path, arch="llama")
     w.add_name(f"mtpcode synthetic {role} {head_index}")
-    w.add_context_length(p.max_seq_len)
-    w.add_embedding_length(p.dim)
-    w.add_block_count(n_blocks)
-    w.add_feed_forward_length(p.ffn_hidden)
-    w.add_head_count(p.n_heads)
-    w.add_head_count_kv(p.kv_heads)
-    w.add_layer_norm_rms_eps(p.norm_eps)
-    w.add_rope_dimension_count(p.head_dim)
-    w.add_rope_freq_base(p.rope_theta)
-    w.add_vocab_size(p.vocab_size)
+    B.add_model_metadata(w, p, n_blocks=n_blocks, role=role, head_index=head_index, fingerprint=fingerprint)
     w.add_file_type({"Q4_0": 2, "Q8_0": 7, "Q4_K_M": 15}[quant])
     pieces, scores, types = _vocab(p.vocab_size)
     w.add_tokenizer_model("llama")
@@ -213,11 +204,6 @@ def _write_gguf(path: Path, p, quant: str, *, role: str, head_index: int, finger
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
-    w.add_string(B.KV_ROLE, role)
-    w.add_uint32(B.KV_HEAD_INDEX, head_index)
-    w.add_uint32(B.KV_N_FUTURE, p.n_future_tokens)
-    w.add_uint32(B.KV_N_TRUNK, p.n_trunk)
-    w.add_string(B.KV_FINGERPRINT, fingerprint)
 
     n_all = p.n_trunk + 1  # the layer numbering llama.cpp's quantizer would see in main.gguf
     tensors: list[tuple[str, Callable[[], np.ndarray], str]] = []
@@ -265,14 +251,6 @@ def _shape_of(name: str, p) -> tuple[int, int]:
     }[short]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: int | None = None,
                  progress: Callable[[str], None] | None = None) -> Path:
     """The random-weight bundle of ``shape`` in ``quant``, built once and cached.
@@ -309,7 +287,7 @@ def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: 
             else:
                 _write_gguf(path, p, quant, role=role, head_index=k, fingerprint=fp, n_blocks=1,
                             block_offset=0, with_output=False, seed=1 + k)
-            entries.append(B.FileEntry(file_name, path.stat().st_size, _sha256(path)))
+            entries.append(B.FileEntry(file_name, path.stat().st_size, B.sha256_file(path)))
         manifest = B.Manifest(
             n_future_tokens=heads + 1, n_trunk=p.n_trunk, n_embd=p.dim, n_vocab=p.vocab_size,
             quantization=quant, fingerprint=fp, main=entries[0], heads=tuple(entries[1:]),

@@ -8,6 +8,7 @@ needs neither torch nor llama.cpp. The runtime checks the GGUF contents
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,38 @@ KV_HEAD_INDEX = "mtpcode.head_index"  # 0 for main, k for head-k
 KV_N_FUTURE = "mtpcode.n_future_tokens"
 KV_N_TRUNK = "mtpcode.n_trunk"
 KV_FINGERPRINT = "mtpcode.fingerprint"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks (the checksums in mtp.json)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def add_model_metadata(w: Any, p: Any, *, n_blocks: int, role: str, head_index: int, fingerprint: str) -> None:
+    """Write the llama-architecture hyperparameters and mtpcode's keys of one bundle GGUF.
+
+    ``w`` is a ``gguf.GGUFWriter``; ``p`` has ModelParams' fields (converters.params).
+    The tokenizer and the tensors are the caller's.
+    """
+    w.add_context_length(p.max_seq_len)
+    w.add_embedding_length(p.dim)
+    w.add_block_count(n_blocks)
+    w.add_feed_forward_length(p.ffn_hidden)
+    w.add_head_count(p.n_heads)
+    w.add_head_count_kv(p.kv_heads)
+    w.add_layer_norm_rms_eps(p.norm_eps)
+    w.add_rope_dimension_count(p.head_dim)
+    w.add_rope_freq_base(p.rope_theta)
+    w.add_vocab_size(p.vocab_size)
+    w.add_string(KV_ROLE, role)
+    w.add_uint32(KV_HEAD_INDEX, head_index)
+    w.add_uint32(KV_N_FUTURE, p.n_future_tokens)
+    w.add_uint32(KV_N_TRUNK, p.n_trunk)
+    w.add_string(KV_FINGERPRINT, fingerprint)
 
 
 def head_name(k: int) -> str:
