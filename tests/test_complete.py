@@ -284,9 +284,14 @@ def test_closed_pipe_exits_quietly(tiny_bundle: Path) -> None:
     assert proc.stderr.read() == b""
 
 
-def test_ctrl_c_keeps_what_was_written(engine, tiny_bundle: Path) -> None:
+def test_ctrl_c_keeps_what_was_written(tiny_bundle: Path) -> None:
+    from mtpcode.runtime import Engine
+
     prompt = "def main():\n"
-    proc = _spawn(tiny_bundle, "-n", "3000")
+    # Plain decoding on both sides: with drafting, how many rows each verify has depends on
+    # timing, and over thousands of random-model tokens batched and single-row kernels can
+    # round a near-tie differently. Interruption, not speculation, is under test here.
+    proc = _spawn(tiny_bundle, "-n", "3000", "--no-speculative")
     proc.stdin.write(prompt.encode())
     proc.stdin.close()
     first = os.read(proc.stdout.fileno(), 1)
@@ -298,7 +303,6 @@ def test_ctrl_c_keeps_what_was_written(engine, tiny_bundle: Path) -> None:
     assert proc.stderr.read().decode() == "mtpcode: interrupted; the completion so far was written\n"
     out = (first + rest).decode("utf-8")
     # What was written is the start of the full greedy completion, and not all of it.
-    n = 16
-    while len(full := generate(engine, prompt, n).text) < len(out) + 1 and n < 3000:
-        n *= 2
+    with Engine(tiny_bundle, n_threads=2) as engine:
+        full = generate(engine, prompt, 3000, heads=0).text
     assert full.startswith(out) and len(out) < len(full)

@@ -129,11 +129,12 @@ def test_repl_in_a_real_terminal(tmux, tiny_bundle, tmp_path):
     assert "· max_tokens]" in screen or "· eos]" in screen
 
     # Ctrl-C while a long completion streams cancels it and the REPL goes on.
-    tmux.type("/set max_tokens 1500")
+    # 3500 tokens take seconds even on an idle machine; the tiny model streams ~1000 tokens/s.
+    tmux.type("/set max_tokens 3500")
     tmux.keys("Enter")
-    tmux.wait_for(lambda s: "max_tokens = 1500" in s, what="/set")
+    tmux.wait_for(lambda s: "max_tokens = 3500" in s, what="/set")
     tmux.keys("Escape", "Enter")  # an empty submit continues the buffer
-    time.sleep(1.0)
+    time.sleep(0.3)
     tmux.keys("C-c")
     tmux.wait_for(lambda s: "· interrupted]" in s, what="the interrupted stats line")
     tmux.type("/stats")
