@@ -10,6 +10,7 @@ quoted in error messages.
 
 from __future__ import annotations
 
+import abc
 import collections
 import ctypes
 import functools
@@ -18,7 +19,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import llama_cpp
 import numpy as np
@@ -208,10 +209,37 @@ def default_threads(n_params: int | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------
+# native handles
+
+_H = TypeVar("_H", bound="_Handle")
+
+
+class _Handle(abc.ABC):
+    """Owner of one native llama.cpp handle: ``close()`` frees it (idempotently);
+    also a context manager, and freed when garbage-collected."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free the handle; calling it again does nothing."""
+
+    def __enter__(self: _H) -> _H:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: llama_cpp may already be torn down
+            pass
+
+
+# ---------------------------------------------------------------------------
 # model
 
 
-class Model:
+class Model(_Handle):
     """A loaded GGUF model (``llama_model*``) and its vocabulary."""
 
     def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0, extra_bufts: bool = True,
@@ -289,24 +317,12 @@ class Model:
             llama_cpp.llama_model_free(self._ptr)
             self._ptr = None
 
-    def __enter__(self) -> "Model":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: llama_cpp may already be torn down
-            pass
-
 
 # ---------------------------------------------------------------------------
 # batch
 
 
-class Batch:
+class Batch(_Handle):
     """A ``llama_batch`` allocated once, with numpy views over its arrays.
 
     ``n_embd == 0``: a token batch (``tokens``); otherwise an embedding batch
@@ -351,18 +367,6 @@ class Batch:
             self.pos = self.logits = self.tokens = self.embd = None
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
-
-    def __enter__(self) -> "Batch":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: llama_cpp may already be torn down
-            pass
 
 
 # ---------------------------------------------------------------------------
@@ -470,7 +474,7 @@ class _DeferSigint:
 # context
 
 
-class Context:
+class Context(_Handle):
     """A ``llama_context*`` on a Model, with one preallocated batch.
 
     ``capture`` (main context only) installs the trunk eval callback.
@@ -563,15 +567,4 @@ class Context:
             llama_cpp.llama_free(self._ptr)
             self._ptr = None
 
-    def __enter__(self) -> "Context":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:  # interpreter shutdown: llama_cpp may already be torn down
-            pass
 
