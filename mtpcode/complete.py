@@ -44,17 +44,21 @@ def read_input(file: str | None) -> bytes:
         if _isatty(stream) and _stderr_is_terminal():
             click.echo("mtpcode: reading code from the terminal; end it with Ctrl-D", err=True)
         return stream.read()
-    path = Path(file)
+    return read_file(Path(file))
+
+
+def read_file(path: Path) -> bytes:
+    """The bytes of ``path``; NoInputError with one line saying why it cannot be read."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise NoInputError(f"{file}: no such file") from None
+        raise NoInputError(f"{path}: no such file") from None
     except IsADirectoryError:
-        raise NoInputError(f"{file} is a directory; give a file") from None
+        raise NoInputError(f"{path} is a directory; give a file") from None
     except PermissionError:
-        raise NoInputError(f"{file}: permission denied") from None
+        raise NoInputError(f"{path}: permission denied") from None
     except OSError as exc:
-        raise NoInputError(f"{file}: cannot read ({exc.strerror})") from None
+        raise NoInputError(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def decode_input(data: bytes, name: str) -> str:

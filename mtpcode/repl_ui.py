@@ -32,8 +32,9 @@ from prompt_toolkit.styles import Style, merge_styles, style_from_pygments_cls
 from prompt_toolkit.utils import get_cwidth
 from pygments.token import Token
 
+from mtpcode.complete import read_file
 from mtpcode.config import Settings
-from mtpcode.errors import DataError, MtpError, NoInputError, OutputError, UsageError
+from mtpcode.errors import DataError, MtpError, OutputError, UsageError
 from mtpcode.generation import Done, GenerationOptions, Piece
 from mtpcode.repl_edit import (
     editing_key_bindings,
@@ -745,14 +746,7 @@ class Repl:
         if not arg:
             raise UsageError("usage: /load FILE")
         path = Path(arg).expanduser()
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise NoInputError(f"no such file: {path}") from None
-        except IsADirectoryError:
-            raise NoInputError(f"{path} is a directory, not a file") from None
-        except OSError as exc:
-            raise NoInputError(f"cannot read {path}: {exc.strerror}") from None
+        data = read_file(path)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError:
