@@ -69,6 +69,7 @@ class Settings:
     ctx: int = 4096
     batch: int = 512
     extra_bufts: str = "auto"
+    flash_attn: bool = True
     # Where things live (not settable from the config file itself).
     config_dir: Path = field(default_factory=lambda: config_dir())
     data_dir: Path = field(default_factory=lambda: data_dir())
@@ -96,6 +97,7 @@ class Settings:
             "n_threads": self.threads,
             "n_gpu_layers": self.gpu_layers,
             "extra_bufts": self.extra_bufts,
+            "flash_attn": self.flash_attn,
         }
 
 
@@ -115,6 +117,7 @@ _KEYS: dict[str, str] = {
     "ctx": "int",
     "batch": "int",
     "extra_bufts": "str",
+    "flash_attn": "bool",
 }
 SETTING_KEYS: tuple[str, ...] = tuple(_KEYS)
 

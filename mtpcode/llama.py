@@ -68,6 +68,9 @@ def _ggml_base() -> ctypes.CDLL:
     lib.ggml_backend_tensor_get.restype = None
     lib.ggml_get_name.argtypes = [ctypes.c_void_p]
     lib.ggml_get_name.restype = ctypes.c_char_p
+    for fn in (lib.ggml_nrows, lib.ggml_nbytes, lib.ggml_element_size):
+        fn.argtypes = [ctypes.c_void_p]
+        fn.restype = ctypes.c_int64 if fn is lib.ggml_nrows else ctypes.c_size_t
     return lib
 
 
@@ -373,30 +376,111 @@ class Batch(_Handle):
 # trunk capture
 
 
+try:  # the C callback (mtpcode/_capture.c), built at install time when a C compiler is there
+    from mtpcode import _capture as _native_capture
+except ImportError:  # pragma: no cover - exercised on machines without a compiler
+    _native_capture = None
+
+
+def native_capture_available() -> bool:
+    """Whether the C trunk-capture callback was built (else the Python one is used)."""
+    return _native_capture is not None
+
+
+class _NativeCapture(ctypes.Structure):
+    """``struct mtp_capture`` of mtpcode/_capture.c."""
+
+    _fields_ = [
+        ("get_name", ctypes.c_void_p),
+        ("nrows", ctypes.c_void_p),
+        ("nbytes", ctypes.c_void_p),
+        ("element_size", ctypes.c_void_p),
+        ("tensor_get", ctypes.c_void_p),
+        ("dst", ctypes.c_void_p),
+        ("row_bytes", ctypes.c_int64),
+        ("capacity", ctypes.c_int64),
+        ("write_pos", ctypes.c_int64),
+        ("rows_seen", ctypes.c_int64),
+        ("error", ctypes.c_int32),
+        ("name", ctypes.c_char * 64),
+    ]
+
+
+def _c_address(fn: object) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value or 0
+
+
 class TrunkCapture:
     """An eval callback that copies one named tensor's rows into a numpy array.
 
     llama.cpp calls it for every graph node (``ask=True``: "do you want this
     one?") and again after computing a wanted node (``ask=False``); rows are
     appended at ``write_pos``, which the owner sets before each decode.
-    The ctypes callback object lives as long as this object does.
+
+    ``native`` (default: when built) uses the C callback of mtpcode/_capture.c:
+    the per-node calls then cost nanoseconds instead of a Python call each
+    (about a third of a small model's forward). The Python callback is the
+    fallback on installs without a C compiler; both write the same rows.
+    The callback objects live as long as this object does.
     """
 
-    def __init__(self, tensor_name: str, out: np.ndarray) -> None:
-        if out.dtype != np.float32 or not out.flags.c_contiguous:
-            raise MtpError("internal: trunk buffer must be C-contiguous float32")
+    def __init__(self, tensor_name: str, out: np.ndarray, *, native: bool | None = None) -> None:
+        if out.dtype != np.float32 or not out.flags.c_contiguous or out.ndim != 2:
+            raise MtpError("internal: trunk buffer must be a 2-D C-contiguous float32 array")
+        if native and _native_capture is None:
+            raise MtpError("the C trunk-capture callback is not built in this install (reinstall mtpcode with a C compiler)")
+        self.native = _native_capture is not None if native is None else bool(native)
         self.name = tensor_name
-        self._want = tensor_name.encode() + b"\0"
-        self._want_len = len(self._want)
         self.out = out
         self.row_bytes = out.shape[1] * 4
         self.capacity = out.shape[0]
-        self.write_pos = 0
-        self.error: str | None = None
         self.pending: BaseException | None = None
-        self._base = out.ctypes.data
-        self._get = _ggml_base().ggml_backend_tensor_get
-        self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
+        if self.native:
+            base = _ggml_base()
+            want = tensor_name.encode()
+            if len(want) >= 64:
+                raise MtpError(f"trunk tensor name {tensor_name!r} is longer than ggml's 63 characters")
+            self._state = _NativeCapture(
+                get_name=_c_address(base.ggml_get_name), nrows=_c_address(base.ggml_nrows),
+                nbytes=_c_address(base.ggml_nbytes), element_size=_c_address(base.ggml_element_size),
+                tensor_get=_c_address(base.ggml_backend_tensor_get), dst=out.ctypes.data,
+                row_bytes=self.row_bytes, capacity=self.capacity, name=want)
+            self.callback = llama_cpp.ggml_backend_sched_eval_callback(_native_capture.callback_address)
+            self.user_data: int | None = ctypes.addressof(self._state)
+        else:
+            self._want = tensor_name.encode() + b"\0"
+            self._want_len = len(self._want)
+            self._py_pos = 0
+            self._py_error: str | None = None
+            self._base = out.ctypes.data
+            self._get = _ggml_base().ggml_backend_tensor_get
+            self.callback = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)
+            self.user_data = None
+
+    @property
+    def write_pos(self) -> int:
+        return int(self._state.write_pos) if self.native else self._py_pos
+
+    @property
+    def error(self) -> str | None:
+        if not self.native:
+            return self._py_error
+        code = self._state.error
+        if code == _native_capture.BAD_TENSOR:
+            return (f"tensor {self.name} is not {self._state.rows_seen} F32 rows of {self.row_bytes // 4} "
+                    "(wrong trunk tensor for this model?)")
+        if code == _native_capture.OVERFLOW:
+            return f"trunk capture overflow ({self.write_pos}+{self._state.rows_seen} > {self.capacity})"
+        return None
+
+    def reset(self, write_pos: int) -> None:
+        self.pending = None
+        if self.native:
+            self._state.write_pos = write_pos
+            self._state.error = 0
+        else:
+            self._py_pos = write_pos
+            self._py_error = None
 
     def _on_eval(self, tensor: int, ask: bool, user_data: int) -> bool:
         # Called for every node of every graph: keep the common path to one C call.
@@ -415,23 +499,18 @@ class TrunkCapture:
         hdr = _TensorHeader.from_address(tensor)
         rows = int(hdr.ne[1])
         if hdr.type != _TYPE_F32 or hdr.ne[0] * 4 != self.row_bytes:
-            self.error = (f"tensor {self.name} has type {hdr.type} and shape {list(hdr.ne)}, "
-                          f"expected F32 rows of {self.row_bytes // 4}")
+            self._py_error = (f"tensor {self.name} has type {hdr.type} and shape {list(hdr.ne)}, "
+                              f"expected F32 rows of {self.row_bytes // 4}")
             return True
-        if self.write_pos + rows > self.capacity:
-            self.error = f"trunk capture overflow ({self.write_pos}+{rows} > {self.capacity})"
+        if self._py_pos + rows > self.capacity:
+            self._py_error = f"trunk capture overflow ({self._py_pos}+{rows} > {self.capacity})"
             return True
-        self._get(tensor, self._base + self.write_pos * self.row_bytes, 0, rows * self.row_bytes)
-        self.write_pos += rows
+        self._get(tensor, self._base + self._py_pos * self.row_bytes, 0, rows * self.row_bytes)
+        self._py_pos += rows
         return True
 
-    def reset(self, write_pos: int) -> None:
-        self.write_pos = write_pos
-        self.error = None
-        self.pending = None
-
     def raise_pending(self) -> None:
-        """Re-raise an exception (KeyboardInterrupt) that arrived inside the callback."""
+        """Re-raise an exception (KeyboardInterrupt) that arrived inside the Python callback."""
         exc, self.pending = self.pending, None
         if exc is not None:
             raise exc
@@ -481,7 +560,7 @@ class Context(_Handle):
     """
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_threads: int, embd_input: bool = False,
-                 capture: TrunkCapture | None = None) -> None:
+                 capture: TrunkCapture | None = None, flash_attn: bool = False) -> None:
         self.model = model
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = int(n_ctx)
@@ -493,12 +572,13 @@ class Context(_Handle):
         params.no_perf = True
         # Flash attention changes the summation order of attention; llama-cpp-python's
         # Llama keeps it off by default, and greedy output must match it token for token.
-        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.capture = capture
         self._defer_sigint = _DeferSigint()
         if capture is not None:
             params.cb_eval = capture.callback
-            params.cb_eval_user_data = None
+            params.cb_eval_user_data = capture.user_data
         _LOG_TAIL.clear()
         ptr = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ptr:
@@ -521,12 +601,13 @@ class Context(_Handle):
     def decode(self, n: int, start_pos: int, *, last_logits_only: bool) -> None:
         """Run the first ``n`` rows of ``self.batch`` (already filled) at positions start_pos.."""
         self.batch.set(start_pos, n, last_logits_only)
-        if self.capture is not None:
-            self.capture.reset(start_pos)
-        if self.capture is not None:
+        capture = self.capture
+        if capture is not None:
+            capture.reset(start_pos)
+        if capture is not None and not capture.native:  # Python code runs inside llama_decode
             with self._defer_sigint:
                 rc = llama_cpp.llama_decode(self.ptr, self.batch.struct)
-            self.capture.raise_pending()
+            capture.raise_pending()
         else:
             rc = llama_cpp.llama_decode(self.ptr, self.batch.struct)
         if rc != 0:

@@ -174,7 +174,7 @@ class Engine:
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, n_gpu_layers: int = 0, head_gpu_layers: int | None = None,
-                 extra_bufts: str = "auto") -> None:
+                 extra_bufts: str = "auto", flash_attn: bool = True) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         self.manifest: Manifest = self.bundle.manifest
         self.n_heads = self.manifest.n_heads
@@ -186,6 +186,7 @@ class Engine:
         extra = use_extra_bufts(extra_bufts)
         head_layers = n_gpu_layers if head_gpu_layers is None else head_gpu_layers
         self.extra_bufts = extra
+        self.flash_attn = flash_attn
         self._main_model: Model | None = None
         self._head_models: list[Model] = []
         self._main: Context | None = None
@@ -206,8 +207,9 @@ class Engine:
             self._trunk = np.zeros((n_ctx, n_embd), dtype=np.float32)
             self._capture = TrunkCapture(self.manifest.trunk_tensor, self._trunk)
             self._main = Context(self._main_model, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
-                                 capture=self._capture)
-            self._heads = [Context(m, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True)
+                                 capture=self._capture, flash_attn=flash_attn)
+            self._heads = [Context(m, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True,
+                                   flash_attn=flash_attn)
                            for m in self._head_models]
         except BaseException:
             self.close()

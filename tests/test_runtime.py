@@ -49,11 +49,11 @@ def run(engine: Engine, prompt, **opts) -> tuple[list[int], list[bool], str, Don
     return tokens, flags, text, done
 
 
-def llama_cpp_greedy(main_gguf: Path, ids: list[int], n: int) -> list[int]:
-    """Reference: llama-cpp-python's high-level Llama at temperature 0."""
+def llama_cpp_greedy(main_gguf: Path, ids: list[int], n: int, flash_attn: bool = True) -> list[int]:
+    """Reference: llama-cpp-python's high-level Llama at temperature 0 (flash attention as the engine's default)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(main_gguf), n_ctx=CTX, n_threads=1, verbose=False)
+    llm = llama_cpp.Llama(model_path=str(main_gguf), n_ctx=CTX, n_threads=1, verbose=False, flash_attn=flash_attn)
     try:
         out: list[int] = []
         for tok in llm.generate(ids, temp=0.0, repeat_penalty=1.0):
@@ -77,14 +77,14 @@ def agree_bundle(make_checkpoint, tmp_path_factory) -> Path:
     return convert_checkpoint(src, root / "bundle", quant="F32", threads=1).out_dir
 
 
-def _check_greedy_equality(bundle: Path) -> tuple[int, int, int]:
+def _check_greedy_equality(bundle: Path, flash_attn: bool = True) -> tuple[int, int, int]:
     """Every prompt and head count vs llama-cpp-python; returns (drafted, accepted, forwards) over all runs."""
     drafted = accepted = forwards = 0
-    with Engine(bundle, n_ctx=CTX, n_threads=1) as engine:
+    with Engine(bundle, n_ctx=CTX, n_threads=1, flash_attn=flash_attn) as engine:
         assert engine.n_heads == 3
         for prompt in PROMPTS:
             ids = engine.tokenize(prompt)
-            ref = llama_cpp_greedy(bundle / "main.gguf", ids, N_NEW)
+            ref = llama_cpp_greedy(bundle / "main.gguf", ids, N_NEW, flash_attn=flash_attn)
             assert len(ref) > 0
             for heads in range(engine.n_heads + 1):
                 for adaptive in (False, True) if heads else (False,):
@@ -107,9 +107,9 @@ def _check_greedy_equality(bundle: Path) -> tuple[int, int, int]:
     return drafted, accepted, forwards
 
 
-@pytest.mark.parametrize("quant", ["F32", "F16"])
-def test_greedy_speculative_equals_plain_and_llama_cpp(make_bundle, quant) -> None:
-    _check_greedy_equality(make_bundle(quant=quant))
+@pytest.mark.parametrize("quant,flash_attn", [("F32", True), ("F16", True), ("F32", False)])
+def test_greedy_speculative_equals_plain_and_llama_cpp(make_bundle, quant, flash_attn) -> None:
+    _check_greedy_equality(make_bundle(quant=quant), flash_attn=flash_attn)
 
 
 @pytest.mark.parametrize("n_future", [1, 2])
@@ -324,10 +324,18 @@ def test_extra_bufts_policy(tmp_path) -> None:
 
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
-def test_ctrl_c_during_prefill_propagates_and_engine_recovers(tiny_bundle, capfd) -> None:
-    """SIGINT while llama_decode runs lands in the trunk callback; it must not be swallowed."""
+@pytest.mark.parametrize("native_capture", [True, False])
+def test_ctrl_c_during_prefill_propagates_and_engine_recovers(tiny_bundle, capfd, monkeypatch,
+                                                              native_capture) -> None:
+    """SIGINT while llama_decode runs: with the Python trunk callback it lands inside the
+    callback, with the C one after llama_decode returns; either way it must not be swallowed."""
     import os
     import signal
+
+    import mtpcode.llama
+
+    if not native_capture:
+        monkeypatch.setattr(mtpcode.llama, "_native_capture", None)
 
     body = "for i in range(10):\n    x = i * 2\n" * 60
     prompts = [body, "# other\n" + body]  # alternate: no shared prefix, a full prefill each time
