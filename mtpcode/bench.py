@@ -268,14 +268,16 @@ def _llama_model_params(use_extra_bufts: bool) -> Iterator[None]:
 
 
 class Anchor:
-    """Plain greedy decoding of ``main.gguf`` with llama-cpp-python's high-level ``Llama``."""
+    """Plain greedy decoding of ``main.gguf`` with llama-cpp-python's high-level ``Llama``,
+    with the engine's flash-attention setting (which changes the summation order of
+    attention, so it must match for the greedy outputs to be comparable)."""
 
-    def __init__(self, main_path: Path, *, n_ctx: int, n_threads: int, extra_bufts: bool) -> None:
+    def __init__(self, main_path: Path, *, n_ctx: int, n_threads: int, extra_bufts: bool, flash_attn: bool) -> None:
         from llama_cpp import Llama
 
         with _llama_model_params(extra_bufts):
             self.llm = Llama(str(main_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                             verbose=False, flash_attn=False)
+                             verbose=False, flash_attn=flash_attn)
 
     def run(self, ids: list[int], max_tokens: int) -> tuple[list[int], dict[str, Any]]:
         llm = self.llm
@@ -311,15 +313,15 @@ class Anchor:
 
 def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[int] | None = None,
               max_tokens: int = 128, repeat: int = 3, threads: int | None = None, n_ctx: int = 4096,
-              adaptive: bool = True, anchor: bool = True, extra_bufts: str = "auto", costs: bool = True,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              adaptive: bool = True, anchor: bool = True, extra_bufts: str = "auto", flash_attn: bool = True,
+              costs: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every configuration on every prompt ``repeat`` times; return the results document (see SCHEMA)."""
     from mtpcode.runtime import Engine
 
     say = progress or (lambda _msg: None)
     rss0 = rss_mb()
     t_load = time.perf_counter()
-    engine = Engine(model_path, n_ctx=n_ctx, n_threads=threads, extra_bufts=extra_bufts)
+    engine = Engine(model_path, n_ctx=n_ctx, n_threads=threads, extra_bufts=extra_bufts, flash_attn=flash_attn)
     load_s = time.perf_counter() - t_load
     n_threads = engine.n_threads  # the runtime's default when threads is None (1 for small models)
     rss_engine = rss_mb()
@@ -333,7 +335,7 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
         configs = ["0", *(str(h) for h in head_list)]
         if anchor:
             anchor_obj = Anchor(engine.bundle.main_path, n_ctx=n_ctx, n_threads=n_threads,
-                                extra_bufts=engine.extra_bufts)
+                                extra_bufts=engine.extra_bufts, flash_attn=engine.flash_attn)
             configs.append(ANCHOR)
         rss_all = rss_mb()
         prompt_ids = []
@@ -423,7 +425,7 @@ def _conditions(engine, model_path: Path, threads: int, n_ctx: int, max_tokens: 
         "quantization": m.quantization,
         "n_embd": m.n_embd, "n_vocab": m.n_vocab, "n_trunk": m.n_trunk, "n_heads": engine.n_heads,
         "threads": threads, "n_ctx": n_ctx, "max_tokens": max_tokens, "repeat": repeat,
-        "adaptive": adaptive, "extra_bufts": engine.extra_bufts,
+        "adaptive": adaptive, "extra_bufts": engine.extra_bufts, "flash_attn": engine.flash_attn,
         "load_s": round(load_s, 3),
         "cpu": _cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in load],
         "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
@@ -914,7 +916,8 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
         prompts = load_prompts(prompts_path) if prompts_path else default_prompts(n_prompts)
         doc = run_bench(path, prompts, heads=_parse_heads(heads_list), max_tokens=max_tokens, repeat=repeat,
                         threads=threads or settings.threads, n_ctx=ctx, adaptive=not no_adaptive,
-                        anchor=not no_anchor, extra_bufts=settings.extra_bufts, costs=not no_costs,
+                        anchor=not no_anchor, extra_bufts=settings.extra_bufts,
+                        flash_attn=settings.flash_attn, costs=not no_costs,
                         progress=say)
         report = format_table(doc)
     if doc.get("mismatches"):

@@ -324,8 +324,9 @@ def _rss_peak_mb() -> float:
 
 
 def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, repeat: int = 3,
-                  threads: int = 2, prefix: int = 64) -> dict[str, Any]:
-    """Time main forwards of 1..max_batch rows (after a ``prefix``-token KV) and one head forward.
+                  threads: int = 2, prefix: int = 64, flash_attn: bool = True) -> dict[str, Any]:
+    """Time main forwards of 1..max_batch rows (after a ``prefix``-token KV) and one head forward,
+    with flash attention as the runtime's default (``flash_attn``).
 
     ``mode``: "off" (extra buffer types off, the AMX-safe default), "on"
     (llama.cpp's default extra buffer types: crashes on AMX CPUs with quantized
@@ -361,16 +362,17 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
     capture = TrunkCapture(m.trunk_tensor, trunk)
     rng = np.random.default_rng(0)
     try:
-        ctx = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, capture=capture)
+        ctx = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, capture=capture, flash_attn=flash_attn)
         ctx.batch.tokens[:prefix] = rng.integers(3, m.n_vocab, prefix)
         ctx.decode(prefix, 0, last_logits_only=True)
         # the same model without the trunk capture: what the eval callback costs per forward
-        bare = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads)
+        bare = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, flash_attn=flash_attn)
         bare.batch.tokens[:prefix] = ctx.batch.tokens[:prefix]
         bare.decode(prefix, 0, last_logits_only=True)
         hctx = None
         if head is not None:
-            hctx = Context(head, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True)
+            hctx = Context(head, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True,
+                           flash_attn=flash_attn)
             np.copyto(hctx.batch.embd[:prefix], trunk[:prefix])
             hctx.decode(prefix, 0, last_logits_only=True)
         sizes = list(range(1, max_batch + 1))
@@ -425,6 +427,8 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
             "quantization": m.quantization,
             "threads": threads,
             "prefix_tokens": prefix,
+            "flash_attn": flash_attn,
+            "native_capture": capture.native,
             "repeat": repeat,
             "load_s": round(load_s, 3),
             "verify_s": {str(b): round(v, 6) for b, v in verify.items()},

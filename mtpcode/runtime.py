@@ -97,9 +97,15 @@ class DraftPolicy:
     d_1..d_k are all accepted (so a verify of K drafts yields 1 + sum c_k
     tokens on average) and running timings of a main forward of b rows and
     of one head forward. Picks the K with the most expected tokens per second.
-    Every ``probe_every`` steps it tries K+1 or K-1 to keep the estimates of
-    the neighbours fresh. It never changes *which* tokens come out under
-    greedy decoding (only how many are verified per forward).
+    Now and then it tries K+1 or K-1 (a probe) to keep the estimates of the
+    neighbours fresh. A probe is not free (the neighbour may be slower, and
+    on llama.cpp a new batch shape rebuilds the compute graph, also for the
+    step after it), so while probes keep confirming the choice the interval
+    between them doubles, from ``probe_min`` up to ``probe_max`` steps; it
+    drops back to ``probe_min`` as soon as the choice changes or a probe
+    yields more tokens per second than the choice is expected to. It never
+    changes *which* tokens come out under greedy decoding (only how many are
+    verified per forward).
 
     ``measured=False`` replaces the measured timings by a fixed cost model
     (DESIGN.md §4 CPU numbers: a forward of b rows costs 0.7 + 0.3 b, a head
@@ -109,7 +115,9 @@ class DraftPolicy:
     """
 
     alpha = 0.1  # weight of a new observation in the running estimates
-    probe_every = 16
+    probe_min = 16
+    probe_max = 512
+    probe_after_win = 4  # steps to the next probe after one that beat the choice
     warmup_steps = 8
 
     def __init__(self, max_heads: int, adaptive: bool, measured: bool = True) -> None:
@@ -121,18 +129,34 @@ class DraftPolicy:
         self.t_head = 0.0
         self.k = max_heads
         self.steps = 0
+        self.probes = 0
+        self.probe_interval = self.probe_min
+        self._next_probe = self.warmup_steps + self.probe_min
+        self._confirm: int | None = None  # a probe that won, to repeat at the next probe
 
     def choose(self) -> int:
         self.steps += 1
         if not self.adaptive or self.steps <= self.warmup_steps or (self.measured and not self.t_verify):
             return self.max_heads
         best = max(range(self.max_heads + 1), key=self._rate)
+        if best != self.k:  # the estimates moved: look around again soon
+            self._look_again_soon()
         self.k = best
-        if self.steps % self.probe_every == 0:
-            probe = best + 1 if (self.steps // self.probe_every) % 2 else best - 1
-            if 0 <= probe <= self.max_heads:
-                return probe
-        return best
+        if self.steps < self._next_probe:
+            return best
+        self.probes += 1
+        self.probe_interval = min(2 * self.probe_interval, self.probe_max)
+        self._next_probe = self.steps + self.probe_interval
+        confirm, self._confirm = self._confirm, None
+        if confirm is not None and confirm != best:
+            return confirm
+        up, down = best + 1, best - 1
+        order = (up, down) if self.probes % 2 else (down, up)
+        return next((k for k in order if 0 <= k <= self.max_heads), best)
+
+    def _look_again_soon(self, steps: int | None = None) -> None:
+        self.probe_interval = self.probe_min
+        self._next_probe = min(self._next_probe, self.steps + (steps or self.probe_min))
 
     def _verify_time(self, rows: int) -> float:
         if not self.measured:
@@ -150,6 +174,14 @@ class DraftPolicy:
         return tokens / (self._verify_time(k + 1) + k * t_head)
 
     def observe(self, k: int, accepted: int, verify_s: float, head_s: float, heads_run: int) -> None:
+        """One step's outcome; ``heads_run`` 0 leaves the head timing alone (e.g. a head caught up
+        on many rows, which says nothing about the cost of a draft)."""
+        if self.adaptive and k != self.k and self.steps > self.warmup_steps and self.t_verify:
+            t_head = self.t_head if self.measured else 0.05
+            cost = (verify_s if self.measured else self._verify_time(k + 1)) + k * t_head
+            if (1 + accepted) / cost > self._rate(self.k):  # a probe did better than the choice:
+                self._look_again_soon(self.probe_after_win)  # try it again soon
+                self._confirm = k
         a = self.alpha
         for i in range(k):
             self.chain[i] += a * (float(accepted > i) - self.chain[i])
@@ -517,17 +549,23 @@ class _Step:
     def start(self, logits: np.ndarray) -> None:
         self.pending = self.pick(logits)
 
-    def _draft(self, k_max: int) -> tuple[int, float]:
-        """Heads 1..k draft the tokens after the pending one; returns (k, seconds in llama.cpp)."""
+    def _draft(self, k_max: int) -> tuple[float, bool]:
+        """Heads 1..k_max draft the tokens after the pending one.
+
+        Returns (seconds in llama.cpp, whether the timing is typical of a draft:
+        False when a head had more rows to catch up on than one step adds).
+        """
         native = 0.0
+        typical = True
         for k in range(k_max):
+            typical = typical and self.e._n_main - self.e._n_head[k] <= self.heads + 1
             native += self.e.feed_head(k)
             logits = self.e._heads[k].logits(1)[0]
             if self.greedy:
                 self.drafts[k] = sampling.greedy(logits)
             else:
                 self.drafts[k] = sampling.sample(self.warper.probs(logits, self.q[k]), self.rng)
-        return k_max, native
+        return native, typical
 
     def _verify(self, k: int) -> float:
         """One main forward over [pending, d_1..d_k]; returns seconds in llama.cpp."""
@@ -562,7 +600,7 @@ class _Step:
         e = self.e
         k = min(self.policy.choose(), room, self.heads)
         t_heads = _perf()
-        k, native_heads = self._draft(k)
+        native_heads, typical = self._draft(k)
         t_heads = _perf() - t_heads
         verify_s = self._verify(k)
         accepted, nxt = self._accept(k)
@@ -576,7 +614,7 @@ class _Step:
         for i in range(k):
             stats.drafted_tokens[i] += 1
             stats.accepted_tokens[i] += int(i < accepted)
-        self.policy.observe(k, accepted, verify_s, t_heads, k)
+        self.policy.observe(k, accepted, verify_s, t_heads, k if typical else 0)
         self.new_tokens = [int(t) for t in self.drafts[:accepted]] + [nxt]
         self.new_flags = [True] * accepted + [False]
         self.pending = nxt

@@ -373,6 +373,24 @@ def test_draft_policy_follows_acceptance_and_cost() -> None:
         k = policy.choose()
         policy.observe(k, accepted=k, verify_s=0.010 * (1 + 0.1 * k), head_s=0.001 * k, heads_run=k)
     assert policy.k == 3
+    # probes back off while they confirm the choice: useless heads are tried rarely ...
+    policy = DraftPolicy(3, adaptive=True)
+
+    def steps(n: int, accept: bool) -> list[int]:
+        out = []
+        for _ in range(n):
+            k = policy.choose()
+            out.append(k)
+            policy.observe(k, accepted=k if accept else 0, verify_s=0.010 * (1 + 0.3 * k), head_s=0.0005 * k,
+                           heads_run=k)
+        return out
+
+    chosen = steps(4000, accept=False)
+    assert sum(1 for k in chosen[8:] if k) <= 12  # log2(4000 / 16) probes, give or take
+    # ... yet heads that start being accepted are found again quickly
+    chosen = steps(1000, accept=True)
+    assert policy.k == 3 and chosen[-500:].count(3) >= 490
+    assert chosen.index(3) < 600
     # not adaptive: always every head
     policy = DraftPolicy(2, adaptive=False)
     assert {policy.choose() for _ in range(40)} == {2}
