@@ -118,26 +118,33 @@ class DraftPolicy:
     probe_min = 16
     probe_max = 512
     probe_after_win = 4  # steps to the next probe after one that beat the choice
-    warmup_steps = 8
+    # First steps: plain (the cost of a 1-row forward, and no loss), then one
+    # head (its acceptance, the cost of 2 rows). More heads are tried when the
+    # estimates say they would pay: the prior on heads not yet seen is optimistic.
+    warmup = (0, 0, 1, 1, 1, 1)
 
     def __init__(self, max_heads: int, adaptive: bool, measured: bool = True) -> None:
         self.max_heads = max_heads
         self.adaptive = adaptive and max_heads > 0
         self.measured = measured
         self.chain = np.array([0.6 ** (k + 1) for k in range(max_heads)])  # optimistic prior
+        self.seen = [0] * max_heads  # drafts of each head observed
         self.t_verify: dict[int, float] = {}
         self.t_head = 0.0
         self.k = max_heads
         self.steps = 0
         self.probes = 0
         self.probe_interval = self.probe_min
+        self.warmup_steps = len(self.warmup)
         self._next_probe = self.warmup_steps + self.probe_min
         self._confirm: int | None = None  # a probe that won, to repeat at the next probe
 
     def choose(self) -> int:
         self.steps += 1
-        if not self.adaptive or self.steps <= self.warmup_steps or (self.measured and not self.t_verify):
+        if not self.adaptive:
             return self.max_heads
+        if self.steps <= self.warmup_steps:
+            return min(self.warmup[self.steps - 1], self.max_heads)
         best = max(range(self.max_heads + 1), key=self._rate)
         if best != self.k:  # the estimates moved: look around again soon
             self._look_again_soon()
@@ -176,15 +183,16 @@ class DraftPolicy:
     def observe(self, k: int, accepted: int, verify_s: float, head_s: float, heads_run: int) -> None:
         """One step's outcome; ``heads_run`` 0 leaves the head timing alone (e.g. a head caught up
         on many rows, which says nothing about the cost of a draft)."""
-        if self.adaptive and k != self.k and self.steps > self.warmup_steps and self.t_verify:
+        if self.adaptive and k != self.k and self.steps > self.warmup_steps:
             t_head = self.t_head if self.measured else 0.05
             cost = (verify_s if self.measured else self._verify_time(k + 1)) + k * t_head
             if (1 + accepted) / cost > self._rate(self.k):  # a probe did better than the choice:
                 self._look_again_soon(self.probe_after_win)  # try it again soon
                 self._confirm = k
+        for i in range(k):  # a plain mean of the first observations, then a running one
+            self.seen[i] += 1
+            self.chain[i] += max(self.alpha, 1.0 / self.seen[i]) * (float(accepted > i) - self.chain[i])
         a = self.alpha
-        for i in range(k):
-            self.chain[i] += a * (float(accepted > i) - self.chain[i])
         rows = k + 1
         old = self.t_verify.get(rows)
         self.t_verify[rows] = verify_s if old is None else old + a * (verify_s - old)

@@ -365,7 +365,7 @@ def test_draft_policy_follows_acceptance_and_cost() -> None:
         k = policy.choose()
         chosen.append(k)
         policy.observe(k, accepted=0, verify_s=0.010 * (1 + 0.5 * k), head_s=0.001 * k, heads_run=k)
-    assert chosen[:8] == [3] * 8  # warm-up with every head
+    assert chosen[:6] == [0, 0, 1, 1, 1, 1]  # warm-up: plain, then one head
     assert chosen[-16:].count(0) >= 14  # then plain decoding, with an occasional probe
     # heads always accepted and verify rows nearly free: keep all heads
     policy = DraftPolicy(3, adaptive=True)
@@ -401,11 +401,11 @@ def test_adaptive_policy_learns_across_calls(tiny_bundle) -> None:
     with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as engine:
         first = run(engine, PROMPTS[0], max_tokens=80, heads=3)[3].stats
         second = run(engine, PROMPTS[2], max_tokens=20, heads=3)[3].stats
-        assert first.drafted_tokens[2] >= 8  # warm-up with every head
-        assert second.drafted_tokens[2] <= 2  # at most a probe
+        assert first.drafted_tokens[0] >= 4  # warm-up with one head
+        assert sum(second.drafted_tokens) <= 2  # at most a probe
         # seeded sampling does not use (or change) what greedy decoding learned
         opts = dict(max_tokens=20, heads=3, sampling=SamplingOptions(temperature=1.0, seed=3))
-        assert run(engine, PROMPTS[2], **opts)[3].stats.drafted_tokens[2] >= 8
+        assert run(engine, PROMPTS[2], **opts)[3].stats.drafted_tokens[0] >= 4  # a fresh policy's warm-up
 
 
 def test_small_batches_chunk_prefill_and_head_catch_up(agree_bundle) -> None:
