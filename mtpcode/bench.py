@@ -30,6 +30,10 @@ from mtpcode.errors import DataError, MtpError, NoInputError, OutputError, Usage
 SCHEMA = "mtpcode-bench/1"
 ANCHOR = "llama.cpp"  # the configuration name of the plain llama-cpp-python Llama run
 SLOW_BAR = 0.95  # a speculative configuration slower than this fraction of plain is flagged
+# The bar is checked on the ratio of each configuration's fastest run to plain's
+# fastest run of the same prompt ("best-run" speedup): on a shared machine other
+# programs only ever add time, so the fastest of N runs is the least disturbed
+# estimate (as timeit does). The median of per-repetition ratios is reported too.
 
 
 # ---------------------------------------------------------------------------
@@ -472,10 +476,12 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
             tps = [r.stats["decode_tokens_per_s"] for r in rs]
             paired = [r.stats["decode_tokens_per_s"] / b.stats["decode_tokens_per_s"]
                       for r in rs for b in base if b.repeat == r.repeat and b.stats["decode_tokens_per_s"] > 0]
+            best_base = max(b.stats["decode_tokens_per_s"] for b in base)
             c: dict[str, Any] = {
                 "decode_tokens_per_s": round(_median(tps), 2),
                 "decode_tokens_per_s_all": tps,
                 "speedup": round(_median(paired), 3),
+                "speedup_best": round(max(tps) / best_base, 3) if best_base > 0 else 0.0,
                 "speedup_of_medians": round(_median(tps) / base_tps, 3) if base_tps else 0.0,
                 "prefill_tokens_per_s": round(_median([r.stats.get("prefill_tokens_per_s", 0.0) for r in rs]), 1),
                 "tokens_per_forward": round(_median([r.stats.get("tokens_per_forward", 0.0) for r in rs]), 3),
@@ -495,12 +501,16 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
     for config in configs:
         cs = [p["configs"][config] for p in per_prompt]
         speedups = [c["speedup"] for c in cs]
+        best = [c["speedup_best"] for c in cs]
         rs = [r for r in runs if r.config == config]
         s: dict[str, Any] = {
             "median_speedup": round(_median(speedups), 3),
             "min_speedup": round(min(speedups), 3),
             "max_speedup": round(max(speedups), 3),
-            "prompts_below_bar": [p["name"] for p, c in zip(per_prompt, cs) if config != "0" and c["speedup"] < SLOW_BAR],
+            "median_speedup_best": round(_median(best), 3),
+            "min_speedup_best": round(min(best), 3),
+            "prompts_below_bar": [p["name"] for p, c in zip(per_prompt, cs)
+                                  if config != "0" and c["speedup_best"] < SLOW_BAR],
             "median_decode_tokens_per_s": round(_median([c["decode_tokens_per_s"] for c in cs]), 2),
             "median_prefill_tokens_per_s": round(_median([c["prefill_tokens_per_s"] for c in cs]), 1),
         }
@@ -567,7 +577,7 @@ def format_table(doc: dict[str, Any]) -> str:
                  f"adaptive={'on' if cond['adaptive'] else 'off'}")
     head = f"{'prompt':<34} {'plain tok/s':>11}"
     for c in spec:
-        head += f" | {c}h tok/s  speedup tok/fwd"
+        head += f" | {c}h tok/s  median/best-run x tok/fwd"
     if ANCHOR in configs:
         head += f" | {'llama.cpp':>9}"
     lines.append(head)
@@ -576,14 +586,15 @@ def format_table(doc: dict[str, Any]) -> str:
         cs = p["configs"]
         row = f"{p['name'][-34:]:<34} {cs['0']['decode_tokens_per_s']:>11.1f}"
         for c in spec:
-            mark = "!" if cs[c]["speedup"] < SLOW_BAR else " "
-            row += f" | {cs[c]['decode_tokens_per_s']:>8.1f} {cs[c]['speedup']:>7.2f}x{mark}{cs[c]['tokens_per_forward']:>6.2f}"
+            mark = "!" if cs[c]["speedup_best"] < SLOW_BAR else " "
+            row += (f" | {cs[c]['decode_tokens_per_s']:>8.1f} {cs[c]['speedup']:>7.2f}x /{cs[c]['speedup_best']:>5.2f}x{mark}"
+                    f"{cs[c]['tokens_per_forward']:>6.2f}")
         if ANCHOR in configs:
             row += f" | {cs[ANCHOR]['decode_tokens_per_s']:>9.1f}"
         lines.append(row)
     lines.append("")
-    lines.append(f"{'config':<10} {'median x':>8} {'min x':>6} {'tok/fwd':>7} {'tok/s':>8} {'prefill':>8} "
-                 f"{'py ms/step':>10} {'llama ms/step':>13}  acceptance per head")
+    lines.append(f"{'config':<10} {'median x':>8} {'min x':>6} {'best-run x':>10} {'min':>5} {'tok/fwd':>7} "
+                 f"{'tok/s':>8} {'prefill':>8} {'py ms/step':>10} {'llama ms/step':>13}  acceptance per head")
     for c in configs:
         s = doc["summary"][c]
         name = "plain" if c == "0" else (ANCHOR if c == ANCHOR else f"{c} heads")
@@ -591,7 +602,8 @@ def format_table(doc: dict[str, Any]) -> str:
         py = f"{s['python_ms_per_step']:.2f}" if "python_ms_per_step" in s else "-"
         nat = f"{s['native_ms_per_step']:.2f}" if "native_ms_per_step" in s else "-"
         tpf = f"{s['tokens_per_forward']:.2f}" if "tokens_per_forward" in s else "1.00"
-        lines.append(f"{name:<10} {s['median_speedup']:>7.2f}x {s['min_speedup']:>5.2f}x {tpf:>7} "
+        lines.append(f"{name:<10} {s['median_speedup']:>7.2f}x {s['min_speedup']:>5.2f}x "
+                     f"{s['median_speedup_best']:>9.2f}x {s['min_speedup_best']:>4.2f}x {tpf:>7} "
                      f"{s['median_decode_tokens_per_s']:>8.1f} {s['median_prefill_tokens_per_s']:>8.0f} "
                      f"{py:>10} {nat:>13}  {acc}")
     a = doc["anchors"]
@@ -617,9 +629,9 @@ def format_table(doc: dict[str, Any]) -> str:
     slow = {c: doc["summary"][c]["prompts_below_bar"] for c in spec if doc["summary"][c]["prompts_below_bar"]}
     if slow:
         for c, names in slow.items():
-            lines.append(f"SLOWER THAN PLAIN ({c} heads < {SLOW_BAR}x): {', '.join(names)}")
+            lines.append(f"SLOWER THAN PLAIN ({c} heads, best-run speedup < {SLOW_BAR}x): {', '.join(names)}")
     else:
-        lines.append(f"speculative >= {SLOW_BAR}x plain on every prompt")
+        lines.append(f"speculative >= {SLOW_BAR}x plain on every prompt (best-run speedup)")
     return "\n".join(lines)
 
 

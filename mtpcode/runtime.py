@@ -127,7 +127,7 @@ class DraftPolicy:
         self.max_heads = max_heads
         self.adaptive = adaptive and max_heads > 0
         self.measured = measured
-        self.chain = np.array([0.6 ** (k + 1) for k in range(max_heads)])  # optimistic prior
+        self.chain = [0.6 ** (k + 1) for k in range(max_heads)]  # optimistic prior (floats: called every step)
         self.seen = [0] * max_heads  # drafts of each head observed
         self.t_verify: dict[int, float] = {}
         self.t_head = 0.0
@@ -176,7 +176,7 @@ class DraftPolicy:
         return self.t_verify[ref] * (0.7 + 0.3 * rows) / (0.7 + 0.3 * ref)
 
     def _rate(self, k: int) -> float:
-        tokens = 1.0 + float(self.chain[:k].sum())
+        tokens = 1.0 + sum(self.chain[:k])
         t_head = self.t_head if self.measured else 0.05
         return tokens / (self._verify_time(k + 1) + k * t_head)
 
@@ -416,7 +416,11 @@ class Engine:
         out = _Output(self._model, stops)
         try:
             t0 = _perf()
-            stats.prompt_tokens_processed = self._prefill(ids)
+            stats.prompt_tokens_processed = self._prefill(ids, cancel)
+            if self._n_main < len(ids):  # cancelled between prefill batches: what is evaluated stays cached
+                stats.prefill_s = _perf() - t0
+                yield Done(text="", stop_reason="interrupted", stats=stats)
+                return
             for k in range(heads):
                 self.feed_head(k)
             step.start(self._main.logits(1)[0])
@@ -478,10 +482,11 @@ class Engine:
 
     # -- phases -------------------------------------------------------------
 
-    def _prefill(self, ids: list[int]) -> int:
+    def _prefill(self, ids: list[int], cancel: threading.Event | None = None) -> int:
         """Bring the main KV to ``ids`` reusing the common prefix; returns tokens evaluated.
 
         The last prompt token is always evaluated (its logits choose the first token).
+        ``cancel`` is checked between batches: then the KV holds only a prefix of ``ids``.
         """
         main = self._main
         cached = self._tokens[: self._n_main]
@@ -494,13 +499,13 @@ class Engine:
         self._reconcile()
         self._tokens[common: len(ids)] = ids[common:]
         pos = common
-        while pos < len(ids):
+        while pos < len(ids) and not (cancel is not None and cancel.is_set()):
             n_rows = min(self.n_batch, len(ids) - pos)
             main.batch.tokens[:n_rows] = self._tokens[pos: pos + n_rows]
             main.decode(n_rows, pos, last_logits_only=True)
             pos += n_rows
             self._n_main = pos
-        return len(ids) - common
+        return pos - common
 
     def feed_head(self, k: int) -> float:
         """Feed head k (0-based) the trunk rows it has not seen; returns seconds in llama.cpp.

@@ -285,6 +285,37 @@ def test_keyboard_interrupt_and_cancel_leave_engine_consistent(agree_bundle) -> 
         assert run(engine, PROMPTS[2], **opts)[0] == ref
 
 
+def test_cancel_during_a_long_prefill_stops_it_and_keeps_the_evaluated_prefix(tiny_bundle) -> None:
+    prompt = "for i in range(10):\n    x = i * 2\n" * 20
+    with Engine(tiny_bundle, n_ctx=1024, n_batch=16, n_threads=1) as engine:
+        ids = engine.tokenize(prompt)
+        ref = run(engine, ids, max_tokens=8, heads=3)[0]
+        other = engine.tokenize("# a different file\n" + prompt)
+        before = engine.cached_tokens
+        common = next(i for i, (a, b) in enumerate(zip(before, other)) if a != b)
+        assert len(other) - common > 4 * 16
+        cancel = threading.Event()
+        decode = engine._main.decode
+        calls = []
+
+        def decode_then_cancel(*args, **kwargs):  # Ctrl-C in the REPL while the 3rd batch runs
+            calls.append(args)
+            if len(calls) == 3:
+                cancel.set()
+            return decode(*args, **kwargs)
+
+        engine._main.decode = decode_then_cancel
+        try:
+            events = list(engine.generate(other, GenerationOptions(max_tokens=8, heads=3), cancel=cancel))
+        finally:
+            del engine._main.decode
+        assert len(calls) == 3  # no 4th batch
+        assert len(events) == 1 and events[0].stop_reason == "interrupted" and events[0].text == ""
+        assert events[0].stats.prompt_tokens_processed == 3 * 16
+        assert engine.cached_tokens == other[: common + 3 * 16]  # the evaluated prefix stays cached
+        assert run(engine, ids, max_tokens=8, heads=3)[0] == ref  # and the engine goes on as before
+
+
 def test_sampling_is_reproducible_with_a_seed(tiny_bundle) -> None:
     sampling = SamplingOptions(temperature=0.9, top_k=40, top_p=0.95, min_p=0.02, seed=1234)
     with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as engine:
