@@ -107,6 +107,9 @@ class Stats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     python_s: float = 0.0  # decode time spent in Python (sampling, bookkeeping), not in llama.cpp
+    # CPU time of the generating thread during decode_s: with one llama.cpp thread (which computes in
+    # the calling thread) all of the decode's work, without the time other programs took the CPU
+    decode_cpu_s: float = 0.0
     seed: int | None = None
 
     @property
@@ -133,6 +136,7 @@ class Stats:
             acceptance=[round(a, 4) for a in self.acceptance],
             prefill_tokens_per_s=round(self.prefill_tps, 2),
             decode_tokens_per_s=round(self.decode_tps, 2),
+            decode_tokens_per_cpu_s=round(self.generated_tokens / self.decode_cpu_s, 2) if self.decode_cpu_s > 0 else 0.0,
         )
         return data
 

@@ -40,6 +40,7 @@ from mtpcode.generation import Done, GenerationOptions, Piece, Stats, StopCondit
 from mtpcode.llama import Context, Model, TrunkCapture, default_threads, repack_pattern, use_extra_bufts
 
 _perf = time.perf_counter
+_cpu = time.thread_time
 
 
 # ---------------------------------------------------------------------------
@@ -425,8 +426,8 @@ class Engine:
                 self.feed_head(k)
             step.start(self._main.logits(1)[0])
             stats.prefill_s = _perf() - t0
-            t_decode = _perf()
-            native = suspended = 0.0
+            t_decode, c_decode = _perf(), _cpu()
+            native = suspended = suspended_cpu = 0.0
             pending = [step.pending]
             drafted_flags = [False]
             n_total = len(ids)
@@ -450,9 +451,10 @@ class Engine:
                     n_total += 1
                 text = out.push(emit)
                 if emit or text:
-                    t_yield = _perf()
+                    t_yield, c_yield = _perf(), _cpu()
                     yield Piece(text=text, token_ids=tuple(emit), drafted=tuple(flags))
                     suspended += _perf() - t_yield  # the consumer's time is not decode time
+                    suspended_cpu += _cpu() - c_yield
                 if self._owner is not owner:
                     raise MtpError("this generation was superseded by a newer generate() call on the same engine")
                 reason = reason or out.stop_reason
@@ -469,6 +471,7 @@ class Engine:
                 native += step.run(max(0, room), stats)
                 pending, drafted_flags = step.new_tokens, step.new_flags
             stats.decode_s = _perf() - t_decode - suspended
+            stats.decode_cpu_s = max(0.0, _cpu() - c_decode - suspended_cpu)
             stats.python_s = max(0.0, stats.decode_s - native)
             tail = out.push([], final=True)
             if tail:
