@@ -30,6 +30,9 @@ from mtpcode.errors import DataError, MtpError, NoInputError, OutputError, Usage
 SCHEMA = "mtpcode-bench/1"
 ANCHOR = "llama.cpp"  # the configuration name of the plain llama-cpp-python Llama run
 SLOW_BAR = 0.95  # a speculative configuration slower than this fraction of plain is flagged
+# An A/A control: plain decoding run a second time as its own configuration. Its
+# "speedup" over plain is pure measurement noise, shown next to the real ones.
+CONTROL = "plain-again"
 # Speedups are medians over repetitions of (configuration / plain) in the same
 # repetition, on two clocks: wall-clock, and CPU time of the decoding thread.
 # On a shared machine other programs take the CPU away for tens of milliseconds,
@@ -226,6 +229,11 @@ class Run:
     peak_rss_mb: float
 
 
+def heads_of(config: str) -> int:
+    """Draft heads of an engine configuration ("0", CONTROL: none)."""
+    return 0 if config == CONTROL else int(config)
+
+
 def bar_estimator(threads: int) -> str:
     """Which per-prompt speedup the never-slower bar is checked on (see SLOW_BAR)."""
     return "speedup_cpu" if threads == 1 else "speedup"
@@ -347,7 +355,7 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
         bad = [h for h in head_list if not 0 < h <= engine.n_heads]
         if bad:
             raise UsageError(f"--heads {bad[0]}: this bundle has {engine.n_heads} draft heads")
-        configs = ["0", *(str(h) for h in head_list)]
+        configs = ["0", CONTROL, *(str(h) for h in head_list)]
         if anchor:
             anchor_obj = Anchor(engine.bundle.main_path, n_ctx=n_ctx, n_threads=n_threads,
                                 extra_bufts=engine.extra_bufts, flash_attn=engine.flash_attn)
@@ -372,12 +380,12 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
                 shift = (r + pi) % len(configs)
                 for config in configs[shift:] + configs[:shift]:
                     say(f"[{len(runs) + 1}/{total}] repeat {r + 1}, prompt {pi + 1} ({prompts[pi].name}), "
-                        f"{'plain llama.cpp' if config == ANCHOR else config + ' heads'}")
+                        f"{config if config in (ANCHOR, CONTROL) else config + ' heads'}")
                     reset_peak_rss()
                     if config == ANCHOR:
                         tokens, stats = anchor_obj.run(ids, max_tokens)
                     else:
-                        tokens, stats = _engine_run(engine, ids, int(config), max_tokens, adaptive)
+                        tokens, stats = _engine_run(engine, ids, heads_of(config), max_tokens, adaptive)
                     runs.append(Run(pi, config, r, tokens, stats, round(peak_rss_mb(), 1)))
         doc = _summarize(engine, prompts, prompt_ids, configs, runs)
         doc["conditions"] = _conditions(engine, model_path, n_threads, n_ctx, max_tokens, repeat, adaptive,
@@ -414,7 +422,7 @@ def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int) -> dict[
     # predicted speedup from the measured tokens/forward and these costs (no Python overhead)
     pred = {}
     for config, s in doc["summary"].items():
-        if config in ("0", ANCHOR) or "drafts_per_step" not in s:
+        if config in ("0", CONTROL, ANCHOR) or "drafts_per_step" not in s:
             continue
         k = s["drafts_per_step"]  # adaptive: the mean number of drafts actually verified per step
         lo, hi = int(np.floor(k)), int(np.ceil(k))
@@ -502,8 +510,8 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
                 "peak_rss_mb": max(r.peak_rss_mb for r in rs),
             }
             if config != ANCHOR:
-                drafted = np.sum([r.stats["drafted_tokens"] for r in rs], axis=0) if int(config) else []
-                accepted = np.sum([r.stats["accepted_tokens"] for r in rs], axis=0) if int(config) else []
+                drafted = np.sum([r.stats["drafted_tokens"] for r in rs], axis=0) if heads_of(config) else []
+                accepted = np.sum([r.stats["accepted_tokens"] for r in rs], axis=0) if heads_of(config) else []
                 c["acceptance"] = [round(float(a) / float(d), 4) if d else 0.0 for a, d in zip(accepted, drafted)]
                 c["drafted_tokens"] = [int(d) for d in drafted]
                 c["python_ms_per_step"] = round(_median([r.stats["python_ms_per_step"] for r in rs]), 4)
@@ -524,7 +532,7 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
             "median_speedup_cpu": round(_median(cpu), 3),
             "min_speedup_cpu": round(min(cpu), 3),
             "prompts_below_bar": [p["name"] for p, c in zip(per_prompt, cs)
-                                  if config != "0" and c[bar_key] < SLOW_BAR],
+                                  if config not in ("0", CONTROL) and c[bar_key] < SLOW_BAR],
             "median_decode_tokens_per_s": round(_median([c["decode_tokens_per_s"] for c in cs]), 2),
             "median_prefill_tokens_per_s": round(_median([c["prefill_tokens_per_s"] for c in cs]), 1),
         }
@@ -532,7 +540,7 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
             gen = sum(r.stats["generated_tokens"] for r in rs)
             fwd = sum(r.stats["main_forwards"] for r in rs)
             s["tokens_per_forward"] = round(gen / fwd, 3) if fwd else 0.0
-            if int(config):
+            if heads_of(config):
                 drafted = np.sum([r.stats["drafted_tokens"] for r in rs], axis=0)
                 accepted = np.sum([r.stats["accepted_tokens"] for r in rs], axis=0)
                 s["acceptance"] = [round(float(a) / float(d), 4) if d else 0.0 for a, d in zip(accepted, drafted)]
@@ -568,7 +576,7 @@ def _anchors(engine, doc: dict[str, Any]) -> dict[str, Any]:
         "plain_tokens_per_s_bound": round(gbs / main_bytes, 1),
     }
     for config, s in doc["summary"].items():
-        if config in ("0", ANCHOR):
+        if config in ("0", CONTROL, ANCHOR):
             continue
         k = int(config)
         tpf = s.get("tokens_per_forward", 1.0)
@@ -583,7 +591,7 @@ def _anchors(engine, doc: dict[str, Any]) -> dict[str, Any]:
 def format_table(doc: dict[str, Any]) -> str:
     """The terminal report of a bench document."""
     configs = doc["configs"]
-    spec = [c for c in configs if c not in ("0", ANCHOR)]
+    spec = [c for c in configs if c not in ("0", CONTROL, ANCHOR)]
     lines = []
     cond = doc["conditions"]
     bar_key = bar_estimator(cond["threads"])
@@ -592,6 +600,8 @@ def format_table(doc: dict[str, Any]) -> str:
                  f"{cond['max_tokens']} tokens x {len(doc['prompts'])} prompts x {cond['repeat']} repeats, "
                  f"adaptive={'on' if cond['adaptive'] else 'off'}")
     head = f"{'prompt':<34} {'plain tok/s':>11}"
+    if CONTROL in configs:
+        head += f" {'A/A x':>6}"
     for c in spec:
         head += f" | {c}h tok/s  wall/cpu speedup tok/fwd"
     if ANCHOR in configs:
@@ -601,6 +611,8 @@ def format_table(doc: dict[str, Any]) -> str:
     for p in doc["prompts"]:
         cs = p["configs"]
         row = f"{p['name'][-34:]:<34} {cs['0']['decode_tokens_per_s']:>11.1f}"
+        if CONTROL in configs:
+            row += f" {cs[CONTROL][bar_key]:>5.2f}x"
         for c in spec:
             mark = "!" if cs[c][bar_key] < SLOW_BAR else " "
             row += (f" | {cs[c]['decode_tokens_per_s']:>8.1f} {cs[c]['speedup']:>7.2f}x /{cs[c]['speedup_cpu']:>5.2f}x{mark}"
@@ -613,7 +625,7 @@ def format_table(doc: dict[str, Any]) -> str:
                  f"{'tok/s':>8} {'prefill':>8} {'py ms/step':>10} {'llama ms/step':>13}  acceptance per head")
     for c in configs:
         s = doc["summary"][c]
-        name = "plain" if c == "0" else (ANCHOR if c == ANCHOR else f"{c} heads")
+        name = "plain" if c == "0" else (c if c in (ANCHOR, CONTROL) else f"{c} heads")
         acc = " ".join(f"{a:.0%}" for a in s.get("acceptance", [])) or "-"
         py = f"{s['python_ms_per_step']:.2f}" if "python_ms_per_step" in s else "-"
         nat = f"{s['native_ms_per_step']:.2f}" if "native_ms_per_step" in s else "-"
@@ -642,6 +654,10 @@ def format_table(doc: dict[str, Any]) -> str:
     mem = doc["memory"]
     lines.append(f"memory: engine {mem['engine_rss_mb']:.0f} MB RSS after load, peak {mem['peak_rss_mb']:.0f} MB "
                  "(process, with the llama.cpp anchor loaded)")
+    if CONTROL in configs:
+        aa = [p["configs"][CONTROL][bar_key] for p in doc["prompts"]]
+        lines.append(f"A/A control (plain decoding run again as its own configuration): {clock} ratios "
+                     f"{min(aa):.2f}x-{max(aa):.2f}x over the prompts: differences of that size are noise")
     slow = {c: doc["summary"][c]["prompts_below_bar"] for c in spec if doc["summary"][c]["prompts_below_bar"]}
     if slow:
         for c, names in slow.items():
@@ -721,7 +737,7 @@ def bench_svg(doc: dict[str, Any]) -> str:
     """Speedup and tokens per forward vs number of heads (per prompt and median)."""
     from mtpcode.bench_svg import Panel, Series, render
 
-    ks = [int(c) for c in doc["configs"] if c != ANCHOR]
+    ks = [int(c) for c in doc["configs"] if c not in (ANCHOR, CONTROL)]
     sp = Panel("decode speedup over plain", "draft heads", "speedup (x)", xticks=ks,
                hlines=[(1.0, "plain"), (SLOW_BAR, f"{SLOW_BAR}x bar")])
     tp = Panel("tokens per main forward", "draft heads", "tokens / forward", xticks=ks, hlines=[(1.0, "")])

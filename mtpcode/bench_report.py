@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mtpcode.bench import ANCHOR, MODE_LABELS, SLOW_BAR, bar_estimator
+from mtpcode.bench import ANCHOR, CONTROL, MODE_LABELS, SLOW_BAR, bar_estimator
 
 
 def _row(cells: list[Any]) -> str:
@@ -19,10 +19,10 @@ def _row(cells: list[Any]) -> str:
 
 def bench_markdown(doc: dict[str, Any]) -> str:
     configs = doc["configs"]
-    spec = [c for c in configs if c not in ("0", ANCHOR)]
+    spec = [c for c in configs if c not in ("0", CONTROL, ANCHOR)]
     bar_key = bar_estimator(doc["conditions"]["threads"])
     out = []
-    header = ["prompt", "prompt tok", "plain tok/s"]
+    header = ["prompt", "prompt tok", "plain tok/s"] + (["plain again (A/A)"] if CONTROL in configs else [])
     for c in spec:
         header += [f"{c} heads tok/s", f"{c}h speedup (wall / CPU)", f"{c}h tok/fwd"]
     if ANCHOR in configs:
@@ -31,6 +31,8 @@ def bench_markdown(doc: dict[str, Any]) -> str:
     for p in doc["prompts"]:
         cs = p["configs"]
         cells = [f"`{p['name']}`", p["prompt_tokens"], f"{cs['0']['decode_tokens_per_s']:.1f}"]
+        if CONTROL in configs:
+            cells.append(f"{cs[CONTROL]['speedup']:.2f}x / {cs[CONTROL]['speedup_cpu']:.2f}x")
         for c in spec:
             flag = " **(<0.95)**" if cs[c][bar_key] < SLOW_BAR else ""
             cells += [f"{cs[c]['decode_tokens_per_s']:.1f}", f"{cs[c]['speedup']:.2f}x / {cs[c]['speedup_cpu']:.2f}x{flag}",
@@ -45,7 +47,8 @@ def bench_markdown(doc: dict[str, Any]) -> str:
     out += [_row(header), _row(["---"] * len(header))]
     for c in configs:
         s = doc["summary"][c]
-        name = "plain (0 heads)" if c == "0" else ("llama-cpp-python `Llama`, greedy" if c == ANCHOR else f"{c} heads")
+        name = {"0": "plain (0 heads)", CONTROL: "plain again (A/A control)",
+                ANCHOR: "llama-cpp-python `Llama`, greedy"}.get(c, f"{c} heads")
         acc = " / ".join(f"{a:.0%}" for a in s.get("acceptance", [])) or "-"
         out.append(_row([
             name, f"{s['median_speedup']:.2f}x", f"{s['min_speedup']:.2f}x",

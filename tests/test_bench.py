@@ -55,11 +55,11 @@ def test_bench_json_fields_and_identical_greedy_output(agreeing_bundle, prompts_
     assert code == 0, stderr
     doc = json.loads(out.read_text())
     assert doc["schema"] == "mtpcode-bench/1"
-    assert doc["configs"] == ["0", "1", "2", "3", "llama.cpp"]
+    assert doc["configs"] == ["0", "plain-again", "1", "2", "3", "llama.cpp"]
     assert doc["greedy_identical"] is True and doc["mismatches"] == []
     assert [p["name"] for p in doc["prompts"]] == ["a.py", "b.py"]
     # every configuration ran on every prompt, every repetition
-    assert len(doc["runs"]) == 2 * 2 * 5
+    assert len(doc["runs"]) == 2 * 2 * 6
     for p in doc["prompts"]:
         assert p["generated_tokens"] > 0
         for config, c in p["configs"].items():
@@ -68,7 +68,7 @@ def test_bench_json_fields_and_identical_greedy_output(agreeing_bundle, prompts_
             # CPU time of the decoding thread never exceeds its wall-clock time (rates: the other way round)
             assert c["decode_tokens_per_cpu_s"] >= 0.99 * c["decode_tokens_per_s"]
             assert c["peak_rss_mb"] > 0
-            if config not in ("0", "llama.cpp"):
+            if config not in ("0", "plain-again", "llama.cpp"):
                 assert len(c["acceptance"]) == int(config)
                 assert all(0.0 <= a <= 1.0 for a in c["acceptance"])
                 assert c["python_ms_per_step"] >= 0 and c["native_ms_per_step"] > 0
@@ -96,7 +96,7 @@ def test_bench_plain_and_speculative_agree_with_llama_on_random_model(tiny_bundl
                               "--json", str(out), "-q"])
     assert code == 0, stderr
     doc = json.loads(out.read_text())
-    assert doc["configs"] == ["0", "3", "llama.cpp"]
+    assert doc["configs"] == ["0", "plain-again", "3", "llama.cpp"]
     assert doc["greedy_identical"]
 
 
