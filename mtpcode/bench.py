@@ -724,7 +724,10 @@ def divergence_margins(doc: dict[str, Any], threads: int | None = None) -> list[
 
 
 def format_mismatches(doc: dict[str, Any]) -> str:
-    lines = [f"MISMATCH: prompt {m['prompt']}, {m['config']} heads, repeat {m['repeat'] + 1}: greedy output differs "
+    def label(config: str) -> str:
+        return config if config in (ANCHOR, CONTROL) else f"{config} heads"
+
+    lines = [f"MISMATCH: prompt {m['prompt']}, {label(m['config'])}, repeat {m['repeat'] + 1}: greedy output differs "
              f"from plain decoding at token {m['first_difference_at']}" for m in doc["mismatches"]]
     for g in doc.get("mismatch_margins", []):
         lines.append(f"  at {g['prompt']} token {g['at_token']}: logit({g['plain_token']}) - logit({g['speculative_token']}) "
@@ -976,6 +979,10 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
     if plot_out is not None:
         write_plot(doc, plot_out)
     if doc.get("mismatches"):
-        click.secho(format_mismatches(doc), err=True, fg="red", bold=True)
-        raise MtpError(f"greedy output differs from plain decoding in {len(doc['mismatches'])} run(s): "
-                       "speculative decoding is not exact here (see MISMATCH lines above)")
+        speculative = [m for m in doc["mismatches"] if m["config"] != ANCHOR]
+        click.secho(format_mismatches(doc), err=True, fg="red" if speculative else "yellow", bold=bool(speculative))
+        if speculative:
+            raise MtpError(f"greedy output differs from plain decoding in {len(speculative)} run(s): "
+                           "speculative decoding is not exact here (see MISMATCH lines above)")
+        click.echo("bench: note: only llama-cpp-python's own decoding of main.gguf differs from mtpcode's plain "
+                   "decoding (at a near-tie, see above); speculative output matched plain in every run", err=True)

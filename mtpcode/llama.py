@@ -570,8 +570,9 @@ class Context(_Handle):
         params.n_threads = int(n_threads)
         params.n_threads_batch = int(n_threads)
         params.no_perf = True
-        # Flash attention changes the summation order of attention; llama-cpp-python's
-        # Llama keeps it off by default, and greedy output must match it token for token.
+        # Flash attention changes the summation order of attention, so outputs compared
+        # token for token (plain vs speculative, mtpcode vs Llama) must use the same
+        # setting. Off here unless asked for; the Engine asks (docs/runtime.md).
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.capture = capture

@@ -144,8 +144,9 @@ class DraftPolicy:
         self.steps += 1
         if not self.adaptive:
             return self.max_heads
-        if self.steps <= self.warmup_steps:
-            return min(self.warmup[self.steps - 1], self.max_heads)
+        if self.steps <= self.warmup_steps or (self.measured and not self.t_verify):
+            # (no timing yet after the warm-up: steps interrupted between choose and observe)
+            return min(self.warmup[min(self.steps, self.warmup_steps) - 1], self.max_heads)
         best = max(range(self.max_heads + 1), key=self._rate)
         if best != self.k:  # the estimates moved: look around again soon
             self._look_again_soon()
