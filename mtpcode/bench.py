@@ -35,11 +35,10 @@ SLOW_BAR = 0.95  # a speculative configuration slower than this fraction of plai
 CONTROL = "plain-again"
 # Speedups are medians over repetitions of (configuration / plain) in the same
 # repetition, on two clocks: wall-clock, and CPU time of the decoding thread.
-# On a shared machine other programs take the CPU away for tens of milliseconds,
-# which moves wall-clock ratios of ~100 ms runs by +-20 %; CPU time leaves that
-# out and is what an idle machine would show. It is the whole decode only when
-# llama.cpp runs one thread (it computes in the calling thread), so the bar is
-# checked on CPU time then, and on wall-clock time otherwise.
+# CPU time leaves out the time other programs held the CPU (not their contention
+# for caches and memory, which the A/A control shows). It is the whole decode
+# only when llama.cpp runs one thread (it computes in the calling thread), so
+# the bar is checked on CPU time then, and on wall-clock time otherwise.
 
 
 # ---------------------------------------------------------------------------
@@ -229,6 +228,10 @@ class Run:
     peak_rss_mb: float
 
 
+def config_label(config: str) -> str:
+    return {"0": "plain", CONTROL: CONTROL, ANCHOR: ANCHOR}.get(config, f"{config} heads")
+
+
 def heads_of(config: str) -> int:
     """Draft heads of an engine configuration ("0", CONTROL: none)."""
     return 0 if config == CONTROL else int(config)
@@ -380,7 +383,7 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
                 shift = (r + pi) % len(configs)
                 for config in configs[shift:] + configs[:shift]:
                     say(f"[{len(runs) + 1}/{total}] repeat {r + 1}, prompt {pi + 1} ({prompts[pi].name}), "
-                        f"{config if config in (ANCHOR, CONTROL) else config + ' heads'}")
+                        f"{config_label(config)}")
                     reset_peak_rss()
                     if config == ANCHOR:
                         tokens, stats = anchor_obj.run(ids, max_tokens)
@@ -621,16 +624,16 @@ def format_table(doc: dict[str, Any]) -> str:
             row += f" | {cs[ANCHOR]['decode_tokens_per_s']:>9.1f}"
         lines.append(row)
     lines.append("")
-    lines.append(f"{'config':<10} {'median x':>8} {'min x':>6} {'cpu x':>6} {'min':>5} {'tok/fwd':>7} "
+    lines.append(f"{'config':<12} {'median x':>8} {'min x':>6} {'cpu x':>6} {'min':>5} {'tok/fwd':>7} "
                  f"{'tok/s':>8} {'prefill':>8} {'py ms/step':>10} {'llama ms/step':>13}  acceptance per head")
     for c in configs:
         s = doc["summary"][c]
-        name = "plain" if c == "0" else (c if c in (ANCHOR, CONTROL) else f"{c} heads")
+        name = config_label(c)
         acc = " ".join(f"{a:.0%}" for a in s.get("acceptance", [])) or "-"
         py = f"{s['python_ms_per_step']:.2f}" if "python_ms_per_step" in s else "-"
         nat = f"{s['native_ms_per_step']:.2f}" if "native_ms_per_step" in s else "-"
         tpf = f"{s['tokens_per_forward']:.2f}" if "tokens_per_forward" in s else "1.00"
-        lines.append(f"{name:<10} {s['median_speedup']:>7.2f}x {s['min_speedup']:>5.2f}x "
+        lines.append(f"{name:<12} {s['median_speedup']:>7.2f}x {s['min_speedup']:>5.2f}x "
                      f"{s['median_speedup_cpu']:>5.2f}x {s['min_speedup_cpu']:>4.2f}x {tpf:>7} "
                      f"{s['median_decode_tokens_per_s']:>8.1f} {s['median_prefill_tokens_per_s']:>8.0f} "
                      f"{py:>10} {nat:>13}  {acc}")
@@ -724,10 +727,7 @@ def divergence_margins(doc: dict[str, Any], threads: int | None = None) -> list[
 
 
 def format_mismatches(doc: dict[str, Any]) -> str:
-    def label(config: str) -> str:
-        return config if config in (ANCHOR, CONTROL) else f"{config} heads"
-
-    lines = [f"MISMATCH: prompt {m['prompt']}, {label(m['config'])}, repeat {m['repeat'] + 1}: greedy output differs "
+    lines = [f"MISMATCH: prompt {m['prompt']}, {config_label(m['config'])}, repeat {m['repeat'] + 1}: greedy output differs "
              f"from plain decoding at token {m['first_difference_at']}" for m in doc["mismatches"]]
     for g in doc.get("mismatch_margins", []):
         lines.append(f"  at {g['prompt']} token {g['at_token']}: logit({g['plain_token']}) - logit({g['speculative_token']}) "
