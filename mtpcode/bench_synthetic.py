@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from mtpcode import bundle as B
+from mtpcode.config import cache_dir
 from mtpcode.errors import MtpError, UsageError
 
 # name -> ModelParams fields. "7b" is Meta's 7B MTP code model (Gloeckle et al. 2024).
@@ -147,19 +148,6 @@ def random_tensor(kind: str, rows: int, cols: int, std: float, rnd: _RandomBytes
 # the synthetic bundle
 
 
-def cache_root() -> Path:
-    """Where synthetic bundles are kept: MTPCODE_CACHE_DIR, MTPCODE_HOME/cache, else the platform's cache dir."""
-    explicit = os.environ.get("MTPCODE_CACHE_DIR", "").strip()
-    if explicit:
-        return Path(explicit).expanduser()
-    home = os.environ.get("MTPCODE_HOME", "").strip()
-    if home:
-        return Path(home).expanduser() / "cache"
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("mtpcode", appauthor=False))
-
-
 def _vocab(n: int) -> tuple[list[str], list[float], list[int]]:
     """A valid Llama SentencePiece vocabulary of ``n`` pieces: unk, bos, eos, 256 byte pieces, fillers."""
     pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
@@ -266,7 +254,7 @@ def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: 
         raise UsageError(f"synthetic bundles are written in {', '.join(QUANTS)}, not {quant!r}")
     p = ModelParams(**SHAPES[shape])
     heads = p.n_future_tokens - 1 if n_heads is None else min(n_heads, p.n_future_tokens - 1)
-    root = (cache or cache_root()) / "synthetic"
+    root = (cache or cache_dir()) / "synthetic"
     out = root / f"{shape}-{quant.lower()}-{heads}h-{FORMAT_TAG}"
     if (out / B.MANIFEST_NAME).is_file():
         return out

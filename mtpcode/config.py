@@ -98,6 +98,7 @@ class Settings:
             "n_gpu_layers": self.gpu_layers,
             "extra_bufts": self.extra_bufts,
             "flash_attn": self.flash_attn,
+            "policy_dir": cache_dir() / "policy",
         }
 
 
@@ -148,6 +149,20 @@ def data_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
+
+
+def cache_dir() -> Path:
+    """Directory of things mtpcode can rebuild: synthetic benchmark bundles, learned drafting
+    policies (MTPCODE_CACHE_DIR, MTPCODE_HOME/cache, else the platform's)."""
+    explicit = _env_path("MTPCODE_CACHE_DIR")
+    if explicit is not None:
+        return explicit
+    home = _env_path("MTPCODE_HOME")
+    if home is not None:
+        return home / "cache"
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
 
 
 def config_file() -> Path:

@@ -29,7 +29,10 @@ import codecs
 import os
 import threading
 import time
-from typing import Iterator, Sequence
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -39,6 +42,7 @@ from mtpcode.errors import ContextOverflowError, DataError, ModelError, MtpError
 from mtpcode.generation import Done, GenerationOptions, Piece, Stats, StopCondition, StopStrings
 from mtpcode.llama import Context, Model, TrunkCapture, default_threads, repack_pattern, use_extra_bufts
 
+log = logging.getLogger("mtpcode.runtime")
 _perf = time.perf_counter
 _cpu = time.thread_time
 
@@ -167,6 +171,33 @@ class DraftPolicy:
         self.probe_interval = self.probe_min
         self._next_probe = min(self._next_probe, self.steps + (steps or self.probe_min))
 
+    def state(self) -> dict[str, Any]:
+        """What this policy learned (estimates, not its schedule), for :meth:`restore`."""
+        return {"chain": list(self.chain), "seen": list(self.seen),
+                "t_verify": {str(b): t for b, t in self.t_verify.items()}, "t_head": self.t_head}
+
+    def restore(self, state: Any) -> bool:
+        """Start from a :meth:`state` of an earlier run (no warm-up); False (and nothing
+        changed) when ``state`` is not a valid state for this many heads."""
+        try:
+            chain = [float(c) for c in state["chain"]]
+            seen = [int(n) for n in state["seen"]]
+            t_verify = {int(b): float(t) for b, t in state["t_verify"].items()}
+            t_head = float(state["t_head"])
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return False
+        if (len(chain) != self.max_heads or len(seen) != self.max_heads or not t_verify
+                or not all(0.0 <= c <= 1.0 for c in chain) or not all(n >= 0 for n in seen)
+                or not all(1 <= b <= self.max_heads + 1 and 0.0 < t < 60.0 for b, t in t_verify.items())
+                or not 0.0 <= t_head < 60.0):
+            return False
+        # a saved estimate counts as a few observations, so new ones move it soon
+        self.chain, self.seen = chain, [min(n, 5) for n in seen]
+        self.t_verify, self.t_head = t_verify, t_head
+        self.steps = self.warmup_steps
+        self._next_probe = self.steps + self.probe_min
+        return True
+
     def _verify_time(self, rows: int) -> float:
         if not self.measured:
             return 0.7 + 0.3 * rows
@@ -216,7 +247,8 @@ class Engine:
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, n_gpu_layers: int = 0, head_gpu_layers: int | None = None,
-                 extra_bufts: str = "auto", flash_attn: bool = True) -> None:
+                 extra_bufts: str = "auto", flash_attn: bool = True,
+                 policy_dir: str | os.PathLike[str] | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         self.manifest: Manifest = self.bundle.manifest
         self.n_heads = self.manifest.n_heads
@@ -268,6 +300,10 @@ class Engine:
         self._head_logits_at = [-1] * self.n_heads  # position whose logits each head context holds
         self._owner: object | None = None
         self._policies: dict[tuple[int, bool], DraftPolicy] = {}  # learned across calls
+        # ... and across processes: kept per bundle and runtime settings in policy_dir
+        self._policy_file = None if policy_dir is None else Path(policy_dir) / (
+            f"{self.manifest.fingerprint}-t{threads}-fa{int(flash_attn)}-xb{int(extra)}-gpu{n_gpu_layers}.json")
+        self._saved_policies = self._read_policies()
 
     # -- loading checks ---------------------------------------------------
 
@@ -354,8 +390,12 @@ class Engine:
         return self._run(owner, ids, options, heads, all_stops, cancel)
 
     def close(self) -> None:
-        """Free every context and model (idempotent)."""
+        """Save what the drafting policies learned (with ``policy_dir``), free every context and
+        model (idempotent)."""
         self._owner = None
+        if getattr(self, "_policies", None):
+            self._write_policies()
+            self._policies = {}
         for ctx in getattr(self, "_heads", []):
             ctx.close()
         if getattr(self, "_main", None) is not None:
@@ -393,8 +433,44 @@ class Engine:
             return DraftPolicy(heads, adaptive, measured=not reproducible)
         key = (heads, greedy)
         if key not in self._policies:
-            self._policies[key] = DraftPolicy(heads, adaptive=True)
+            policy = DraftPolicy(heads, adaptive=True)
+            saved = self._saved_policies.get(self._policy_key(key))
+            if saved is not None and not policy.restore(saved):
+                log.debug("ignoring an invalid saved drafting policy for %s heads", heads)
+            self._policies[key] = policy
         return self._policies[key]
+
+    @staticmethod
+    def _policy_key(key: tuple[int, bool]) -> str:
+        return f"{key[0]} heads, {'greedy' if key[1] else 'sampled'}"
+
+    def _read_policies(self) -> dict[str, Any]:
+        """The saved policies for this bundle and settings ({} if none or unreadable: they are only a head start)."""
+        if self._policy_file is None:
+            return {}
+        try:
+            data = json.loads(self._policy_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            if not isinstance(exc, FileNotFoundError):
+                log.debug("ignoring %s: %s", self._policy_file, exc)
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _write_policies(self) -> None:
+        if self._policy_file is None:
+            return
+        learned = {self._policy_key(k): p.state() for k, p in self._policies.items() if p.steps > p.warmup_steps}
+        if not learned:
+            return
+        data = {**self._saved_policies, **learned}
+        tmp = self._policy_file.with_name(f".{self._policy_file.name}.{os.getpid()}.tmp")
+        try:
+            self._policy_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+            os.replace(tmp, self._policy_file)  # concurrent engines: the last one to close wins
+        except OSError as exc:
+            log.debug("could not save the drafting policies to %s: %s", self._policy_file, exc)
+            tmp.unlink(missing_ok=True)
 
     def _reconcile(self) -> None:
         """Make the KV caches hold exactly what the bookkeeping says (after an

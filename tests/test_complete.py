@@ -86,6 +86,17 @@ def test_stdout_is_exactly_the_completion(engine, tiny_bundle: Path) -> None:
     assert complete(tiny_bundle, "-n", "32", "--heads", "1", input=prompt.encode()).stdout_bytes == result.stdout_bytes
 
 
+def test_what_drafting_learned_is_kept_in_the_cache_dir(tiny_bundle: Path) -> None:
+    import os
+
+    policies = Path(os.environ["MTPCODE_HOME"]) / "cache" / "policy"  # the tests' private MTPCODE_HOME
+    assert complete(tiny_bundle, "-n", "48", input=b"def f(x):\n").exit_code == 0
+    (saved,) = policies.glob("*.json")
+    assert "greedy" in saved.read_text()
+    assert complete(tiny_bundle, "-n", "8", "--no-speculative", input=b"x = 1\n").exit_code == 0
+    assert list(policies.glob("*.json")) == [saved]  # plain decoding learns nothing, writes nothing new
+
+
 def test_file_argument_and_dash(engine, tiny_bundle: Path, tmp_path: Path) -> None:
     src = tmp_path / "a.py"
     src.write_text("import os\n")

@@ -439,6 +439,34 @@ def test_adaptive_policy_learns_across_calls(tiny_bundle) -> None:
         assert run(engine, PROMPTS[2], **opts)[3].stats.drafted_tokens[0] >= 4  # a fresh policy's warm-up
 
 
+def test_what_the_policy_learned_starts_the_next_engine(tiny_bundle, tmp_path) -> None:
+    """With policy_dir (the CLI's cache), a new engine (a new `mtpcode complete`) skips the warm-up."""
+    import json
+
+    policies = tmp_path / "policy"
+    with Engine(tiny_bundle, n_ctx=CTX, n_threads=1, policy_dir=policies) as first:
+        run(first, PROMPTS[0], max_tokens=80, heads=3)  # random heads: never accepted
+    (saved,) = policies.glob("*.json")
+    state = json.loads(saved.read_text())["3 heads, greedy"]
+    assert state["chain"][0] < 0.2 and set(state["t_verify"]) >= {"1", "2"}
+
+    def drafted(**kwargs) -> list[int]:
+        with Engine(tiny_bundle, n_ctx=CTX, n_threads=1, **kwargs) as engine:
+            return run(engine, PROMPTS[2], max_tokens=20, heads=3)[3].stats.drafted_tokens
+
+    assert sum(drafted(policy_dir=policies)) <= 2  # no warm-up: at most a probe
+    assert drafted()[0] >= 4  # without it, the warm-up drafts with one head
+    assert drafted(policy_dir=tmp_path / "other")[0] >= 4  # nothing saved there yet
+    # a damaged or foreign file is only a lost head start
+    for bad in ("{not json", json.dumps({"3 heads, greedy": {**state, "chain": [2.0, 0.0, 0.0]}}), "[]"):
+        saved.write_text(bad)
+        assert drafted(policy_dir=policies)[0] >= 4
+    # another thread count is another file (timings differ)
+    with Engine(tiny_bundle, n_ctx=CTX, n_threads=2, policy_dir=policies) as two:
+        run(two, PROMPTS[0], max_tokens=40, heads=3)
+    assert len(list(policies.glob("*.json"))) == 2
+
+
 def test_small_batches_chunk_prefill_and_head_catch_up(agree_bundle) -> None:
     prompt = PROMPTS[1] + PROMPTS[2] * 4
     with Engine(agree_bundle, n_ctx=CTX, n_threads=1) as big:
