@@ -196,19 +196,38 @@ def cpu_repack_buft() -> int:
 SMALL_MODEL_PARAMS = 50_000_000
 
 
+def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> int:
+    """Physical cores among the CPUs this process may use.
+
+    llama.cpp's threads each keep a core's arithmetic units busy, so two
+    threads on the hyperthreads of one core slow each other down (llama.cpp's
+    own tools default to physical cores too). Linux: CPUs whose
+    ``topology/thread_siblings_list`` is the same share a core; elsewhere, or
+    without that file, every usable CPU counts.
+    """
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add(Path(sysfs, f"cpu{cpu}", "topology", "thread_siblings_list").read_text().strip())
+        except OSError:
+            cores.add(f"cpu{cpu}")
+    return max(1, len(cores))
+
+
 def default_threads(n_params: int | None = None) -> int:
     """Threads for llama.cpp when the caller gives none.
 
-    The CPUs this process may use, or 1 for a model under SMALL_MODEL_PARAMS
-    parameters (``n_params``; None: unknown, treated as large).
+    One per physical core this process may use (:func:`physical_cores`), or 1
+    for a model under SMALL_MODEL_PARAMS parameters (``n_params``; None:
+    unknown, treated as large).
     """
     if n_params is not None and n_params < SMALL_MODEL_PARAMS:
         return 1
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    return max(1, n)
+    return physical_cores()
 
 
 # ---------------------------------------------------------------------------

@@ -344,6 +344,22 @@ def test_head_from_another_model_is_rejected(make_bundle, tmp_path) -> None:
         Engine(mixed, n_ctx=64, n_threads=1)
 
 
+def test_default_threads_count_physical_cores(tmp_path) -> None:
+    import os
+
+    from mtpcode.llama import default_threads, physical_cores
+
+    usable = sorted(os.sched_getaffinity(0))
+    smt = tmp_path / "smt"  # every usable CPU pairs up with a hyperthread sibling
+    for cpu in usable:
+        (smt / f"cpu{cpu}" / "topology").mkdir(parents=True)
+        (smt / f"cpu{cpu}" / "topology" / "thread_siblings_list").write_text(f"{cpu // 2 * 2}-{cpu // 2 * 2 + 1}\n")
+    assert physical_cores(str(smt)) == len({cpu // 2 for cpu in usable})
+    assert physical_cores(str(tmp_path / "missing")) == len(usable)  # no topology: every CPU counts
+    assert default_threads(3_900_000) == 1  # small models: one thread
+    assert default_threads(7_000_000_000) == physical_cores() >= 1
+
+
 def test_extra_bufts_policy(tmp_path) -> None:
     amx = tmp_path / "cpuinfo-amx"
     amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile amx_int8\n")
