@@ -452,6 +452,7 @@ def _conditions(engine, model_path: Path, threads: int, n_ctx: int, max_tokens: 
         "n_embd": m.n_embd, "n_vocab": m.n_vocab, "n_trunk": m.n_trunk, "n_heads": engine.n_heads,
         "threads": threads, "n_ctx": n_ctx, "max_tokens": max_tokens, "repeat": repeat,
         "adaptive": adaptive, "extra_bufts": engine.extra_bufts, "flash_attn": engine.flash_attn,
+        "native_capture": engine._capture.native,
         "load_s": round(load_s, 3),
         "cpu": _cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in load],
         "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
@@ -602,6 +603,9 @@ def format_table(doc: dict[str, Any]) -> str:
     lines.append(f"model {cond['model']} ({cond['quantization']}, {cond['n_heads']} heads), {cond['threads']} threads, "
                  f"{cond['max_tokens']} tokens x {len(doc['prompts'])} prompts x {cond['repeat']} repeats, "
                  f"adaptive={'on' if cond['adaptive'] else 'off'}")
+    if cond.get("native_capture") is False:
+        lines.append("note: the C trunk-capture callback is not built in this install; the Python one costs "
+                     "a large part of a small model's forward (reinstall mtpcode with a C compiler)")
     head = f"{'prompt':<34} {'plain tok/s':>11}"
     if CONTROL in configs:
         head += f" {'A/A x':>6}"
