@@ -314,13 +314,17 @@ class Model(_Handle):
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         data = text.encode("utf-8")
+        # Usually fewer tokens than bytes, but not always: SentencePiece turns each
+        # space into "▁" (3 bytes), which a small vocabulary may spell in byte tokens.
         cap = len(data) + 8
-        if len(self._tok_buf) < cap:
-            self._tok_buf = (llama_cpp.llama_token * cap)()
-        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), self._tok_buf, cap, add_bos, False)
-        if n < 0:
-            raise MtpError(f"llama_tokenize failed on {len(data)} bytes of text (needed {-n} tokens)")
-        return list(self._tok_buf[:n])
+        for _ in range(2):
+            if len(self._tok_buf) < cap:
+                self._tok_buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), self._tok_buf, cap, add_bos, False)
+            if n >= 0:
+                return list(self._tok_buf[:n])
+            cap = -n  # too small: llama.cpp says how many tokens it needs
+        raise MtpError(f"llama_tokenize failed on {len(data)} bytes of text (needed {-n} tokens)")
 
     def token_bytes(self, token: int) -> bytes:
         """The raw bytes of one token as it continues a text (byte-fallback tokens give single bytes)."""

@@ -166,6 +166,9 @@ def test_synthetic_bundle_runs_in_the_engine(tmp_path, monkeypatch):
     with Engine(path, n_ctx=64, n_threads=2) as engine:
         assert engine.n_heads == 3
         events = list(engine.generate([1, 300, 301, 302], GenerationOptions(max_tokens=8)))
+        # this vocabulary has no "\u2581" piece: each space is 3 byte tokens, more tokens than bytes
+        text = "def f(a, b, c):\n    return a + b + c\n"
+        assert len(engine.tokenize(text)) > len(text.encode()) + 8
     done = events[-1]
     assert isinstance(done, Done) and done.stats.generated_tokens > 0
 
