@@ -393,7 +393,13 @@ def set_config_value(key: str, value: Any, path: Path | None = None) -> Path:
 
 
 def _atomic_write(path: Path, text: str) -> None:
+    """Write through a temporary file in the same directory and a rename (OSError on failure,
+    and no temporary file left behind)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise

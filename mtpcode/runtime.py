@@ -38,6 +38,7 @@ import numpy as np
 
 from mtpcode import sampling
 from mtpcode.bundle import KV_FINGERPRINT, KV_HEAD_INDEX, KV_ROLE, Bundle, Manifest, open_bundle
+from mtpcode.config import _atomic_write
 from mtpcode.errors import ContextOverflowError, DataError, ModelError, MtpError, UsageError
 from mtpcode.generation import Done, GenerationOptions, Piece, Stats, StopCondition, StopStrings
 from mtpcode.llama import Context, Model, TrunkCapture, default_threads, repack_pattern, use_extra_bufts
@@ -463,14 +464,10 @@ class Engine:
         if not learned:
             return
         data = {**self._saved_policies, **learned}
-        tmp = self._policy_file.with_name(f".{self._policy_file.name}.{os.getpid()}.tmp")
-        try:
-            self._policy_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-            os.replace(tmp, self._policy_file)  # concurrent engines: the last one to close wins
+        try:  # concurrent engines: the last one to close wins
+            _atomic_write(self._policy_file, json.dumps(data, indent=1))
         except OSError as exc:
             log.debug("could not save the drafting policies to %s: %s", self._policy_file, exc)
-            tmp.unlink(missing_ok=True)
 
     def _reconcile(self) -> None:
         """Make the KV caches hold exactly what the bookkeeping says (after an

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import mtpcode.llama as llama
+from mtpcode.bundle import open_bundle
 from mtpcode.errors import MtpError
 from mtpcode.llama import Context, Model, TrunkCapture, native_capture_available
 from mtpcode.runtime import Engine
-from mtpcode.bundle import open_bundle
 
 PROMPT = "def area(w, h):\n    return w * h\n\nprint(area(2, 3))\n"
 
