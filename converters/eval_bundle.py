@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     params = json.loads((args.ckpt / "params.json").read_text())
     windows = _windows(args.work_dir, params["vocab_size"], args.seq_len, args.windows)
     prompts = heldout_prompts()
-    report: dict = {"windows": int(len(windows)), "seq_len": args.seq_len, "bundles": {}}
+    report: dict = {"windows": len(windows), "seq_len": args.seq_len, "bundles": {}}
     ref = None
     for b in args.bundles:
         am = bundle_argmax(b, windows, args.threads)

@@ -67,7 +67,7 @@ class ModelParams:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], default_vocab_size: int | None = None) -> "ModelParams":
+    def from_dict(cls, data: dict[str, Any], default_vocab_size: int | None = None) -> ModelParams:
         """Known keys are taken, unknown keys ignored, missing required keys reported.
 
         ``vocab_size`` of -1 (as Llama 2's params.json has) means "the tokenizer's
@@ -93,7 +93,7 @@ class ModelParams:
         return cls(**values)
 
     @classmethod
-    def load(cls, path: Path, default_vocab_size: int | None = None) -> "ModelParams":
+    def load(cls, path: Path, default_vocab_size: int | None = None) -> ModelParams:
         if not path.is_file():
             raise NoInputError(f"{path} not found: a Meta checkpoint directory has params.json beside consolidated.pth")
         try:

@@ -149,7 +149,7 @@ class MTPTransformer(nn.Module):
         return torch.stack([self.head_logits(h, k) for k in range(self.params.n_future_tokens)])
 
     @classmethod
-    def from_state_dict(cls, p: ModelParams, state: dict[str, torch.Tensor]) -> "MTPTransformer":
+    def from_state_dict(cls, p: ModelParams, state: dict[str, torch.Tensor]) -> MTPTransformer:
         """Build in float32 from a Meta state dict (missing or extra tensors are an error)."""
         model = cls(p)
         model.load_state_dict({k: v.float() for k, v in state.items() if k != "rope.freqs"}, strict=True)

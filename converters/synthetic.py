@@ -7,8 +7,9 @@ from __future__ import annotations
 import io
 import json
 import sysconfig
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 

@@ -249,7 +249,7 @@ def train(cfg: TrainConfig, out: Path, *, work_dir: Path | None = None, resume: 
 
     if not resume:
         _log(out, {"event": "start", "n_params": sum(p.numel() for p in model.parameters()),
-                   "train_tokens": int(len(corpus.train)), "heldout_tokens": int(len(corpus.heldout)),
+                   "train_tokens": len(corpus.train), "heldout_tokens": len(corpus.heldout),
                    "train_files": corpus.n_train_files, "heldout_files": corpus.n_heldout_files,
                    "config": json.dumps(asdict(cfg))}, quiet)
     t0, window_losses = time.time(), []
@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, out: Path, *, work_dir: Path | None = None, resume: 
     final = run_eval()
     summary = {"steps": step, "tokens_seen": tokens_seen,
                "n_params": sum(p.numel() for p in model.parameters()),
-               "train_tokens": int(len(corpus.train)), "heldout_tokens": int(len(corpus.heldout)),
+               "train_tokens": len(corpus.train), "heldout_tokens": len(corpus.heldout),
                "train_files": corpus.n_train_files, "heldout_files": corpus.n_heldout_files,
                "train_bytes": corpus.n_train_bytes,
                "heldout_loss": final["heldout_loss"], "heldout_top1": final["heldout_top1"],

@@ -112,7 +112,7 @@ class Manifest:
         return json.dumps(data, indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> "Manifest":
+    def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_NAME) -> Manifest:
         """Build from parsed JSON; raises ModelError naming the bad field."""
         if data.get("format") != FORMAT:
             raise ModelError(f"{where}: not an mtpcode bundle manifest (format={data.get('format')!r})")

@@ -26,11 +26,13 @@ import math
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from mtpcode.errors import DataError, UsageError
+from mtpcode.files import atomic_write_text
 from mtpcode.generation import GenerationOptions, SamplingOptions
 
 if sys.version_info >= (3, 11):
@@ -388,18 +390,5 @@ def set_config_value(key: str, value: Any, path: Path | None = None) -> Path:
     if not done and new_line is not None:
         out.append(new_line)
     text = "\n".join(out) + "\n"
-    _atomic_write(path, text)
+    atomic_write_text(path, text)
     return path
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    """Write through a temporary file in the same directory and a rename (OSError on failure,
-    and no temporary file left behind)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -18,8 +18,9 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import TypeVar
 
 import llama_cpp
 import numpy as np
@@ -556,7 +557,7 @@ class _DeferSigint:
     def _record(self, signum: int, frame: object) -> None:
         self.hit = True
 
-    def __enter__(self) -> "_DeferSigint":
+    def __enter__(self) -> _DeferSigint:
         self.hit = False
         self._old = None
         if threading.current_thread() is threading.main_thread() \

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtpcode.bundle import MANIFEST_NAME
-from mtpcode.config import Settings, _atomic_write, data_dir, load_settings, set_config_value
+from mtpcode.config import Settings, data_dir, load_settings, set_config_value
 from mtpcode.errors import DataError, ModelError, NoInputError, UsageError
+from mtpcode.files import atomic_write_text
 
 REGISTRY_NAME = "models.json"
 REGISTRY_FORMAT = "mtpcode-models"
@@ -137,7 +138,7 @@ def _write_registry(models: dict[str, str], settings: Settings | None) -> None:
         "version": REGISTRY_VERSION,
         "models": {name: {"path": models[name]} for name in sorted(models)},
     }
-    _atomic_write(registry_path(settings), json.dumps(data, indent=2) + "\n")
+    atomic_write_text(registry_path(settings), json.dumps(data, indent=2) + "\n")
 
 
 def _stored_path(path: Path, settings: Settings | None) -> str:

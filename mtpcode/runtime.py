@@ -26,20 +26,21 @@ from the stored rows when it is used again.
 from __future__ import annotations
 
 import codecs
+import json
+import logging
 import os
 import threading
 import time
-import json
-import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from mtpcode import sampling
 from mtpcode.bundle import KV_FINGERPRINT, KV_HEAD_INDEX, KV_ROLE, Bundle, Manifest, open_bundle
-from mtpcode.config import _atomic_write
-from mtpcode.errors import ContextOverflowError, DataError, ModelError, MtpError, UsageError
+from mtpcode.errors import ContextOverflowError, DataError, ModelError, MtpError, OutputError, UsageError
+from mtpcode.files import atomic_write_text
 from mtpcode.generation import Done, GenerationOptions, Piece, Stats, StopCondition, StopStrings
 from mtpcode.llama import Context, Model, TrunkCapture, default_threads, repack_pattern, use_extra_bufts
 
@@ -407,7 +408,7 @@ class Engine:
             self._main_model.close()
         self._heads, self._main, self._head_models, self._main_model = [], None, [], None
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -465,8 +466,8 @@ class Engine:
             return
         data = {**self._saved_policies, **learned}
         try:  # concurrent engines: the last one to close wins
-            _atomic_write(self._policy_file, json.dumps(data, indent=1))
-        except OSError as exc:
+            atomic_write_text(self._policy_file, json.dumps(data, indent=1))
+        except OutputError as exc:
             log.debug("could not save the drafting policies to %s: %s", self._policy_file, exc)
 
     def _reconcile(self) -> None:

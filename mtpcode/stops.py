@@ -26,7 +26,7 @@ Where they cut, precisely (the README/docs/cli.md promise these):
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 TAB_WIDTH = 8
 _OPENERS = (":", "{", "(", "[", "=>", "->", "do", "then")

@@ -4,8 +4,9 @@ them by the real converter. Everything is built once per test session."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

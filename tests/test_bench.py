@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from runtime_helpers import agreeing_checkpoint
 
 from mtpcode.cli import main
-
-from runtime_helpers import agreeing_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -113,8 +112,7 @@ def test_bench_rejects_bad_arguments(tiny_bundle, prompts_dir, tmp_path):
 
 def test_default_prompts_are_heldout_stdlib_snippets():
     from converters.data import is_heldout
-
-    from mtpcode.bench import default_prompts
+    from mtpcode.bench.run import default_prompts
 
     prompts = default_prompts(3)
     assert len(prompts) == 3
@@ -126,8 +124,8 @@ def test_default_prompts_are_heldout_stdlib_snippets():
 
 
 def test_synthetic_cost_model_tiny_shape(tmp_path, monkeypatch):
-    from mtpcode import bench_synthetic as S
-    from mtpcode.bench import run_synthetic
+    from mtpcode.bench import synthetic as S
+    from mtpcode.bench.run import run_synthetic
     from mtpcode.bundle import open_bundle
 
     monkeypatch.setenv("MTPCODE_CACHE_DIR", str(tmp_path / "cache"))
@@ -157,7 +155,7 @@ def test_synthetic_cost_model_tiny_shape(tmp_path, monkeypatch):
 
 def test_synthetic_bundle_runs_in_the_engine(tmp_path, monkeypatch):
     """The random quantized blocks are valid: the full synthetic bundle decodes through the runtime."""
-    from mtpcode import bench_synthetic as S
+    from mtpcode.bench import synthetic as S
     from mtpcode.generation import Done, GenerationOptions
     from mtpcode.runtime import Engine
 
@@ -174,7 +172,7 @@ def test_synthetic_bundle_runs_in_the_engine(tmp_path, monkeypatch):
 
 
 def test_projection_arithmetic():
-    from mtpcode.bench_synthetic import geometric_acceptance, project
+    from mtpcode.bench.synthetic import geometric_acceptance, project
 
     a = geometric_acceptance(3.5, 3)
     assert 1 + a + a * a + a ** 3 == pytest.approx(3.5, abs=1e-6)
@@ -188,7 +186,7 @@ def test_projection_arithmetic():
 def test_divergence_margins_recompute_the_plain_choice(tiny_bundle, tmp_path):
     """A (constructed) divergence from the plain output is measured on the real model:
     the plain token is the argmax there, by a positive logit gap."""
-    from mtpcode.bench import Prompt, divergence_margins, run_bench
+    from mtpcode.bench.run import Prompt, divergence_margins, run_bench
 
     doc = run_bench(tiny_bundle, [Prompt("p", "def add(a, b):\n    return")], heads=[1], max_tokens=8, repeat=1,
                     threads=2, n_ctx=128, anchor=False, costs=False)

@@ -71,12 +71,11 @@ def test_wrong_tensor_is_an_error_not_a_crash(tiny_bundle, native) -> None:
 def test_capture_overflow_is_reported(tiny_bundle, native) -> None:
     m = open_bundle(tiny_bundle).manifest
     small = np.zeros((8, m.n_embd), dtype=np.float32)
-    with Model(tiny_bundle / "main.gguf") as model:
-        with Context(model, n_ctx=64, n_batch=16, n_threads=1,
-                     capture=TrunkCapture(m.trunk_tensor, small, native=native)) as ctx:
-            ctx.batch.tokens[:12] = 5
-            with pytest.raises(MtpError, match="overflow"):
-                ctx.decode(12, 0, last_logits_only=True)
+    with Model(tiny_bundle / "main.gguf") as model, Context(model, n_ctx=64, n_batch=16, n_threads=1,
+                 capture=TrunkCapture(m.trunk_tensor, small, native=native)) as ctx:
+        ctx.batch.tokens[:12] = 5
+        with pytest.raises(MtpError, match="overflow"):
+            ctx.decode(12, 0, last_logits_only=True)
 
 
 def test_engine_output_is_the_same_with_the_python_fallback(tiny_bundle, monkeypatch) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from mtpcode import config, models
-from mtpcode.bundle import Manifest, FileEntry, open_bundle
+from mtpcode.bundle import FileEntry, Manifest, open_bundle
 from mtpcode.errors import DataError, ModelError, NoInputError, UsageError
 
 

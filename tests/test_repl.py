@@ -24,9 +24,9 @@ from prompt_toolkit.output.vt100 import Vt100_Output
 
 from mtpcode.config import load_settings
 from mtpcode.generation import Done, GenerationOptions, SamplingOptions, StopStrings
-from mtpcode.repl_suggest import showable
-from mtpcode.repl_edit import enter_submits, lexer_by_name, newline_indent
-from mtpcode.repl_ui import COMMANDS, Repl, StreamPrinter, visible
+from mtpcode.repl.edit import enter_submits, lexer_by_name, newline_indent
+from mtpcode.repl.suggest import showable
+from mtpcode.repl.ui import COMMANDS, Repl, StreamPrinter, visible
 from mtpcode.stops import code_stops
 
 ALT_ENTER = "\x1b\r"

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from mtpcode.generation import GenerationOptions, SamplingOptions, StopStrings
-from mtpcode.repl_suggest import showable
-from mtpcode.repl_ui import visible
+from mtpcode.repl.suggest import showable
+from mtpcode.repl.ui import visible
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install -y tmux)")
 

@@ -68,8 +68,9 @@ def llama_cpp_greedy(main_gguf: Path, ids: list[int], n: int, flash_attn: bool =
 @pytest.fixture(scope="module")
 def agree_bundle(make_checkpoint, tmp_path_factory) -> Path:
     """A bundle whose heads often agree with the main model (see runtime_helpers)."""
-    from converters.convert import convert_checkpoint
     from runtime_helpers import agreeing_checkpoint
+
+    from converters.convert import convert_checkpoint
 
     ckpt, _ = make_checkpoint()
     root = tmp_path_factory.mktemp("agree")

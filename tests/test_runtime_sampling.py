@@ -32,8 +32,9 @@ N = 2000
 
 @pytest.fixture(scope="module")
 def agree_bundle(make_checkpoint, tmp_path_factory) -> Path:
-    from converters.convert import convert_checkpoint
     from runtime_helpers import agreeing_checkpoint
+
+    from converters.convert import convert_checkpoint
 
     ckpt, _ = make_checkpoint()
     root = tmp_path_factory.mktemp("agree-sampling")

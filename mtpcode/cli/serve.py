@@ -36,7 +36,7 @@ from typing import IO, Any
 import click
 
 from mtpcode import __version__
-from mtpcode.cli_options import model_option, runtime_options
+from mtpcode.cli.options import model_option, runtime_options
 from mtpcode.config import Settings, load_settings, override_settings
 from mtpcode.errors import Interrupted, MtpError, UsageError
 from mtpcode.generation import Done, GenerationOptions, Piece, StopCondition
@@ -147,7 +147,7 @@ class Server:
                 self.out.write(data)
                 self.out.flush()
             except (BrokenPipeError, ValueError):
-                from mtpcode.complete import silence_stdout
+                from mtpcode.cli.frontend import silence_stdout
 
                 self.broken = True
                 silence_stdout()  # nothing left in the buffer can fail again at exit
@@ -228,7 +228,7 @@ class Server:
                     self._current = None
 
     def _run(self, job: Job) -> None:
-        from mtpcode.complete import stats_dict
+        from mtpcode.cli.frontend import stats_dict
 
         try:
             for event in self.engine.generate(job.prompt, job.options, job.stops, cancel=job.cancel):
@@ -294,7 +294,7 @@ def serve(stdio: bool, model: str | None, heads: int | None, max_tokens: int | N
     once the model is loaded. EOF on stdin finishes the queued requests and
     exits 0. See docs/cli.md for editor examples.
     """
-    from mtpcode.complete import load_engine
+    from mtpcode.cli.frontend import load_engine
     from mtpcode.models import is_builtin
 
     settings = load_settings(model=model, heads=heads, max_tokens=max_tokens, temperature=temperature,

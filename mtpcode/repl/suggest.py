@@ -16,9 +16,10 @@ import asyncio
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from prompt_toolkit.auto_suggest import AutoSuggest, Suggestion
 
@@ -99,7 +100,7 @@ class ModelSuggest(AutoSuggest):
         self.busy = False  # an engine run for a suggestion is queued or running
 
     # The synchronous API is not used by prompt-toolkit once the async one exists.
-    def get_suggestion(self, buffer: "Buffer", document: "Document") -> Suggestion | None:
+    def get_suggestion(self, buffer: Buffer, document: Document) -> Suggestion | None:
         return None
 
     def cancel_pending(self) -> None:
@@ -124,7 +125,7 @@ class ModelSuggest(AutoSuggest):
             return showable(full[len(prompt) :]) or None
         return None
 
-    async def get_suggestion_async(self, buffer: "Buffer", document: "Document") -> Suggestion | None:
+    async def get_suggestion_async(self, buffer: Buffer, document: Document) -> Suggestion | None:
         if not self.host.suggest_enabled or self.host.engine is None or not document.is_cursor_at_the_end:
             return None
         prompt = self.host.prompt_for(document.text)

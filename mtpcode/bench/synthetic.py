@@ -7,7 +7,7 @@ of a forward does not depend on the weight values, only on the shape and the
 storage type. The bundle is written block by block (random quantized blocks with
 sane scales), so a 7B shape never exists as a 13 GB float file.
 
-Each measurement runs in a child process (``python -m mtpcode.bench_synthetic``):
+Each measurement runs in a child process (``python -m mtpcode.bench.synthetic``):
 a configuration that crashes llama.cpp (the AMX / CPU_REPACK segfaults of
 DESIGN.md §4) is reported as a crash instead of taking the benchmark down, and
 every configuration starts from a clean address space.
@@ -22,9 +22,10 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -465,7 +466,7 @@ def _failure_line(stderr: str) -> str:
 def measure_in_child(bundle_dir: Path, *, mode: str, max_batch: int, repeat: int, threads: int,
                      timeout: float = 1800) -> dict[str, Any]:
     """:func:`measure_costs` in a child process; a crash becomes ``{"crashed": True, ...}``."""
-    cmd = [sys.executable, "-m", "mtpcode.bench_synthetic", str(bundle_dir), "--mode", mode,
+    cmd = [sys.executable, "-m", "mtpcode.bench.synthetic", str(bundle_dir), "--mode", mode,
            "--max-batch", str(max_batch), "--repeat", str(repeat), "--threads", str(threads)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -537,7 +538,7 @@ def project(costs: dict[str, Any], tokens_per_forward: float = PAPER_TOKENS_PER_
 def _main(argv: Sequence[str]) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m mtpcode.bench_synthetic")
+    ap = argparse.ArgumentParser(prog="python -m mtpcode.bench.synthetic")
     ap.add_argument("bundle")
     ap.add_argument("--mode", default="off")
     ap.add_argument("--max-batch", type=int, default=8)

@@ -1,8 +1,8 @@
 """``mtpcode repl``: an interactive completion REPL (prompt-toolkit + pygments).
 
-The UI object lives in :mod:`mtpcode.repl_ui`; the editing rules and key
-bindings in :mod:`mtpcode.repl_edit`; model-backed ghost text in
-:mod:`mtpcode.repl_suggest`. This module is the command: it checks for a
+The UI object lives in :mod:`mtpcode.repl.ui`; the editing rules and key
+bindings in :mod:`mtpcode.repl.edit`; model-backed ghost text in
+:mod:`mtpcode.repl.suggest`. This module is the command: it checks for a
 terminal, resolves settings and the model, and runs the session.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from mtpcode.cli_options import model_option, runtime_options, sampling_options
+from mtpcode.cli.options import model_option, runtime_options, sampling_options
 from mtpcode.errors import UsageError
 
 NOT_A_TERMINAL = (
@@ -115,8 +115,8 @@ def run_repl(
     """
     from mtpcode.config import load_settings
     from mtpcode.models import is_builtin, resolve_model
-    from mtpcode.repl_edit import lexer_by_name
-    from mtpcode.repl_ui import Repl, history_path, parse_stop
+    from mtpcode.repl.edit import lexer_by_name
+    from mtpcode.repl.ui import Repl, history_path, parse_stop
 
     try:
         stop_mode = parse_stop(stop)

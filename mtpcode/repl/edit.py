@@ -35,7 +35,7 @@ _COMMAND = re.compile(r"^/[A-Za-z]")
 # --- lexers -------------------------------------------------------------------------
 
 
-def lexer_by_name(name: str) -> "Lexer":
+def lexer_by_name(name: str) -> Lexer:
     """The pygments lexer for a language name or alias (``python``, ``c``, ``rust``, ...).
 
     UsageError for a name pygments does not know.
@@ -51,7 +51,7 @@ def lexer_by_name(name: str) -> "Lexer":
         ) from None
 
 
-def lexer_for_filename(filename: str) -> "Lexer | None":
+def lexer_for_filename(filename: str) -> Lexer | None:
     """The pygments lexer for a file name's extension, or None if pygments knows none."""
     from pygments.lexers import get_lexer_for_filename
     from pygments.util import ClassNotFound
@@ -62,18 +62,18 @@ def lexer_for_filename(filename: str) -> "Lexer | None":
         return None
 
 
-def _raw(lexer: "Lexer") -> "Lexer":
+def _raw(lexer: Lexer) -> Lexer:
     # Lex text exactly as it is: by default pygments strips leading/trailing
     # newlines and appends one, which would shift every offset we compute.
     return type(lexer)(stripnl=False, stripall=False, ensurenl=False)
 
 
-def language_name(lexer: "Lexer") -> str:
+def language_name(lexer: Lexer) -> str:
     """A short lower-case name for ``lexer`` (its first alias)."""
     return (lexer.aliases[0] if lexer.aliases else lexer.name).lower()
 
 
-def is_python(lexer: "Lexer") -> bool:
+def is_python(lexer: Lexer) -> bool:
     return any(a in ("python", "python3", "py", "py3") for a in lexer.aliases)
 
 
@@ -88,7 +88,7 @@ class OpenState:
     in_string: bool  # inside an unterminated multi-line string (Python only)
 
 
-def open_state(text: str, lexer: "Lexer") -> OpenState:
+def open_state(text: str, lexer: Lexer) -> OpenState:
     """Count unclosed brackets in ``text`` (strings and comments ignored)."""
     from pygments.token import Comment, String
 
@@ -122,7 +122,7 @@ def is_command(text: str) -> bool:
     return bool(_COMMAND.match(text.lstrip()))
 
 
-def enter_submits(text: str, cursor: int, lexer: "Lexer") -> bool:
+def enter_submits(text: str, cursor: int, lexer: Lexer) -> bool:
     """Whether Enter submits ``text`` (True) or inserts a new line (False).
 
     Enter inserts a new line when the cursor is not at the end, inside open
@@ -144,7 +144,7 @@ def enter_submits(text: str, cursor: int, lexer: "Lexer") -> bool:
     return "\n" not in text or not last.strip()
 
 
-def newline_indent(line_before_cursor: str, lexer: "Lexer") -> str:
+def newline_indent(line_before_cursor: str, lexer: Lexer) -> str:
     """The indentation for a new line opened after ``line_before_cursor``.
 
     The line's own indentation, one level deeper after a line ending with
@@ -164,7 +164,7 @@ def newline_indent(line_before_cursor: str, lexer: "Lexer") -> str:
 # --- key bindings ---------------------------------------------------------------------
 
 
-def editing_key_bindings(get_lexer) -> "KeyBindings":
+def editing_key_bindings(get_lexer) -> KeyBindings:
     """Enter / Alt-Enter / Ctrl-J / Tab / Shift-Tab / Backspace for the REPL's input.
 
     ``get_lexer`` returns the current pygments lexer (it changes with /load).

@@ -10,13 +10,13 @@ import click
 
 
 def register(group: click.Group) -> None:
-    from mtpcode.bench import bench
-    from mtpcode.complete import complete
-    from mtpcode.config_cmd import config
-    from mtpcode.convert_cmd import convert
-    from mtpcode.models_cmd import models
-    from mtpcode.repl import repl
-    from mtpcode.serve import serve
+    from mtpcode.cli.bench import bench
+    from mtpcode.cli.complete import complete
+    from mtpcode.cli.config import config
+    from mtpcode.cli.convert import convert
+    from mtpcode.cli.models import models
+    from mtpcode.cli.repl import repl
+    from mtpcode.cli.serve import serve
 
     group.add_command(bench)
     group.add_command(convert)

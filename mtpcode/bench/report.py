@@ -1,6 +1,6 @@
 """Markdown tables from ``mtpcode bench --json`` results, for docs/PERFORMANCE.md.
 
-    python -m mtpcode.bench_report docs/results/bench-builtin.json docs/results/bench-synthetic-7b.json
+    python -m mtpcode.bench.report docs/results/bench-builtin.json docs/results/bench-synthetic-7b.json
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mtpcode.bench import ANCHOR, CONTROL, MODE_LABELS, SLOW_BAR, bar_estimator
+from mtpcode.bench.run import ANCHOR, CONTROL, MODE_LABELS, SLOW_BAR, bar_estimator
 
 
 def _row(cells: list[Any]) -> str:

@@ -8,7 +8,7 @@ buffer as it is. Lines starting with ``/`` are commands (see ``/help``).
 
 Input and output are injectable (prompt-toolkit ``Input``/``Output``), so
 tests drive a real session through a pipe; the Engine is used only from the
-:class:`~mtpcode.repl_suggest.EngineThread`.
+:class:`~mtpcode.repl.suggest.EngineThread`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import dataclasses
 import os
 import queue
 import re
-import stat
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prompt_toolkit import PromptSession, print_formatted_text
 from prompt_toolkit.formatted_text import FormattedText, PygmentsTokens
@@ -32,18 +32,18 @@ from prompt_toolkit.styles import Style, merge_styles, style_from_pygments_cls
 from prompt_toolkit.utils import get_cwidth
 from pygments.token import Token
 
-from mtpcode.complete import read_file
 from mtpcode.config import Settings
 from mtpcode.errors import DataError, MtpError, OutputError, UsageError
+from mtpcode.files import atomic_write_text, read_file
 from mtpcode.generation import Done, GenerationOptions, Piece
-from mtpcode.repl_edit import (
+from mtpcode.repl.edit import (
     editing_key_bindings,
     is_command,
     language_name,
     lexer_by_name,
     lexer_for_filename,
 )
-from mtpcode.repl_suggest import EngineThread, ModelSuggest
+from mtpcode.repl.suggest import EngineThread, ModelSuggest
 
 if TYPE_CHECKING:
     from prompt_toolkit.input import Input
@@ -97,30 +97,6 @@ def history_path(settings: Settings) -> Path:
     return settings.data_dir / HISTORY_NAME
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename.
-
-    A crash or a full disk never leaves a half-written file behind. An
-    existing file keeps its permissions; a symlink keeps pointing at it.
-    """
-    path = Path(os.path.realpath(path))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.exists():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        os.replace(tmp, path)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
 def join_input(session: str, typed: str) -> str:
     """The session buffer after submitting ``typed``: it starts on a new line; empty input adds nothing."""
     if not typed:
@@ -153,7 +129,7 @@ class StreamPrinter:
 
     def __init__(
         self,
-        lexer: "Lexer",
+        lexer: Lexer,
         context: str,
         write: Callable[[list[tuple[Any, str]]], None],
         gutter: str = "",
@@ -315,8 +291,8 @@ class Repl:
         suggest_tokens: int = 16,
         style: str = "default",
         history: Path | None = None,
-        input: "Input | None" = None,
-        output: "Output | None" = None,
+        input: Input | None = None,
+        output: Output | None = None,
     ) -> None:
         self.settings = settings
         self.model_path = model_path

@@ -9,30 +9,24 @@ context), 66 FILE missing, 69 model unavailable, 130 interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any
 
 import click
 
-from mtpcode.cli_options import model_option, runtime_options, sampling_options
-from mtpcode.config import Settings, load_settings
-from mtpcode.errors import DataError, Interrupted, NoInputError, UsageError
+from mtpcode.cli.frontend import load_engine, sigint_cancels, silence_stdout, stats_dict
+from mtpcode.cli.options import model_option, runtime_options, sampling_options
+from mtpcode.config import load_settings
+from mtpcode.errors import DataError, Interrupted, UsageError
+from mtpcode.files import read_file
 from mtpcode.generation import Done, Piece, StopCondition
 from mtpcode.stops import code_stops
-
-BUILTIN_NOTE = (
-    "mtpcode: using the small built-in model (a demo, not a real code model); "
-    "convert a checkpoint with `mtpcode convert` or pick one with --model"
-)
-
 
 # --- input ----------------------------------------------------------------------------
 
@@ -45,20 +39,6 @@ def read_input(file: str | None) -> bytes:
             click.echo("mtpcode: reading code from the terminal; end it with Ctrl-D", err=True)
         return stream.read()
     return read_file(Path(file))
-
-
-def read_file(path: Path) -> bytes:
-    """The bytes of ``path``; NoInputError with one line saying why it cannot be read."""
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise NoInputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise NoInputError(f"{path} is a directory; give a file") from None
-    except PermissionError:
-        raise NoInputError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise NoInputError(f"{path}: cannot read ({exc.strerror})") from None
 
 
 def decode_input(data: bytes, name: str) -> str:
@@ -145,41 +125,11 @@ def _stderr_is_terminal() -> bool:
         return False
 
 
-def load_engine(settings: Settings, model: str | None, *, note: IO[str] | None = None):
-    """Resolve and load the model; say once on ``note`` if it is the built-in one."""
-    from mtpcode.models import is_builtin, resolve_model
-    from mtpcode.runtime import Engine
-
-    path = resolve_model(model, settings)
-    if note is not None and model is None and settings.model is None and is_builtin(path):
-        print(BUILTIN_NOTE, file=note, flush=True)
-    engine = Engine(path, **settings.engine_kwargs())
-    if settings.heads is not None and settings.heads > engine.n_heads:
-        engine.close()
-        source = settings.sources.get("heads", "flag")
-        raise UsageError(
-            f"heads={settings.heads} (from {source}): the model {path} has {engine.n_heads} extra heads; "
-            f"use --heads 0..{engine.n_heads}"
-        )
-    return engine, path
-
-
 def stats_json(done: Done | None, text: str, stop_reason: str, model: Path) -> dict[str, Any]:
     """The --json object; ``done`` is None when the generation was cut short before it ended."""
     out: dict[str, Any] = {"text": text, "stop_reason": stop_reason, "model": str(model)}
     out["stats"] = stats_dict(done.stats) if done is not None else None
     return out
-
-
-def stats_dict(stats) -> dict[str, Any]:
-    """``Stats.to_dict()`` plus the timings in milliseconds (for --json and the stdio server)."""
-    data = stats.to_dict()
-    data.update(
-        prefill_ms=round(stats.prefill_s * 1000, 3),
-        decode_ms=round(stats.decode_s * 1000, 3),
-        python_ms=round(stats.python_s * 1000, 3),
-    )
-    return data
 
 
 def stream_completion(
@@ -335,41 +285,6 @@ def _run(engine, path: Path, request: CompletionRequest, options, stops, out: IO
     out.flush()
     if show_stats:
         click.echo(f"mtpcode: {done.stop_reason}: {done.stats.summary()}", err=True)
-
-
-@contextlib.contextmanager
-def sigint_cancels(cancel: threading.Event):
-    """While active, Ctrl-C sets ``cancel`` instead of raising KeyboardInterrupt.
-
-    The engine then ends the generation cleanly (``stop_reason ==
-    "interrupted"``) between steps, instead of an exception landing inside
-    llama.cpp's eval callback. A second Ctrl-C raises KeyboardInterrupt.
-    Only the main thread can own signal handlers; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if cancel.is_set():
-            raise KeyboardInterrupt
-        cancel.set()
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-
-
-def silence_stdout() -> None:
-    """Point fd 1 at /dev/null, so that flushing stdout at exit cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.close(devnull)
-    except (OSError, ValueError, AttributeError):
-        pass
 
 
 def _isatty(stream: Any) -> bool:

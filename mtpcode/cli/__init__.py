@@ -8,7 +8,6 @@ its exit code, Ctrl-C becomes exit 130, a closed stdout pipe exits quietly.
 from __future__ import annotations
 
 import errno
-import os
 import sys
 
 import click
@@ -51,11 +50,9 @@ def _fail(exc: MtpError) -> None:
 def _quiet_broken_pipe() -> None:
     # The reader went away (`mtpcode complete | head`): exit quietly, and keep
     # Python from complaining again when it flushes stdout at shutdown.
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except OSError:
-        pass
+    from mtpcode.cli.frontend import silence_stdout
+
+    silence_stdout()
     sys.exit(0)
 
 
@@ -72,7 +69,7 @@ def main() -> None:
 def _register_commands() -> None:
     # Imported here, not at the top, so that each command's heavy imports
     # (llama.cpp, torch) happen only when that command runs.
-    from mtpcode.commands import register
+    from mtpcode.cli.commands import register
 
     register(main)
 

@@ -1,0 +1,1 @@
+"""The interactive REPL: editing helpers, live suggestions and the prompt-toolkit UI."""
