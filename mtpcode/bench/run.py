@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mtpcode.bench.measure import median, peak_rss_mb, reset_peak_rss, rss_mb
 from mtpcode.errors import DataError, NoInputError, UsageError
 from mtpcode.files import atomic_write_text
 
@@ -150,37 +151,7 @@ def load_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
 # memory
 
 
-def _status_kb(key: str) -> float | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return float(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def rss_mb() -> float:
-    kb = _status_kb("VmRSS")
-    return kb / 1024 if kb is not None else 0.0
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS; False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_mb() -> float:
-    kb = _status_kb("VmHWM")
-    if kb is not None:
-        return kb / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# rss_mb, reset_peak_rss and peak_rss_mb live in mtpcode.bench.measure (shared with the synthetic bench).
 
 
 # ---------------------------------------------------------------------------
@@ -241,10 +212,6 @@ def heads_of(config: str) -> int:
 def bar_estimator(threads: int) -> str:
     """Which per-prompt speedup the never-slower bar is checked on (see SLOW_BAR)."""
     return "speedup_cpu" if threads == 1 else "speedup"
-
-
-def _median(xs: Sequence[float]) -> float:
-    return float(np.median(np.asarray(xs, dtype=np.float64))) if len(xs) else 0.0
 
 
 def _engine_run(engine, ids: list[int], heads: int, max_tokens: int, adaptive: bool) -> tuple[list[int], dict[str, Any]]:
@@ -492,7 +459,7 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
     per_prompt = []
     for pi, q in enumerate(prompts):
         base = by[(pi, "0")]
-        base_tps = _median([r.stats["decode_tokens_per_s"] for r in base])
+        base_tps = median([r.stats["decode_tokens_per_s"] for r in base])
         entry: dict[str, Any] = {"name": q.name, "prompt_tokens": len(prompt_ids[pi]),
                                  "generated_tokens": len(base[0].tokens), "text": q.text,
                                  "plain_token_ids": base[0].tokens, "configs": {}}
@@ -504,14 +471,14 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
             paired_cpu = [r.stats["decode_tokens_per_cpu_s"] / b.stats["decode_tokens_per_cpu_s"]
                           for r in rs for b in base if b.repeat == r.repeat and b.stats["decode_tokens_per_cpu_s"] > 0]
             c: dict[str, Any] = {
-                "decode_tokens_per_s": round(_median(tps), 2),
+                "decode_tokens_per_s": round(median(tps), 2),
                 "decode_tokens_per_s_all": tps,
-                "decode_tokens_per_cpu_s": round(_median([r.stats["decode_tokens_per_cpu_s"] for r in rs]), 2),
-                "speedup": round(_median(paired), 3),
-                "speedup_cpu": round(_median(paired_cpu), 3),
-                "speedup_of_medians": round(_median(tps) / base_tps, 3) if base_tps else 0.0,
-                "prefill_tokens_per_s": round(_median([r.stats.get("prefill_tokens_per_s", 0.0) for r in rs]), 1),
-                "tokens_per_forward": round(_median([r.stats.get("tokens_per_forward", 0.0) for r in rs]), 3),
+                "decode_tokens_per_cpu_s": round(median([r.stats["decode_tokens_per_cpu_s"] for r in rs]), 2),
+                "speedup": round(median(paired), 3),
+                "speedup_cpu": round(median(paired_cpu), 3),
+                "speedup_of_medians": round(median(tps) / base_tps, 3) if base_tps else 0.0,
+                "prefill_tokens_per_s": round(median([r.stats.get("prefill_tokens_per_s", 0.0) for r in rs]), 1),
+                "tokens_per_forward": round(median([r.stats.get("tokens_per_forward", 0.0) for r in rs]), 3),
                 "peak_rss_mb": max(r.peak_rss_mb for r in rs),
             }
             if config != ANCHOR:
@@ -519,9 +486,9 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
                 accepted = np.sum([r.stats["accepted_tokens"] for r in rs], axis=0) if heads_of(config) else []
                 c["acceptance"] = [round(float(a) / float(d), 4) if d else 0.0 for a, d in zip(accepted, drafted)]
                 c["drafted_tokens"] = [int(d) for d in drafted]
-                c["python_ms_per_step"] = round(_median([r.stats["python_ms_per_step"] for r in rs]), 4)
-                c["native_ms_per_step"] = round(_median([r.stats["native_ms_per_step"] for r in rs]), 4)
-                c["main_forwards"] = int(_median([r.stats["main_forwards"] for r in rs]))
+                c["python_ms_per_step"] = round(median([r.stats["python_ms_per_step"] for r in rs]), 4)
+                c["native_ms_per_step"] = round(median([r.stats["native_ms_per_step"] for r in rs]), 4)
+                c["main_forwards"] = int(median([r.stats["main_forwards"] for r in rs]))
             entry["configs"][config] = c
         per_prompt.append(entry)
     summary: dict[str, Any] = {}
@@ -531,15 +498,15 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
         cpu = [c["speedup_cpu"] for c in cs]
         rs = [r for r in runs if r.config == config]
         s: dict[str, Any] = {
-            "median_speedup": round(_median(speedups), 3),
+            "median_speedup": round(median(speedups), 3),
             "min_speedup": round(min(speedups), 3),
             "max_speedup": round(max(speedups), 3),
-            "median_speedup_cpu": round(_median(cpu), 3),
+            "median_speedup_cpu": round(median(cpu), 3),
             "min_speedup_cpu": round(min(cpu), 3),
             "prompts_below_bar": [p["name"] for p, c in zip(per_prompt, cs)
                                   if config not in ("0", CONTROL) and c[bar_key] < SLOW_BAR],
-            "median_decode_tokens_per_s": round(_median([c["decode_tokens_per_s"] for c in cs]), 2),
-            "median_prefill_tokens_per_s": round(_median([c["prefill_tokens_per_s"] for c in cs]), 1),
+            "median_decode_tokens_per_s": round(median([c["decode_tokens_per_s"] for c in cs]), 2),
+            "median_prefill_tokens_per_s": round(median([c["prefill_tokens_per_s"] for c in cs]), 1),
         }
         if config != ANCHOR:
             gen = sum(r.stats["generated_tokens"] for r in rs)
@@ -550,8 +517,8 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
                 accepted = np.sum([r.stats["accepted_tokens"] for r in rs], axis=0)
                 s["acceptance"] = [round(float(a) / float(d), 4) if d else 0.0 for a, d in zip(accepted, drafted)]
                 s["drafts_per_step"] = round(float(drafted.sum()) / fwd, 3) if fwd else 0.0
-            s["python_ms_per_step"] = round(_median([c["python_ms_per_step"] for c in cs]), 4)
-            s["native_ms_per_step"] = round(_median([c["native_ms_per_step"] for c in cs]), 4)
+            s["python_ms_per_step"] = round(median([c["python_ms_per_step"] for c in cs]), 4)
+            s["native_ms_per_step"] = round(median([c["native_ms_per_step"] for c in cs]), 4)
         summary[config] = s
     return {
         "schema": SCHEMA,

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mtpcode import bundle as B
+from mtpcode.bench.measure import median, peak_rss_mb
 from mtpcode.config import cache_dir
 from mtpcode.errors import MtpError, UsageError
 
@@ -296,22 +297,6 @@ def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: 
 # measuring (in a child process)
 
 
-def _median(xs: Sequence[float]) -> float:
-    return float(np.median(np.asarray(xs, dtype=np.float64))) if xs else 0.0
-
-
-def _rss_peak_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, repeat: int = 3,
                   threads: int = 2, prefix: int = 64, flash_attn: bool = True) -> dict[str, Any]:
     """Time main forwards of 1..max_batch rows (after a ``prefix``-token KV) and one head forward,
@@ -417,7 +402,7 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
                 head_times.append(th)
                 head_ratios.append(th / t1)
         ratios[1] = [1.0]
-        verify = {b: _median(times[b]) for b in sizes}
+        verify = {b: median(times[b]) for b in sizes}
         result = {
             "mode": mode,
             "bundle": str(bundle_dir),
@@ -430,15 +415,15 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
             "load_s": round(load_s, 3),
             "verify_s": {str(b): round(v, 6) for b, v in verify.items()},
             "verify_all_s": {str(b): [round(x, 6) for x in times[b]] for b in sizes},
-            "verify_rel": {str(b): round(_median(ratios[b]), 4) for b in sizes},
-            "head_s": round(_median(head_times), 6),
-            "head_rel": round(_median(head_ratios), 4) if head_ratios else None,
+            "verify_rel": {str(b): round(median(ratios[b]), 4) for b in sizes},
+            "head_s": round(median(head_times), 6),
+            "head_rel": round(median(head_ratios), 4) if head_ratios else None,
             "head_min_s": round(min(head_times), 6) if head_times else 0.0,
             "head_min_rel": round(min(head_times) / min(times[1]), 4) if head_times else None,
             "verify_min_s": {str(b): round(min(times[b]), 6) for b in sizes},
             "verify_min_rel": {str(b): round(min(times[b]) / min(times[1]), 4) for b in sizes},
-            "capture_overhead_s": round(_median(capture_diffs), 6),
-            "peak_rss_mb": round(_rss_peak_mb(), 1),
+            "capture_overhead_s": round(median(capture_diffs), 6),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         return result
     finally:
