@@ -189,6 +189,57 @@ def cpu_repack_buft() -> int:
     return 0
 
 
+def model_params(*, n_gpu_layers: int = 0, extra_bufts: bool = True,
+                 repack: str = "") -> tuple[llama_cpp.llama_model_params, ctypes.Array | None]:
+    """llama_model_params for a model whose weights go where ``extra_bufts`` and ``repack`` say.
+
+    Returns the params and the buffer-override array they point to (None when
+    nothing is overridden), which the caller must keep alive while the model is
+    loaded. ``repack``: a regex of tensor names for CPU_REPACK
+    (:func:`repack_pattern`), ignored when this build has no such buffer type.
+    """
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = int(n_gpu_layers)
+    params.use_extra_bufts = bool(extra_bufts)
+    buft = cpu_repack_buft() if repack else 0
+    if not buft:
+        return params, None
+    overrides = (_BuftOverride * 2)(_BuftOverride(repack.encode(), buft), _BuftOverride(None, None))  # NULL-terminated
+    params.tensor_buft_overrides = ctypes.addressof(overrides)
+    return params, overrides
+
+
+def reference_llama(path: str | os.PathLike[str], *, extra_bufts: bool, repack: str = "",
+                    **kwargs: object) -> llama_cpp.Llama:
+    """llama-cpp-python's own high-level ``Llama`` on ``path``, with its weights in the
+    same buffers as ``Model(path, extra_bufts=..., repack=...)``.
+
+    ``Llama`` has no parameter for the buffer types and always loads with
+    llama.cpp's default (extra buffer types on), while the engine turns them off
+    on AMX CPUs. Kernels differ per buffer type, and so does rounding (F16 on
+    AMX CPUs parts from the other modes within a few tokens), so a comparison
+    with ``Llama`` is like for like only when both load alike: this builds the
+    params with :func:`model_params` for the duration of the constructor.
+    ``kwargs`` go to ``Llama``.
+    """
+    import llama_cpp.llama as high_level
+
+    params, overrides = model_params(extra_bufts=extra_bufts, repack=repack)
+    native = high_level.llama_cpp
+    original = native.llama_model_default_params
+
+    def same_buffers() -> llama_cpp.llama_model_params:
+        return params
+
+    native.llama_model_default_params = same_buffers
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), **kwargs)  # type: ignore[arg-type]
+    finally:
+        native.llama_model_default_params = original
+    llm._mtpcode_buffer_overrides = overrides  # type: ignore[attr-defined]  # alive as long as the model
+    return llm
+
+
 # Below this many parameters one llama.cpp thread is the default: a graph node
 # does microseconds of work, less than the threads' synchronisation at every
 # node costs, and a second thread that the OS deschedules stalls all others
@@ -271,16 +322,8 @@ class Model(_Handle):
         (``repack_pattern``); ignored when this build has no such buffer type."""
         init_backend()
         self.path = Path(path)
-        params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = int(n_gpu_layers)
-        params.use_extra_bufts = bool(extra_bufts)
-        self.repacked = False
-        buft = cpu_repack_buft() if repack else 0
-        if buft:
-            # NULL-terminated array; kept alive on self for the model's lifetime
-            self._overrides = (_BuftOverride * 2)(_BuftOverride(repack.encode(), buft), _BuftOverride(None, None))
-            params.tensor_buft_overrides = ctypes.addressof(self._overrides)
-            self.repacked = True
+        params, self._overrides = model_params(n_gpu_layers=n_gpu_layers, extra_bufts=extra_bufts, repack=repack)
+        self.repacked = self._overrides is not None
         _LOG_TAIL.clear()
         ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:

@@ -11,14 +11,13 @@ checks that greedy output is the same token for token in every configuration.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import platform
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,37 +237,19 @@ def _engine_run(engine, ids: list[int], heads: int, max_tokens: int, adaptive: b
     return tokens, d
 
 
-@contextlib.contextmanager
-def _llama_model_params(use_extra_bufts: bool) -> Iterator[None]:
-    """Make llama-cpp-python's ``Llama`` load with ``use_extra_bufts`` as mtpcode does
-    (its constructor has no parameter for it; on AMX CPUs the default crashes on quantized models)."""
-    import llama_cpp.llama_cpp as native
-
-    original = native.llama_model_default_params
-
-    def patched():
-        params = original()
-        params.use_extra_bufts = use_extra_bufts
-        return params
-
-    native.llama_model_default_params = patched
-    try:
-        yield
-    finally:
-        native.llama_model_default_params = original
-
-
 class Anchor:
     """Plain greedy decoding of ``main.gguf`` with llama-cpp-python's high-level ``Llama``,
     with the engine's flash-attention setting (which changes the summation order of
-    attention, so it must match for the greedy outputs to be comparable)."""
+    attention, so it must match for the greedy outputs to be comparable) and the
+    engine's weight buffers (``repack``: the engine's CPU_REPACK pattern, "" for none)."""
 
-    def __init__(self, main_path: Path, *, n_ctx: int, n_threads: int, extra_bufts: bool, flash_attn: bool) -> None:
-        from llama_cpp import Llama
+    def __init__(self, main_path: Path, *, n_ctx: int, n_threads: int, extra_bufts: bool, flash_attn: bool,
+                 repack: str = "") -> None:
+        from mtpcode.llama import reference_llama
 
-        with _llama_model_params(extra_bufts):
-            self.llm = Llama(str(main_path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                             verbose=False, flash_attn=flash_attn)
+        self.llm = reference_llama(main_path, extra_bufts=extra_bufts, repack=repack, n_ctx=n_ctx,
+                                   n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
+                                   flash_attn=flash_attn)
 
     def run(self, ids: list[int], max_tokens: int) -> tuple[list[int], dict[str, Any]]:
         llm = self.llm
@@ -328,8 +309,11 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
             raise UsageError(f"--heads {bad[0]}: this bundle has {engine.n_heads} draft heads")
         configs = ["0", CONTROL, *(str(h) for h in head_list)]
         if anchor:
+            from mtpcode.llama import repack_pattern
+
+            repack = repack_pattern(engine.bundle.main_path) if extra_bufts == "repack" else ""
             anchor_obj = Anchor(engine.bundle.main_path, n_ctx=n_ctx, n_threads=n_threads,
-                                extra_bufts=engine.extra_bufts, flash_attn=engine.flash_attn)
+                                extra_bufts=engine.extra_bufts, flash_attn=engine.flash_attn, repack=repack)
             configs.append(ANCHOR)
         rss_all = rss_mb()
         prompt_ids = []
