@@ -92,3 +92,16 @@ def tiny_bundle(make_bundle) -> Path:
 def tiny_reference(make_checkpoint):
     """The float32 PyTorch reference model of ``tiny_bundle``."""
     return make_checkpoint()[1]
+
+
+@pytest.fixture(scope="session")
+def agree_bundle(make_checkpoint, tmp_path_factory) -> Path:
+    """A bundle whose heads often agree with the main model (see runtime_helpers), so drafts get accepted."""
+    from runtime_helpers import agreeing_checkpoint
+
+    from converters.convert import convert_checkpoint
+
+    ckpt, _ = make_checkpoint()
+    root = tmp_path_factory.mktemp("agree")
+    src = agreeing_checkpoint(ckpt, root / "ckpt", tie=0.15)
+    return convert_checkpoint(src, root / "bundle", quant="F32", threads=1).out_dir

@@ -19,7 +19,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from mtpcode import sampling
 from mtpcode.generation import Done, GenerationOptions, SamplingOptions
@@ -28,18 +27,6 @@ from mtpcode.runtime import Engine
 PROMPT = "class A:\n"
 TEMP, TOP_K, LENGTH = 1.5, 3, 3
 N = 2000
-
-
-@pytest.fixture(scope="module")
-def agree_bundle(make_checkpoint, tmp_path_factory) -> Path:
-    from runtime_helpers import agreeing_checkpoint
-
-    from converters.convert import convert_checkpoint
-
-    ckpt, _ = make_checkpoint()
-    root = tmp_path_factory.mktemp("agree-sampling")
-    src = agreeing_checkpoint(ckpt, root / "ckpt", tie=0.15)
-    return convert_checkpoint(src, root / "bundle", quant="F32", threads=1).out_dir
 
 
 def exact_law(main_gguf: Path, ids: list[int], opts: SamplingOptions) -> dict[tuple[int, ...], float]:
