@@ -37,6 +37,13 @@ class GenerationOptions:
     heads: int | None = None  # draft heads to use: None = all the bundle has, 0 = plain decoding
     stop: tuple[str, ...] = ()  # stop strings (may span token boundaries; not included in the output)
     adaptive: bool = True  # draft with fewer heads when drafting does not pay
+    # Drafts from the context (prompt lookup over the prompt, the suffix and the output), chosen per
+    # step against the heads by the adaptive policy. None: on when heads draft (heads > 0); True: also
+    # with heads=0 (context drafts only); False: off.
+    context_draft: bool | None = None
+    # The text after the cursor, when completing in the middle of a file: never generated from,
+    # only a source of context drafts (a line being retyped before identical text).
+    suffix: str = ""
 
 
 class StopCondition(Protocol):
@@ -83,8 +90,9 @@ class StopStrings:
 class Piece:
     """A chunk of output text and the tokens that produced it.
 
-    ``drafted[i]`` tells whether ``token_ids[i]`` was proposed by a head and
-    accepted (True) or came from the main model's own prediction (False).
+    ``drafted[i]`` tells whether ``token_ids[i]`` was a draft (of a head or
+    from the context) that the main model accepted (True), or came from the
+    main model's own prediction (False).
     ``text`` may be empty (a token that ends inside a UTF-8 character, or
     text held back by a stop condition) and may cover text from earlier tokens.
     """
@@ -105,6 +113,14 @@ class Stats:
     heads_used: int = 0  # draft heads at the start of the generation
     drafted_tokens: list[int] = field(default_factory=list)  # per head: drafts proposed
     accepted_tokens: list[int] = field(default_factory=list)  # per head: drafts accepted
+    context_draft: bool = False  # whether drafting from the context was on
+    # per source of a drafted token ("heads", "context"): drafts proposed and accepted
+    drafted_by_source: dict[str, int] = field(default_factory=lambda: {"heads": 0, "context": 0})
+    accepted_by_source: dict[str, int] = field(default_factory=lambda: {"heads": 0, "context": 0})
+    # per kind of step ("plain", "heads", "context", "context+heads": a context draft extended by
+    # heads): main forwards, and the tokens they yielded (accepted drafts + the main model's own)
+    forwards_by_source: dict[str, int] = field(default_factory=dict)
+    tokens_by_source: dict[str, int] = field(default_factory=dict)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     python_s: float = 0.0  # decode time spent in Python (sampling, bookkeeping), not in llama.cpp
@@ -123,6 +139,16 @@ class Stats:
         return [a / d if d else 0.0 for a, d in zip(self.accepted_tokens, self.drafted_tokens)]
 
     @property
+    def tokens_per_forward_by_source(self) -> dict[str, float]:
+        """Per kind of step: tokens per main forward (before stop conditions cut the output)."""
+        return {k: self.tokens_by_source.get(k, 0) / n for k, n in self.forwards_by_source.items() if n}
+
+    @property
+    def acceptance_by_source(self) -> dict[str, float]:
+        """Per source of drafts: fraction accepted."""
+        return {k: self.accepted_by_source.get(k, 0) / d for k, d in self.drafted_by_source.items() if d}
+
+    @property
     def prefill_tps(self) -> float:
         return self.prompt_tokens_processed / self.prefill_s if self.prefill_s > 0 else 0.0
 
@@ -135,18 +161,25 @@ class Stats:
         data.update(
             tokens_per_forward=round(self.tokens_per_forward, 4),
             acceptance=[round(a, 4) for a in self.acceptance],
+            tokens_per_forward_by_source={k: round(v, 4) for k, v in self.tokens_per_forward_by_source.items()},
+            acceptance_by_source={k: round(v, 4) for k, v in self.acceptance_by_source.items()},
             prefill_tokens_per_s=round(self.prefill_tps, 2),
             decode_tokens_per_s=round(self.decode_tps, 2),
-            decode_tokens_per_cpu_s=round(self.generated_tokens / self.decode_cpu_s, 2) if self.decode_cpu_s > 0 else 0.0,
+            decode_tokens_per_cpu_s=(round(self.generated_tokens / self.decode_cpu_s, 2)
+                                     if self.decode_cpu_s > 0 else 0.0),
         )
         return data
 
     def summary(self) -> str:
         """One human line, e.g. for ``--stats`` and the REPL."""
         acc = " ".join(f"{a:.0%}" for a in self.acceptance) or "-"
+        ctx = ""
+        if self.context_draft:
+            d, a = self.drafted_by_source.get("context", 0), self.accepted_by_source.get("context", 0)
+            ctx = f", context drafts {a}/{d}"
         return (
             f"{self.generated_tokens} tokens, {self.decode_tps:.1f} tok/s, "
-            f"{self.tokens_per_forward:.2f} tok/forward, heads {self.heads_used} (accept {acc}), "
+            f"{self.tokens_per_forward:.2f} tok/forward, heads {self.heads_used} (accept {acc}){ctx}, "
             f"prompt {self.prompt_tokens} tok ({self.prompt_tokens_processed} new, {self.prefill_tps:.0f} tok/s)"
         )
 

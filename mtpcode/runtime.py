@@ -39,6 +39,7 @@ import numpy as np
 
 from mtpcode import sampling
 from mtpcode.bundle import KV_FINGERPRINT, KV_HEAD_INDEX, KV_ROLE, Bundle, Manifest, open_bundle
+from mtpcode.drafting import CONTEXT, HEADS, ContextDrafter, DraftPolicy, HeadDrafter, Match, Plan
 from mtpcode.errors import ContextOverflowError, DataError, ModelError, MtpError, OutputError, UsageError
 from mtpcode.files import atomic_write_text
 from mtpcode.generation import Done, GenerationOptions, Piece, Stats, StopCondition, StopStrings
@@ -91,149 +92,6 @@ class _Output:
     @property
     def final_text(self) -> str:
         return self.text[: self.cut] if self.cut is not None else self.text
-
-
-# ---------------------------------------------------------------------------
-# adaptive drafting
-
-
-class DraftPolicy:
-    """Chooses how many heads to draft with in each step.
-
-    Tracks, per head k, a running estimate c_k of the probability that drafts
-    d_1..d_k are all accepted (so a verify of K drafts yields 1 + sum c_k
-    tokens on average) and running timings of a main forward of b rows and
-    of one head forward. Picks the K with the most expected tokens per second.
-    Now and then it tries K+1 or K-1 (a probe) to keep the estimates of the
-    neighbours fresh. A probe is not free (the neighbour may be slower, and
-    on llama.cpp a new batch shape rebuilds the compute graph, also for the
-    step after it), so while probes keep confirming the choice the interval
-    between them doubles, from ``probe_min`` up to ``probe_max`` steps; it
-    drops back to ``probe_min`` as soon as the choice changes or a probe
-    yields more tokens per second than the choice is expected to. It never
-    changes *which* tokens come out under greedy decoding (only how many are
-    verified per forward).
-
-    ``measured=False`` replaces the measured timings by a fixed cost model
-    (DESIGN.md §4 CPU numbers: a forward of b rows costs 0.7 + 0.3 b, a head
-    0.05, in units of a one-row forward). Seeded sampling uses it: with
-    measured timings the number of drafts, hence the random draws, would
-    depend on machine noise and the same seed would not give the same text.
-    """
-
-    alpha = 0.1  # weight of a new observation in the running estimates
-    probe_min = 16
-    probe_max = 512
-    probe_after_win = 4  # steps to the next probe after one that beat the choice
-    # First steps: plain (the cost of a 1-row forward, and no loss), then one
-    # head (its acceptance, the cost of 2 rows). More heads are tried when the
-    # estimates say they would pay: the prior on heads not yet seen is optimistic.
-    warmup = (0, 0, 1, 1, 1, 1)
-
-    def __init__(self, max_heads: int, adaptive: bool, measured: bool = True) -> None:
-        self.max_heads = max_heads
-        self.adaptive = adaptive and max_heads > 0
-        self.measured = measured
-        self.chain = [0.6 ** (k + 1) for k in range(max_heads)]  # optimistic prior (floats: called every step)
-        self.seen = [0] * max_heads  # drafts of each head observed
-        self.t_verify: dict[int, float] = {}
-        self.t_head = 0.0
-        self.k = max_heads
-        self.steps = 0
-        self.probes = 0
-        self.probe_interval = self.probe_min
-        self.warmup_steps = len(self.warmup)
-        self._next_probe = self.warmup_steps + self.probe_min
-        self._confirm: int | None = None  # a probe that won, to repeat at the next probe
-
-    def choose(self) -> int:
-        self.steps += 1
-        if not self.adaptive:
-            return self.max_heads
-        if self.steps <= self.warmup_steps or (self.measured and not self.t_verify):
-            # (no timing yet after the warm-up: steps interrupted between choose and observe)
-            return min(self.warmup[min(self.steps, self.warmup_steps) - 1], self.max_heads)
-        best = max(range(self.max_heads + 1), key=self._rate)
-        if best != self.k:  # the estimates moved: look around again soon
-            self._look_again_soon()
-        self.k = best
-        if self.steps < self._next_probe:
-            return best
-        self.probes += 1
-        self.probe_interval = min(2 * self.probe_interval, self.probe_max)
-        self._next_probe = self.steps + self.probe_interval
-        confirm, self._confirm = self._confirm, None
-        if confirm is not None and confirm != best:
-            return confirm
-        up, down = best + 1, best - 1
-        order = (up, down) if self.probes % 2 else (down, up)
-        return next((k for k in order if 0 <= k <= self.max_heads), best)
-
-    def _look_again_soon(self, steps: int | None = None) -> None:
-        self.probe_interval = self.probe_min
-        self._next_probe = min(self._next_probe, self.steps + (steps or self.probe_min))
-
-    def state(self) -> dict[str, Any]:
-        """What this policy learned (estimates, not its schedule), for :meth:`restore`."""
-        return {"chain": list(self.chain), "seen": list(self.seen),
-                "t_verify": {str(b): t for b, t in self.t_verify.items()}, "t_head": self.t_head}
-
-    def restore(self, state: Any) -> bool:
-        """Start from a :meth:`state` of an earlier run (no warm-up); False (and nothing
-        changed) when ``state`` is not a valid state for this many heads."""
-        try:
-            chain = [float(c) for c in state["chain"]]
-            seen = [int(n) for n in state["seen"]]
-            t_verify = {int(b): float(t) for b, t in state["t_verify"].items()}
-            t_head = float(state["t_head"])
-        except (KeyError, TypeError, ValueError, AttributeError):
-            return False
-        if (len(chain) != self.max_heads or len(seen) != self.max_heads or not t_verify
-                or not all(0.0 <= c <= 1.0 for c in chain) or not all(n >= 0 for n in seen)
-                or not all(1 <= b <= self.max_heads + 1 and 0.0 < t < 60.0 for b, t in t_verify.items())
-                or not 0.0 <= t_head < 60.0):
-            return False
-        # a saved estimate counts as a few observations, so new ones move it soon
-        self.chain, self.seen = chain, [min(n, 5) for n in seen]
-        self.t_verify, self.t_head = t_verify, t_head
-        self.steps = self.warmup_steps
-        self._next_probe = self.steps + self.probe_min
-        return True
-
-    def _verify_time(self, rows: int) -> float:
-        if not self.measured:
-            return 0.7 + 0.3 * rows
-        if rows in self.t_verify:
-            return self.t_verify[rows]
-        # unmeasured size: scale the nearest measured one with a prior of ~30%
-        # extra per additional row (DESIGN.md §4 CPU measurements)
-        ref = min(self.t_verify, key=lambda b: abs(b - rows))
-        return self.t_verify[ref] * (0.7 + 0.3 * rows) / (0.7 + 0.3 * ref)
-
-    def _rate(self, k: int) -> float:
-        tokens = 1.0 + sum(self.chain[:k])
-        t_head = self.t_head if self.measured else 0.05
-        return tokens / (self._verify_time(k + 1) + k * t_head)
-
-    def observe(self, k: int, accepted: int, verify_s: float, head_s: float, heads_run: int) -> None:
-        """One step's outcome; ``heads_run`` 0 leaves the head timing alone (e.g. a head caught up
-        on many rows, which says nothing about the cost of a draft)."""
-        if self.adaptive and k != self.k and self.steps > self.warmup_steps:
-            t_head = self.t_head if self.measured else 0.05
-            cost = (verify_s if self.measured else self._verify_time(k + 1)) + k * t_head
-            if (1 + accepted) / cost > self._rate(self.k):  # a probe did better than the choice:
-                self._look_again_soon(self.probe_after_win)  # try it again soon
-                self._confirm = k
-        for i in range(k):  # a plain mean of the first observations, then a running one
-            self.seen[i] += 1
-            self.chain[i] += max(self.alpha, 1.0 / self.seen[i]) * (float(accepted > i) - self.chain[i])
-        a = self.alpha
-        rows = k + 1
-        old = self.t_verify.get(rows)
-        self.t_verify[rows] = verify_s if old is None else old + a * (verify_s - old)
-        if heads_run:
-            per = head_s / heads_run
-            self.t_head = per if self.t_head == 0.0 else self.t_head + a * (per - self.t_head)
 
 
 # ---------------------------------------------------------------------------
@@ -294,12 +152,7 @@ class Engine:
         self.n_batch = n_batch
         self.n_threads = threads
         self.n_vocab = self._main_model.n_vocab
-        # What each KV cache holds: main holds _tokens[:_n_main]; head k holds
-        # the first _n_head[k] of those. _trunk[:_n_main] are their trunk rows.
-        self._tokens = np.zeros(n_ctx, dtype=np.int32)
-        self._n_main = 0
-        self._n_head = [0] * self.n_heads
-        self._head_logits_at = [-1] * self.n_heads  # position whose logits each head context holds
+        self._kv = KVState(self._main, self._heads, self._trunk, n_ctx, n_batch)
         self._owner: object | None = None
         self._policies: dict[tuple[int, bool], DraftPolicy] = {}  # learned across calls
         # ... and across processes: kept per bundle and runtime settings in policy_dir
@@ -321,7 +174,8 @@ class Engine:
         if role != "main":
             raise ModelError(f"bundle {self.bundle.path}: {name} is not an mtpcode main model ({KV_ROLE}={role!r})")
         if fp != m.fingerprint:
-            raise ModelError(f"bundle {self.bundle.path}: {name} fingerprint {fp} does not match mtp.json ({m.fingerprint})")
+            raise ModelError(
+                f"bundle {self.bundle.path}: {name} fingerprint {fp} does not match mtp.json ({m.fingerprint})")
         if model.n_embd != m.n_embd or model.n_vocab != m.n_vocab:
             raise ModelError(
                 f"bundle {self.bundle.path}: {name} has n_embd={model.n_embd}, n_vocab={model.n_vocab}; "
@@ -354,9 +208,9 @@ class Engine:
     @property
     def cached_tokens(self) -> list[int]:
         """The tokens whose KV entries the main context holds (the reusable prefix)."""
-        return self._tokens[: self._n_main].tolist()
+        return self._kv.tokens[: self._kv.n_main].tolist()
 
-    def generate(self, prompt: str | Sequence[int], options: GenerationOptions = GenerationOptions(),
+    def generate(self, prompt: str | Sequence[int], options: GenerationOptions | None = None,
                  stops: Sequence[StopCondition] = (), cancel: threading.Event | None = None
                  ) -> Iterator[Piece | Done]:
         """Stream ``Piece`` events for the continuation of ``prompt``, then one ``Done``.
@@ -366,6 +220,7 @@ class Engine:
         prompt fits but prompt + max_tokens does not, generation stops with
         stop_reason "context" when the context is full.
         """
+        options = options if options is not None else GenerationOptions()
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise DataError("the prompt is empty")
@@ -422,7 +277,8 @@ class Engine:
             raise MtpError("engine used after close()")
         return self._main_model
 
-    def _draft_policy(self, heads: int, adaptive: bool, greedy: bool, seeded: bool) -> DraftPolicy:
+    def _draft_policy(self, heads: int, adaptive: bool, greedy: bool, seeded: bool, context: bool = False
+                      ) -> DraftPolicy:
         """The adaptive policy for ``heads``; what it learned carries over to the next call
         (kept apart for greedy and sampled decoding, whose acceptance differs).
 
@@ -431,7 +287,7 @@ class Engine:
         prompt, not on timings or on earlier calls.
         """
         reproducible = seeded and not greedy
-        if not adaptive or reproducible:
+        if not (adaptive and (heads or context)) or reproducible:
             return DraftPolicy(heads, adaptive, measured=not reproducible)
         key = (heads, greedy)
         if key not in self._policies:
@@ -475,31 +331,32 @@ class Engine:
         interruption anywhere, decodes may have added rows not yet recorded)."""
         if self._main is None:
             raise MtpError("engine used after close()")
-        self._main.trim(self._n_main)
-        for k, ctx in enumerate(self._heads):
-            self._n_head[k] = min(self._n_head[k], self._n_main)
-            ctx.trim(self._n_head[k])
-            if self._head_logits_at[k] != self._n_head[k] - 1:
-                self._head_logits_at[k] = -1
+        self._kv.reconcile()
+
+    def _context_drafting(self, options: GenerationOptions, heads: int) -> bool:
+        """Whether this generation drafts from the context: on with draft heads unless switched off,
+        and with ``heads=0`` only when asked for explicitly; the per-step choice needs the adaptive policy."""
+        wanted = options.context_draft if options.context_draft is not None else heads > 0
+        return wanted and options.adaptive
 
     def _run(self, owner: object, ids: list[int], options: GenerationOptions, heads: int,
              stops: list[StopCondition], cancel: threading.Event | None) -> Iterator[Piece | Done]:
         sopts = options.sampling
         seed = None if sopts.greedy else (sopts.seed if sopts.seed is not None else sampling.new_seed())
+        context = self._context_drafting(options, heads)
         stats = Stats(prompt_tokens=len(ids), heads_used=heads, drafted_tokens=[0] * heads,
-                      accepted_tokens=[0] * heads, seed=seed)
-        step = _Step(self, options, heads, seed)
+                      accepted_tokens=[0] * heads, seed=seed, context_draft=context)
+        suffix = self.tokenize(options.suffix, add_bos=False) if context and options.suffix else []
+        step = _Step(self, self._kv, options, heads, seed, context)
         out = _Output(self._model, stops)
         try:
             t0 = _perf()
-            stats.prompt_tokens_processed = self._prefill(ids, cancel)
-            if self._n_main < len(ids):  # cancelled between prefill batches: what is evaluated stays cached
+            stats.prompt_tokens_processed = self._kv.prefill(ids, cancel)
+            if self._kv.n_main < len(ids):  # cancelled between prefill batches: what is evaluated stays cached
                 stats.prefill_s = _perf() - t0
                 yield Done(text="", stop_reason="interrupted", stats=stats)
                 return
-            for k in range(heads):
-                self.feed_head(k)
-            step.start(self._main.logits(1)[0])
+            step.start(ids, suffix, self._kv.last_logits())
             stats.prefill_s = _perf() - t0
             t_decode, c_decode = _perf(), _cpu()
             native = suspended = suspended_cpu = 0.0
@@ -558,155 +415,250 @@ class Engine:
                 if self._main is not None:
                     self._reconcile()
 
-    # -- phases -------------------------------------------------------------
+    # -- the KV state, for tools that look inside (the step uses self._kv) ----
 
-    def _prefill(self, ids: list[int], cancel: threading.Event | None = None) -> int:
+    def feed_head(self, k: int) -> float:
+        """Feed head k (0-based) the trunk rows it has not seen; returns seconds in llama.cpp."""
+        return self._kv.feed_head(k)
+
+    @property
+    def _n_main(self) -> int:
+        return self._kv.n_main
+
+    @property
+    def _n_head(self) -> list[int]:
+        return self._kv.n_head
+
+
+class KVState:
+    """What the main and head KV caches hold, and the operations a step performs on them.
+
+    The main cache holds ``tokens[:n_main]``; head k's holds the first
+    ``n_head[k]`` of those; ``trunk[:n_main]`` are their trunk rows (captured
+    by the main context). Steps call these methods instead of assigning the
+    bookkeeping themselves, so it always matches the caches.
+    """
+
+    def __init__(self, main: Context, heads: Sequence[Context], trunk: np.ndarray, n_ctx: int, n_batch: int) -> None:
+        self.main = main
+        self.heads = list(heads)
+        self.trunk = trunk
+        self.n_batch = n_batch
+        self.tokens = np.zeros(n_ctx, dtype=np.int32)
+        self.n_main = 0
+        self.n_head = [0] * len(self.heads)
+        self.head_logits_at = [-1] * len(self.heads)  # position whose logits each head context holds
+
+    def reconcile(self) -> None:
+        """Trim every cache to what the bookkeeping says it holds."""
+        self.main.trim(self.n_main)
+        for k, ctx in enumerate(self.heads):
+            self.n_head[k] = min(self.n_head[k], self.n_main)
+            ctx.trim(self.n_head[k])
+            if self.head_logits_at[k] != self.n_head[k] - 1:
+                self.head_logits_at[k] = -1
+
+    def prefill(self, ids: list[int], cancel: threading.Event | None = None) -> int:
         """Bring the main KV to ``ids`` reusing the common prefix; returns tokens evaluated.
 
         The last prompt token is always evaluated (its logits choose the first token).
         ``cancel`` is checked between batches: then the KV holds only a prefix of ``ids``.
         """
-        main = self._main
-        cached = self._tokens[: self._n_main]
+        main = self.main
+        cached = self.tokens[: self.n_main]
         n = min(len(cached), len(ids) - 1)
         common = 0
         if n > 0:
             diff = np.flatnonzero(cached[:n] != np.asarray(ids[:n], dtype=np.int32))
             common = int(diff[0]) if diff.size else n
-        self._n_main = min(self._n_main, common)
-        self._reconcile()
-        self._tokens[common: len(ids)] = ids[common:]
+        self.n_main = min(self.n_main, common)
+        self.reconcile()
+        self.tokens[common: len(ids)] = ids[common:]
         pos = common
         while pos < len(ids) and not (cancel is not None and cancel.is_set()):
             n_rows = min(self.n_batch, len(ids) - pos)
-            main.batch.tokens[:n_rows] = self._tokens[pos: pos + n_rows]
+            main.batch.tokens[:n_rows] = self.tokens[pos: pos + n_rows]
             main.decode(n_rows, pos, last_logits_only=True)
             pos += n_rows
-            self._n_main = pos
+            self.n_main = pos
         return pos - common
+
+    def last_logits(self) -> np.ndarray:
+        """The main model's logits at the last evaluated row (after a prefill)."""
+        return self.main.logits(1)[0]
 
     def feed_head(self, k: int) -> float:
         """Feed head k (0-based) the trunk rows it has not seen; returns seconds in llama.cpp.
 
         Afterwards its context holds the logits of the last row (position n_main - 1).
         """
-        ctx = self._heads[k]
-        start, end = self._n_head[k], self._n_main
-        if start == end and self._head_logits_at[k] == end - 1:
+        ctx = self.heads[k]
+        start, end = self.n_head[k], self.n_main
+        if start == end and self.head_logits_at[k] == end - 1:
             return 0.0
         if start == end:  # logits lost (interrupted run): re-evaluate the last row
             start = end - 1
             ctx.trim(start)
-            self._n_head[k] = start
+            self.n_head[k] = start
         native = 0.0
         while start < end:
             n_rows = min(self.n_batch, end - start)
-            np.copyto(ctx.batch.embd[:n_rows], self._trunk[start: start + n_rows])
+            np.copyto(ctx.batch.embd[:n_rows], self.trunk[start: start + n_rows])
             t = _perf()
             ctx.decode(n_rows, start, last_logits_only=True)
             native += _perf() - t
             start += n_rows
-            self._n_head[k] = start
-        self._head_logits_at[k] = end - 1
+            self.n_head[k] = start
+        self.head_logits_at[k] = end - 1
         return native
+
+    def head_logits(self, k: int) -> np.ndarray:
+        return self.heads[k].logits(1)[0]
+
+    def head_lag(self, k: int) -> int:
+        return self.n_main - self.n_head[k]
+
+    def verify(self, pending: int, drafts: np.ndarray) -> float:
+        """One main forward over [pending, *drafts] after the cached tokens, logits for every row
+        (read them with :meth:`rows`); returns seconds in llama.cpp."""
+        m = self.n_main
+        k = len(drafts)
+        batch = self.main.batch
+        batch.tokens[0] = pending
+        batch.tokens[1: k + 1] = drafts
+        self.tokens[m: m + k + 1] = batch.tokens[: k + 1]
+        t = _perf()
+        self.main.decode(k + 1, m, last_logits_only=False)
+        return _perf() - t
+
+    def rows(self, n: int) -> np.ndarray:
+        """The logits of the last verify's ``n`` rows."""
+        return self.main.logits(n)
+
+    def commit(self, kept: int, verified: int) -> None:
+        """Keep the first ``kept`` of the last verify's ``verified`` rows in the main cache, drop the rest."""
+        keep = self.n_main + kept
+        if kept < verified:
+            self.main.trim(keep)
+        self.n_main = keep
 
 
 class _Step:
-    """The per-generation decoding state: pending token, drafts, buffers, policy."""
+    """The per-generation decoding state: pending token, drafters, buffers, policy."""
 
-    def __init__(self, engine: Engine, options: GenerationOptions, heads: int, seed: int | None) -> None:
-        self.e = engine
+    def __init__(self, engine: Engine, kv: KVState, options: GenerationOptions, heads: int, seed: int | None,
+                 context: bool) -> None:
+        self.kv = kv
         self.heads = heads
         self.greedy = options.sampling.greedy
         self.policy = engine._draft_policy(heads, options.adaptive, self.greedy,
-                                           seeded=options.sampling.seed is not None)
+                                           seeded=options.sampling.seed is not None, context=context)
+        self.context = ContextDrafter() if context else None
+        # a verify's rows must fit in one batch
+        self.max_drafts = min(max(heads, self.context.max_draft if self.context else 0), kv.n_batch - 1)
         self.pending = -1
         self.new_tokens: list[int] = []
         self.new_flags: list[bool] = []
-        self.drafts = np.zeros(max(heads, 1), dtype=np.int32)
+        self.drafts = np.zeros(max(self.max_drafts, 1), dtype=np.int32)
+        self.rng: np.random.Generator | None = None
+        self.warper: sampling.Warper | None = None
         if not self.greedy:
             self.rng = np.random.default_rng(seed)
             self.warper = sampling.Warper(engine.n_vocab, options.sampling)
             self.p = self.warper.new_buffer()
-            self.q = [self.warper.new_buffer() for _ in range(heads)]
             self.scratch = self.warper.new_buffer()
+            self.one_hot = np.zeros(engine.n_vocab, dtype=np.float64)  # q of a deterministic (context) draft
+        self.head_drafter = HeadDrafter(kv, heads, self.warper, self.rng) if heads else None
 
     def pick(self, logits: np.ndarray) -> int:
         """The main model's token from one row of logits."""
-        if self.greedy:
+        if self.warper is None or self.rng is None:
             return sampling.greedy(logits)
         return sampling.sample(self.warper.probs(logits, self.p), self.rng)
 
-    def start(self, logits: np.ndarray) -> None:
+    def start(self, prompt: list[int], suffix: list[int], logits: np.ndarray) -> None:
+        """After the prefill: feed the heads, index the context, pick the first token."""
+        if self.head_drafter is not None:
+            self.head_drafter.begin()
+        if self.context is not None:
+            self.context.begin(prompt, suffix)
         self.pending = self.pick(logits)
 
-    def _draft(self, k_max: int) -> tuple[float, bool]:
-        """Heads 1..k_max draft the tokens after the pending one.
+    def _accept(self, n: int, n_context: int) -> tuple[int, int]:
+        """Compare drafts with the main rows: (number accepted, the main model's next token).
 
-        Returns (seconds in llama.cpp, whether the timing is typical of a draft:
-        False when a head had more rows to catch up on than one step adds).
+        Under sampling, a context draft is deterministic (q is one-hot on it):
+        it is accepted with probability p(token), and a rejection draws from p
+        without that token, which is speculative sampling's rule for that q.
         """
-        native = 0.0
-        typical = True
-        for k in range(k_max):
-            typical = typical and self.e._n_main - self.e._n_head[k] <= self.heads + 1
-            native += self.e.feed_head(k)
-            logits = self.e._heads[k].logits(1)[0]
-            if self.greedy:
-                self.drafts[k] = sampling.greedy(logits)
-            else:
-                self.drafts[k] = sampling.sample(self.warper.probs(logits, self.q[k]), self.rng)
-        return native, typical
-
-    def _verify(self, k: int) -> float:
-        """One main forward over [pending, d_1..d_k]; returns seconds in llama.cpp."""
-        e = self.e
-        m = e._n_main
-        batch = e._main.batch
-        batch.tokens[0] = self.pending
-        batch.tokens[1: k + 1] = self.drafts[:k]
-        e._tokens[m: m + k + 1] = batch.tokens[: k + 1]
-        t = _perf()
-        e._main.decode(k + 1, m, last_logits_only=False)
-        return _perf() - t
-
-    def _accept(self, k: int) -> tuple[int, int]:
-        """Compare drafts with the main rows: (number accepted, the main model's next token)."""
-        rows = self.e._main.logits(k + 1)
-        if self.greedy:
-            for i in range(k):
+        rows = self.kv.rows(n + 1)
+        if self.warper is None or self.rng is None:
+            for i in range(n):
                 target = sampling.greedy(rows[i])
                 if target != self.drafts[i]:
                     return i, target
-            return k, sampling.greedy(rows[k])
-        for i in range(k):
+            return n, sampling.greedy(rows[n])
+        rng = self.rng
+        for i in range(n):
             p = self.warper.probs(rows[i], self.p)
             d = int(self.drafts[i])
-            if not sampling.accept(p, self.q[i], d, self.rng):
-                return i, sampling.residual(p, self.q[i], self.rng, self.scratch)
-        return k, sampling.sample(self.warper.probs(rows[k], self.p), self.rng)
+            if i < n_context:
+                q = self.one_hot
+                q[d] = 1.0
+                try:
+                    if not sampling.accept(p, q, d, rng):
+                        return i, sampling.residual(p, q, rng, self.scratch)
+                finally:
+                    q[d] = 0.0
+            else:
+                q = self.head_drafter.q[i] if self.head_drafter is not None else self.one_hot
+                if not sampling.accept(p, q, d, rng):
+                    return i, sampling.residual(p, q, rng, self.scratch)
+        return n, sampling.sample(self.warper.probs(rows[n], self.p), rng)
 
     def run(self, room: int, stats: Stats) -> float:
         """One step with at most ``room`` drafts; sets new_tokens/new_flags; returns seconds in llama.cpp."""
-        e = self.e
-        k = min(self.policy.choose(), room, self.heads)
-        t_heads = _perf()
-        native_heads, typical = self._draft(k)
-        t_heads = _perf() - t_heads
-        verify_s = self._verify(k)
-        accepted, nxt = self._accept(k)
-        # commit: keep pending + accepted drafts in the main KV, drop the rest
-        m = e._n_main
-        keep = m + 1 + accepted
-        if accepted < k:
-            e._main.trim(keep)
-        e._n_main = keep
-        stats.main_forwards += 1
-        for i in range(k):
-            stats.drafted_tokens[i] += 1
-            stats.accepted_tokens[i] += int(i < accepted)
-        self.policy.observe(k, accepted, verify_s, t_heads, k if typical else 0)
-        self.new_tokens = [int(t) for t in self.drafts[:accepted]] + [nxt]
+        t_step = _perf()
+        room = min(room, self.max_drafts)
+        match: Match | None = None
+        if self.context is not None and room > 0:
+            match = self.context.draft(self.pending)
+        plan: Plan = self.policy.plan(match, room, context=self.context is not None)
+        n_context = plan.context
+        if n_context and match is not None:
+            self.drafts[:n_context] = match.tokens[:n_context]
+        native_heads = t_heads = 0.0
+        typical = True
+        if plan.heads > n_context and self.head_drafter is not None:
+            t = _perf()
+            native_heads, typical = self.head_drafter.draft(n_context, plan.heads, self.drafts)
+            t_heads = _perf() - t
+        n = plan.drafts
+        verify_s = self.kv.verify(self.pending, self.drafts[:n])
+        accepted, nxt = self._accept(n, n_context)
+        self.kv.commit(1 + accepted, n + 1)
+        self._count(stats, plan, accepted)
+        overhead = max(0.0, _perf() - t_step - verify_s - t_heads)
+        self.policy.observe_plan(plan, match.length if match is not None else 0, accepted, verify_s, t_heads,
+                                 plan.head_forwards if typical else 0, overhead)
+        kept = [int(t) for t in self.drafts[:accepted]]
+        if self.context is not None:
+            self.context.accept([self.pending, *kept])
+        self.new_tokens = [*kept, nxt]
         self.new_flags = [True] * accepted + [False]
         self.pending = nxt
         return native_heads + verify_s
+
+    def _count(self, stats: Stats, plan: Plan, accepted: int) -> None:
+        stats.main_forwards += 1
+        kind = plan.kind
+        stats.forwards_by_source[kind] = stats.forwards_by_source.get(kind, 0) + 1
+        stats.tokens_by_source[kind] = stats.tokens_by_source.get(kind, 0) + accepted + 1
+        if plan.context:
+            stats.drafted_by_source[CONTEXT] += plan.context
+            stats.accepted_by_source[CONTEXT] += min(accepted, plan.context)
+        for i in range(plan.context, plan.heads):
+            stats.drafted_tokens[i] += 1
+            stats.accepted_tokens[i] += int(i < accepted)
+            stats.drafted_by_source[HEADS] += 1
+            stats.accepted_by_source[HEADS] += int(i < accepted)
