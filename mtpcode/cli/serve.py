@@ -236,11 +236,13 @@ class Server:
                     if event.text:
                         self.send({"id": job.id, "text": event.text})
                 elif isinstance(event, Done):
-                    reason = "cancelled" if job.cancel.is_set() and event.stop_reason == "interrupted" else event.stop_reason
+                    cancelled = job.cancel.is_set() and event.stop_reason == "interrupted"
+                    reason = "cancelled" if cancelled else event.stop_reason
                     self.send({"id": job.id, "done": True, "text": event.text, "stop_reason": reason,
                                "stats": stats_dict(event.stats)})
                     if self.log is not None:
-                        print(f"mtpcode: request {job.id!r}: {reason}: {event.stats.summary()}", file=self.log, flush=True)
+                        print(f"mtpcode: request {job.id!r}: {reason}: {event.stats.summary()}", file=self.log,
+                              flush=True)
                     return
             self.send({"id": job.id, "error": "internal error: generation ended without a result"})
         except MtpError as exc:
@@ -271,18 +273,27 @@ class Server:
 
 
 @click.command("serve")
-@click.option("--stdio", is_flag=True, required=True, help="Speak JSON lines on stdin/stdout (the only transport).")
+@click.option("--stdio", is_flag=True, help="Speak JSON lines on stdin/stdout.")
+@click.option("--http", "http", is_flag=True,
+              help="Serve llama.cpp server's, OpenAI's and Ollama's completion APIs over HTTP (docs/http.md).")
+@click.option("--host", help="--http: address to listen on [default: 127.0.0.1, this machine only].")
+@click.option("--port", type=int, help="--http: port to listen on (0 = any free port) [default: 8012].")
+@click.option("--api-key", help="--http: require 'Authorization: Bearer KEY' (also MTPCODE_API_KEY, config api_key).")
+@click.option("--cancel-previous/--no-cancel-previous", default=True, show_default=True,
+              help="--http: a new completion request cancels the running one and drops queued ones.")
 @model_option
 @click.option("--heads", type=int, help="Default draft heads per request (0 = no speculation).")
 @click.option("--max-tokens", type=int, help="Default max_tokens per request [default: 256].")
 @click.option("--temperature", type=float, help="Default temperature per request [default: 0, greedy].")
 @runtime_options
 @click.option("-v", "--verbose", is_flag=True, help="Log requests and stats on stderr.")
-def serve(stdio: bool, model: str | None, heads: int | None, max_tokens: int | None, temperature: float | None,
+def serve(stdio: bool, http: bool, host: str | None, port: int | None, api_key: str | None, cancel_previous: bool,
+          model: str | None, heads: int | None, max_tokens: int | None, temperature: float | None,
           threads: int | None, gpu_layers: int | None, ctx: int | None, verbose: bool) -> None:
-    """Serve completions to an editor over stdin/stdout, one JSON object per line.
+    """Serve completions to an editor: over stdin/stdout (--stdio) or HTTP (--http).
 
     \b
+    --stdio, one JSON object per line:
     Request:  {"id": 1, "prompt": "def f(x):\\n", "max_tokens": 64, "lines": 2}
               {"id": 2, "prefix": "...", "suffix": "...", "block": true}
               {"cancel": 1}
@@ -293,7 +304,25 @@ def serve(stdio: bool, model: str | None, heads: int | None, max_tokens: int | N
     The first line written is {"id": null, "ready": true, "model": ..., ...}
     once the model is loaded. EOF on stdin finishes the queued requests and
     exits 0. See docs/cli.md for editor examples.
+
+    \b
+    --http: llama.cpp server's /infill, /completion, /health, /props, OpenAI's
+    /v1/completions and /v1/models, Ollama's /api/generate, on
+    http://127.0.0.1:8012 by default, so llama.vim, llama.vscode, Continue and
+    Tabby work unchanged. SIGINT/SIGTERM stop it. See docs/http.md.
     """
+    if stdio == http:
+        raise UsageError("give one transport: --stdio (JSON lines) or --http (llama.cpp/OpenAI HTTP API)")
+    if stdio:
+        given = [name for name, value in (("--host", host), ("--port", port), ("--api-key", api_key))
+                 if value is not None]
+        if given or not cancel_previous:
+            raise UsageError(f"{(given or ['--no-cancel-previous'])[0]} goes with --http, not --stdio")
+    else:
+        _serve_http(host=host, port=port, api_key=api_key, cancel_previous=cancel_previous, model=model, heads=heads,
+                    max_tokens=max_tokens, temperature=temperature, threads=threads, gpu_layers=gpu_layers, ctx=ctx,
+                    verbose=verbose)
+        return
     from mtpcode.cli.frontend import load_engine
     from mtpcode.models import is_builtin
 
@@ -307,3 +336,22 @@ def serve(stdio: bool, model: str | None, heads: int | None, max_tokens: int | N
         server.send({"id": None, "ready": True, "model": str(Path(path)), "builtin": is_builtin(path),
                      "heads": engine.n_heads, "n_ctx": engine.n_ctx, "version": __version__})
         server.serve(sys.stdin.buffer)
+
+
+def _serve_http(*, host: str | None, port: int | None, api_key: str | None, cancel_previous: bool, model: str | None,
+                heads: int | None, max_tokens: int | None, temperature: float | None, threads: int | None,
+                gpu_layers: int | None, ctx: int | None, verbose: bool) -> None:
+    """``mtpcode serve --http``: load the model and serve the HTTP API until SIGINT/SIGTERM."""
+    try:
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise UsageError("serve --http needs Starlette and uvicorn: pip install 'mtpcode[server]'") from None
+    from mtpcode.server.run import DEFAULT_HOST, DEFAULT_PORT, serve_http
+
+    if port is not None and not 0 <= port <= 65535:
+        raise UsageError(f"--port {port}: a port is 0..65535 (0 = any free port)")
+    settings = load_settings(model=model, heads=heads, max_tokens=max_tokens, temperature=temperature,
+                             threads=threads, gpu_layers=gpu_layers, ctx=ctx, api_key=api_key)
+    serve_http(settings, model, host=host or DEFAULT_HOST, port=DEFAULT_PORT if port is None else port,
+               api_key=settings.api_key or None, cancel_previous=cancel_previous, verbose=verbose)

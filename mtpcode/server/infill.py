@@ -1,0 +1,325 @@
+"""Fill-in-the-middle for models without FIM tokens, and the stops editors ask for.
+
+MTP code models use the plain Llama 2 vocabulary: there is no ``<PRE>``,
+``<SUF>`` or ``<MID>`` token to put the text after the cursor into the
+prompt. The server therefore completes *forward* from the text before the
+cursor and lets the text after it bound the completion
+(:class:`mtpcode.stops.SuffixReached`): the completion ends where it reaches
+the suffix's next non-blank line, or at the end of the line when the cursor's
+line continues.
+
+The prompt is built so that what changes least comes first: the extra context
+chunks an editor sends (other files, in the order it keeps them), then the
+text before the cursor. A keystroke changes only the end of the prompt, so the
+engine's KV-prefix reuse evaluates only the last few tokens again. When the
+prompt is too long for the context, whole chunks are dropped first, then the
+oldest lines of the prefix, in steps of :data:`PREFIX_DROP_LINES` lines, so that
+the cut stays at the same place from one keystroke to the next.
+
+Clients written for other model families sometimes build a FIM prompt
+themselves (``<PRE> {prefix} <SUF>{suffix} <MID>``, ``<fim_prefix>...``,
+``<|fim_prefix|>...``). :func:`split_fim` recognises these marker strings and
+turns them back into prefix and suffix: they are never fed to the model as
+text.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from mtpcode.generation import StopStrings
+
+# Lines of the prefix dropped at a time when it does not fit: a coarse step keeps the
+# cut (and with it the cached KV prefix) at the same line while the user types.
+PREFIX_DROP_LINES = 32
+# Tokens that a prompt truncated at the token level loses at a time, for the same reason.
+TOKEN_DROP_STEP = 64
+
+
+# --- FIM marker strings ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FimFamily:
+    """The marker strings of one model family's fill-in-the-middle format."""
+
+    name: str
+    prefix: str
+    suffix: str
+    middle: str
+    # CodeLlama's format puts a space after <PRE> and before <SUF>/<MID>: "<PRE> p <SUF>s <MID>".
+    spaced: bool = False
+
+
+FIM_FAMILIES: tuple[FimFamily, ...] = (
+    FimFamily("codellama", "<PRE>", "<SUF>", "<MID>", spaced=True),
+    FimFamily("starcoder", "<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+    FimFamily("starcoder-dash", "<fim-prefix>", "<fim-suffix>", "<fim-middle>"),
+    FimFamily("qwen", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+    FimFamily("deepseek", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+    FimFamily("deepseek-ascii", "<|fim▁begin|>", "<|fim▁hole|>", "<|fim▁end|>"),
+    FimFamily("fim-begin", "<|fim_begin|>", "<|fim_hole|>", "<|fim_end|>"),
+    FimFamily("codestral", "[PREFIX]", "[SUFFIX]", "[MIDDLE]"),
+    FimFamily("codegemma", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+)
+
+# Other special strings of those formats (repository and file separators, end markers):
+# removed from prompts, since to this model they are only noise.
+OTHER_MARKERS: tuple[str, ...] = (
+    "<fim_pad>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<file_sep>", "<reponame>", "<filename>",
+    "<gh_stars>", "<EOT>", "<|endoftext|>", "<｜end▁of▁sentence｜>", "<|file_separator|>",
+)
+
+_ALL_MARKERS = tuple(sorted({m for f in FIM_FAMILIES for m in (f.prefix, f.suffix, f.middle)} | set(OTHER_MARKERS),
+                            key=len, reverse=True))
+_MARKER_RE = re.compile("|".join(re.escape(m) for m in _ALL_MARKERS))
+
+
+@dataclass(frozen=True)
+class FimSplit:
+    """A prompt with FIM markers, taken apart. ``prefix`` includes any text the client put
+    after the middle marker (what it already accepted); ``context`` is text before the
+    first marker (e.g. other files a client prepends)."""
+
+    family: str
+    context: str
+    prefix: str
+    suffix: str
+
+
+def strip_markers(text: str) -> str:
+    """``text`` without any FIM or file-separator marker strings."""
+    return _MARKER_RE.sub("", text)
+
+
+def has_markers(text: str) -> bool:
+    return _MARKER_RE.search(text) is not None
+
+
+def split_fim(text: str) -> FimSplit | None:
+    """Recognise a client-built FIM prompt; None if ``text`` has no prefix+suffix marker pair.
+
+    Both orders are understood: prefix-suffix-middle (``<PRE>p<SUF>s<MID>m``)
+    and suffix-prefix-middle (``<SUF>s<PRE>p<MID>m``, and the
+    ``<fim_prefix><fim_suffix>s<fim_middle>p`` variant of it).
+    """
+    for fam in FIM_FAMILIES:
+        i_pre, i_suf = text.find(fam.prefix), text.find(fam.suffix)
+        if i_pre < 0 or i_suf < 0:
+            continue
+        i_mid = text.find(fam.middle, max(i_pre, i_suf))
+        end_pre, end_suf = i_pre + len(fam.prefix), i_suf + len(fam.suffix)
+        if i_pre < i_suf:
+            prefix = text[end_pre:i_suf]
+            suffix = text[end_suf:i_mid] if i_mid >= 0 else text[end_suf:]
+            middle = text[i_mid + len(fam.middle):] if i_mid >= 0 else ""
+            if not prefix and middle:  # SPM variant: <PRE><SUF>suffix<MID>prefix
+                prefix, middle = middle, ""
+        else:
+            suffix = text[end_suf:i_pre]
+            prefix = text[end_pre:i_mid] if i_mid >= 0 else text[end_pre:]
+            middle = text[i_mid + len(fam.middle):] if i_mid >= 0 else ""
+        if fam.spaced:
+            prefix = prefix[1:] if prefix.startswith(" ") else prefix
+            prefix = prefix[:-1] if prefix.endswith(" ") else prefix
+            suffix = suffix[:-1] if suffix.endswith(" ") else suffix
+        context = text[: min(i_pre, i_suf)]
+        return FimSplit(fam.name, strip_markers(context), strip_markers(prefix + middle), strip_markers(suffix))
+    return None
+
+
+# --- the prompt -------------------------------------------------------------------------
+
+_COMMENT_BY_EXT = {
+    "//": ("c", "h", "cc", "cpp", "cxx", "hpp", "hh", "java", "js", "jsx", "ts", "tsx", "go", "rs", "swift", "kt",
+           "kts", "scala", "cs", "dart", "php", "zig", "v", "sv", "proto", "groovy", "m", "mm"),
+    "--": ("lua", "sql", "hs", "elm", "ada", "adb", "ads", "vhd", "vhdl"),
+    ";": ("lisp", "el", "clj", "scm", "asm", "s", "ini"),
+    "%": ("tex", "erl", "hrl", "mat"),
+    '"': ("vim",),
+}
+_COMMENT = {ext: mark for mark, exts in _COMMENT_BY_EXT.items() for ext in exts}
+
+
+def _comment_mark(filename: str) -> str:
+    ext = filename.rsplit(".", 1)[-1].lower() if "." in filename else ""
+    return _COMMENT.get(ext, "#")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of another file that an editor sends as extra context (``input_extra``)."""
+
+    filename: str
+    text: str
+
+    def render(self) -> str:
+        """The chunk as prompt text: a comment line naming the file, then the text."""
+        body = strip_markers(self.text)
+        if body and not body.endswith("\n"):
+            body += "\n"
+        if not self.filename:
+            return body + "\n"
+        return f"{_comment_mark(self.filename)} {strip_markers(self.filename)}\n{body}\n"
+
+
+@dataclass(frozen=True)
+class InfillPrompt:
+    """What to give the engine for one infill request."""
+
+    text: str  # the prompt: chunks, then the text before the cursor
+    before_cursor: str  # the (possibly truncated) text before the cursor, for the stop conditions
+    truncated: bool  # chunks or prefix lines were dropped to fit the context
+    chunks_used: int
+
+
+class PromptTooLong(ValueError):
+    """Even the cursor's own line does not fit in the context."""
+
+
+def build_infill_prompt(prefix: str, chunks: Sequence[Chunk], count_tokens: Callable[[str], int],
+                        budget: int) -> InfillPrompt:
+    """The infill prompt for the text before the cursor ``prefix`` and extra ``chunks``.
+
+    ``count_tokens`` counts a prompt's tokens (BOS included); ``budget`` is how
+    many the prompt may have. Chunks go first (oldest first: they change least),
+    then the prefix. What does not fit is dropped: whole chunks from the oldest,
+    then the prefix's first lines, :data:`PREFIX_DROP_LINES` at a time.
+    PromptTooLong if even the prefix's last line does not fit.
+    """
+    prefix = strip_markers(prefix)
+    rendered = [c.render() for c in chunks]
+    truncated = False
+    start = 0
+    while start < len(rendered) and count_tokens("".join(rendered[start:]) + prefix) > budget:
+        start += 1
+        truncated = True
+    context = "".join(rendered[start:])
+    if count_tokens(context + prefix) <= budget:
+        return InfillPrompt(context + prefix, prefix, truncated, len(rendered) - start)
+    # No chunk left and the prefix alone is too long: drop its oldest lines in fixed steps.
+    lines = prefix.split("\n")
+    last = len(lines) - 1  # the cursor's line: never dropped
+
+    def rest(k: int) -> str:
+        return "\n".join(lines[min(k, last):])
+
+    if count_tokens(rest(last)) > budget:
+        raise PromptTooLong(
+            f"the line at the cursor is {count_tokens(rest(last))} tokens; the context leaves room for {budget}"
+        )
+    lo, hi = 1, (last + PREFIX_DROP_LINES - 1) // PREFIX_DROP_LINES  # in steps of PREFIX_DROP_LINES
+    while lo < hi:  # the fewest steps that fit
+        mid = (lo + hi) // 2
+        if count_tokens(rest(mid * PREFIX_DROP_LINES)) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    kept = rest(lo * PREFIX_DROP_LINES)
+    if count_tokens(kept) > budget:
+        kept = rest(last)
+    return InfillPrompt(kept, kept, True, 0)
+
+
+def truncate_tokens(ids: Sequence[int], budget: int, keep_first: int = 1) -> tuple[list[int], bool]:
+    """Keep the first ``keep_first`` ids (BOS) and as many of the last as fit in ``budget``.
+
+    The oldest tokens go, :data:`TOKEN_DROP_STEP` at a time, so that the cut
+    is the same for prompts that only grow at the end. Returns (ids, truncated).
+    """
+    ids = list(ids)
+    if len(ids) <= budget:
+        return ids, False
+    excess = len(ids) - budget
+    drop = -(-excess // TOKEN_DROP_STEP) * TOKEN_DROP_STEP
+    body = ids[keep_first:]
+    drop = min(drop, max(0, len(body) - 1))
+    return ids[:keep_first] + body[drop:], True
+
+
+# --- stops that editors ask for ----------------------------------------------------------
+
+
+class IndentLimit:
+    """llama.cpp's ``n_indent``: stop before a new line indented less than ``n`` columns.
+
+    Only lines the completion starts count (not the rest of the cursor's line);
+    a line is judged once it has text; the newline before it is not output.
+    """
+
+    reason = "limit"
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    @staticmethod
+    def _starts(text: str) -> list[int]:
+        starts = []
+        pos = text.find("\n")
+        while pos >= 0:
+            starts.append(pos + 1)
+            pos = text.find("\n", pos + 1)
+        return starts
+
+    def check(self, text: str) -> int | None:
+        for start in self._starts(text):
+            i = start
+            while i < len(text) and text[i] in " \t":
+                i += 1
+            if i < len(text) and text[i] not in "\r\n" and i - start < self.n:
+                return max(0, start - 1)
+        return None
+
+    def holdback(self, text: str) -> int:
+        # A newline followed by only blanks may turn out to start a line that ends the completion.
+        nl = text.rfind("\n")
+        if nl >= 0 and not text[nl + 1:].strip(" \t"):
+            return len(text) - nl
+        return 0
+
+
+class TimeLimit:
+    """llama.cpp's ``t_max_predict_ms``: once ``ms`` have passed since the first generated
+    text, stop after the next newline (the newline is kept, as llama-server keeps it)."""
+
+    reason = "limit"
+
+    def __init__(self, ms: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit_s = ms / 1000.0
+        self.clock = clock
+        self.started: float | None = None
+        self.seen = 0
+
+    def check(self, text: str) -> int | None:
+        now = self.clock()
+        if self.started is None:
+            self.started = now
+        new_from, self.seen = self.seen, len(text)
+        if now - self.started <= self.limit_s:
+            return None
+        nl = text.find("\n", new_from)
+        return None if nl < 0 else nl + 1
+
+    def holdback(self, text: str) -> int:
+        return 0
+
+
+class WordStop(StopStrings):
+    """The request's ``stop`` strings, remembering which one ended the completion
+    (llama-server's ``stopping_word``)."""
+
+    reason = "word"
+
+    def __init__(self, strings: Sequence[str]) -> None:
+        super().__init__(strings)
+        self.matched = ""
+
+    def check(self, text: str) -> int | None:
+        hits = [(i, s) for s in self.strings if (i := text.find(s)) >= 0]
+        if not hits:
+            return None
+        at, self.matched = min(hits)
+        return at
