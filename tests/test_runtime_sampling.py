@@ -22,6 +22,7 @@ import numpy as np
 
 from mtpcode import sampling
 from mtpcode.generation import Done, GenerationOptions, SamplingOptions
+from mtpcode.llama import reference_llama, use_extra_bufts
 from mtpcode.runtime import Engine
 
 PROMPT = "class A:\n"
@@ -31,9 +32,9 @@ N = 2000
 
 def exact_law(main_gguf: Path, ids: list[int], opts: SamplingOptions) -> dict[tuple[int, ...], float]:
     """P(first LENGTH tokens) under the warped main model, by enumeration of the (top-k) tree."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(main_gguf), n_ctx=128, n_threads=1, verbose=False, logits_all=True)
+    # loaded with the engine's default weight buffers, so both compute alike on any CPU
+    llm = reference_llama(main_gguf, extra_bufts=use_extra_bufts("auto"), n_ctx=128, n_threads=1, verbose=False,
+                          logits_all=True)
     warper = sampling.Warper(llm.n_vocab(), opts)
     try:
         law: dict[tuple[int, ...], float] = {(): 1.0}
