@@ -14,13 +14,14 @@ import abc
 import collections
 import ctypes
 import functools
+import importlib
 import logging
 import os
 import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import llama_cpp
 import numpy as np
@@ -404,7 +405,8 @@ class Batch(_Handle):
         self.n_embd = int(n_embd)
         self._batch = llama_cpp.llama_batch_init(self.capacity, self.n_embd, 1)
         b = self._batch
-        if not b.pos or not b.logits or not b.seq_id or (self.n_embd and not b.embd) or (not self.n_embd and not b.token):
+        if (not b.pos or not b.logits or not b.seq_id or (self.n_embd and not b.embd)
+                or (not self.n_embd and not b.token)):
             raise MtpError(f"llama_batch_init({self.capacity}, {self.n_embd}, 1) failed (out of memory?)")
         self.pos = np.ctypeslib.as_array(b.pos, shape=(self.capacity,))
         self.logits = np.ctypeslib.as_array(b.logits, shape=(self.capacity,))
@@ -434,7 +436,8 @@ class Batch(_Handle):
 
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
-            self.pos = self.logits = self.tokens = self.embd = None
+            # released with the batch: a use after close is a bug, and fails on None
+            self.pos = self.logits = self.tokens = self.embd = None  # type: ignore[assignment]
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
 
@@ -443,8 +446,9 @@ class Batch(_Handle):
 # trunk capture
 
 
+_native_capture: Any  # the extension module, or None
 try:  # the C callback (mtpcode/_capture.c), built at install time when a C compiler is there
-    from mtpcode import _capture as _native_capture
+    _native_capture = importlib.import_module("mtpcode._capture")
 except ImportError:  # pragma: no cover - exercised on machines without a compiler
     _native_capture = None
 
@@ -473,7 +477,7 @@ class _NativeCapture(ctypes.Structure):
     ]
 
 
-def _c_address(fn: object) -> int:
+def _c_address(fn: Any) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value or 0
 
 
@@ -495,7 +499,8 @@ class TrunkCapture:
         if out.dtype != np.float32 or not out.flags.c_contiguous or out.ndim != 2:
             raise MtpError("internal: trunk buffer must be a 2-D C-contiguous float32 array")
         if native and _native_capture is None:
-            raise MtpError("the C trunk-capture callback is not built in this install (reinstall mtpcode with a C compiler)")
+            raise MtpError("the C trunk-capture callback is not built in this install "
+                           "(reinstall mtpcode with a C compiler)")
         self.native = _native_capture is not None if native is None else bool(native)
         self.name = tensor_name
         self.out = out
@@ -595,7 +600,7 @@ class _DeferSigint:
 
     def __init__(self) -> None:
         self.hit = False
-        self._old: object = None
+        self._old: Any = None
 
     def _record(self, signum: int, frame: object) -> None:
         self.hit = True
@@ -710,7 +715,7 @@ class Context(_Handle):
     def close(self) -> None:
         if getattr(self, "batch", None) is not None:
             self.batch.close()
-            self.batch = None
+            self.batch = None  # type: ignore[assignment]  # closed: a use after close is a bug
         if getattr(self, "_ptr", None) is not None:
             self._logits_view = None
             llama_cpp.llama_free(self._ptr)
