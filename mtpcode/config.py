@@ -26,7 +26,7 @@ import math
 import os
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,7 @@ def config_file() -> Path:
 def _coerce(key: str, value: Any, where: str, error: type[Exception]) -> Any:
     """Check/convert ``value`` for setting ``key``. Strings (from env/flags) are parsed."""
     kind = _KEYS[key]
+    prefix = f"{where}: " if where else ""
     optional = kind.endswith("?")
     base = kind.rstrip("?")
     if isinstance(value, str):
@@ -190,15 +191,10 @@ def _coerce(key: str, value: Any, where: str, error: type[Exception]) -> Any:
             if base == "float":
                 return float(text)
             if base == "bool":
-                low = text.lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(text)
+                return parse_bool(text)
             return value
         except ValueError:
-            raise error(f"{where}: {key} must be {_describe(base)}, not {value!r}") from None
+            raise error(f"{prefix}{key} must be {_describe(base)}, not {value!r}") from None
     if value is None and optional:
         return None
     ok = {
@@ -208,7 +204,7 @@ def _coerce(key: str, value: Any, where: str, error: type[Exception]) -> Any:
         "str": isinstance(value, str),
     }[base]
     if not ok:
-        raise error(f"{where}: {key} must be {_describe(base)}, not {value!r}")
+        raise error(f"{prefix}{key} must be {_describe(base)}, not {value!r}")
     return float(value) if base == "float" else value
 
 
@@ -216,27 +212,53 @@ def _describe(base: str) -> str:
     return {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}[base]
 
 
-def _validate(values: dict[str, Any], sources: Mapping[str, str]) -> None:
-    def bad(key: str, rule: str) -> UsageError:
-        return UsageError(f"{key}={values[key]!r} (from {sources.get(key, 'default')}): {rule}")
+def parse_bool(text: str) -> bool:
+    """``1/true/yes/on`` -> True, ``0/false/no/off`` -> False (any case); ValueError otherwise."""
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
 
-    checks = [
-        ("max_tokens", lambda v: v >= 1, "must be at least 1"),
-        ("temperature", lambda v: v >= 0 and math.isfinite(v), "must be >= 0 (0 = greedy)"),
-        ("top_k", lambda v: v >= 0, "must be >= 0 (0 = off)"),
-        ("top_p", lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)"),
-        ("min_p", lambda v: 0 <= v < 1, "must be in [0, 1) (0 = off)"),
-        ("heads", lambda v: v is None or v >= 0, "must be >= 0 (0 = no speculation)"),
-        ("threads", lambda v: v is None or v >= 1, "must be at least 1"),
-        ("gpu_layers", lambda v: v >= -1, "must be >= 0, or -1 for all layers"),
-        ("ctx", lambda v: v >= 16, "must be at least 16 tokens"),
-        ("batch", lambda v: v >= 1, "must be at least 1"),
-        ("seed", lambda v: v is None or v >= 0, "must be >= 0"),
-        ("extra_bufts", lambda v: v in EXTRA_BUFTS_POLICIES, "must be " + ", ".join(EXTRA_BUFTS_POLICIES)),
-    ]
-    for key, ok, rule in checks:
+
+# The range of each setting, checked once values are parsed: (test, the rule in words).
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "max_tokens": (lambda v: v >= 1, "must be at least 1"),
+    "temperature": (lambda v: v >= 0 and math.isfinite(v), "must be >= 0 (0 = greedy)"),
+    "top_k": (lambda v: v >= 0, "must be >= 0 (0 = off)"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1] (1 = off)"),
+    "min_p": (lambda v: 0 <= v < 1, "must be in [0, 1) (0 = off)"),
+    "heads": (lambda v: v is None or v >= 0, "must be >= 0 (0 = no speculation)"),
+    "threads": (lambda v: v is None or v >= 1, "must be at least 1"),
+    "gpu_layers": (lambda v: v >= -1, "must be >= 0, or -1 for all layers"),
+    "ctx": (lambda v: v >= 16, "must be at least 16 tokens"),
+    "batch": (lambda v: v >= 1, "must be at least 1"),
+    "seed": (lambda v: v is None or v >= 0, "must be >= 0"),
+    "extra_bufts": (lambda v: v in EXTRA_BUFTS_POLICIES, "must be " + ", ".join(EXTRA_BUFTS_POLICIES)),
+}
+
+
+def _validate(values: dict[str, Any], sources: Mapping[str, str]) -> None:
+    for key, (ok, rule) in _RULES.items():
         if not ok(values[key]):
-            raise bad(key, rule)
+            raise UsageError(f"{key}={values[key]!r} (from {sources.get(key, 'default')}): {rule}")
+
+
+def check_setting(key: str, value: Any) -> Any:
+    """One setting's ``value`` (text as typed, or already typed) parsed and checked on its own.
+
+    For an interactive ``/set KEY VALUE``, where the provenance that
+    :func:`load_settings` names is not needed: UsageError ``"KEY must be ..., not VALUE"``.
+    Apply the result with :func:`override_settings`.
+    """
+    if key not in _KEYS:
+        raise UsageError(f"unknown setting {key!r} (known: {', '.join(SETTING_KEYS)})")
+    parsed = _coerce(key, value, "", UsageError)
+    ok, rule = _RULES.get(key, (lambda v: True, ""))
+    if not ok(parsed):
+        raise UsageError(f"{key} {rule}, not {value!r}")
+    return parsed
 
 
 def read_config_file(path: Path | None = None) -> dict[str, Any]:

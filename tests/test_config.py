@@ -304,3 +304,27 @@ def test_config_command(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert data["sources"]["temperature"] == "config"
     assert run("unset", "heads").exit_code == 0
     assert "heads" not in tomllib.loads((home / "config.toml").read_text())
+
+
+def test_one_setting_is_checked_alone_as_the_repl_set_needs():
+    assert config.check_setting("top_p", "0.5") == 0.5
+    assert config.check_setting("heads", "auto") is None
+    assert config.check_setting("adaptive", "Off") is False
+    for key, value, message in [
+        ("top_p", "2", "top_p must be in (0, 1] (1 = off), not '2'"),
+        ("top_k", "many", "top_k must be an integer, not 'many'"),
+        ("temperature", "nan", "temperature must be >= 0 (0 = greedy), not 'nan'"),
+        ("adaptive", "maybe", "adaptive must be true or false, not 'maybe'"),
+        ("colour", "red", "unknown setting 'colour'"),
+    ]:
+        with pytest.raises(UsageError) as err:
+            config.check_setting(key, value)
+        assert str(err.value).startswith(message)
+    # The same rules as load_settings and override_settings apply.
+    settings = config.override_settings(config.load_settings(), "/set", top_p="0.5", seed="none")
+    assert settings.top_p == 0.5 and settings.seed is None and settings.sources["top_p"] == "/set"
+    with pytest.raises(UsageError, match=r"top_p=2.0 \(from /set\): must be in"):
+        config.override_settings(settings, "/set", top_p="2")
+    assert [config.parse_bool(t) for t in ("on", "YES", "1", "off", "False", "0")] == [True] * 3 + [False] * 3
+    with pytest.raises(ValueError):
+        config.parse_bool("maybe")
