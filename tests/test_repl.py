@@ -24,9 +24,10 @@ from prompt_toolkit.output.vt100 import Vt100_Output
 
 from mtpcode.config import load_settings
 from mtpcode.generation import Done, GenerationOptions, SamplingOptions, StopStrings
+from mtpcode.repl.commands import COMMANDS
 from mtpcode.repl.edit import enter_submits, lexer_by_name, newline_indent
 from mtpcode.repl.suggest import showable
-from mtpcode.repl.ui import COMMANDS, Repl, StreamPrinter, visible
+from mtpcode.repl.ui import Repl, StreamPrinter, visible
 from mtpcode.stops import code_stops
 
 ALT_ENTER = "\x1b\r"

@@ -1,9 +1,10 @@
 """``mtpcode repl``: an interactive completion REPL (prompt-toolkit + pygments).
 
-The UI object lives in :mod:`mtpcode.repl.ui`; the editing rules and key
-bindings in :mod:`mtpcode.repl.edit`; model-backed ghost text in
-:mod:`mtpcode.repl.suggest`. This module is the command: it checks for a
-terminal, resolves settings and the model, and runs the session.
+The UI object lives in :mod:`mtpcode.repl.ui`, the session's text and prompts
+in :mod:`mtpcode.repl.session`, the ``/commands`` in :mod:`mtpcode.repl.commands`;
+the editing rules and key bindings in :mod:`mtpcode.repl.edit`; model-backed
+ghost text in :mod:`mtpcode.repl.suggest`. This module is the command: it checks
+for a terminal, resolves settings and the model, and runs the session.
 """
 
 from __future__ import annotations
@@ -115,8 +116,10 @@ def run_repl(
     """
     from mtpcode.config import load_settings
     from mtpcode.models import is_builtin, resolve_model
+    from mtpcode.repl.commands import cmd_load, set_value
     from mtpcode.repl.edit import lexer_by_name
-    from mtpcode.repl.ui import Repl, history_path, parse_stop
+    from mtpcode.repl.session import parse_stop
+    from mtpcode.repl.ui import Repl, history_path
 
     try:
         stop_mode = parse_stop(stop)
@@ -144,7 +147,7 @@ def run_repl(
     if is_builtin(path) and model is None:
         ui.info("using the small built-in model (a demo, not a real code model); pick one with --model or /model")
     if file is not None:
-        ui.cmd_load(file)
+        cmd_load(ui, file)
         if language is not None:
-            ui.apply_setting("language", language)
+            set_value(ui, "language", language)
     ui.run()

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 from prompt_toolkit.auto_suggest import AutoSuggest, Suggestion
 
 from mtpcode.errors import MtpError
-from mtpcode.generation import Done, GenerationOptions, SamplingOptions, StopStrings
+from mtpcode.generation import Done, StopStrings
 
 if TYPE_CHECKING:
     from prompt_toolkit.buffer import Buffer
     from prompt_toolkit.document import Document
+
+    from mtpcode.repl.session import SessionBuffer
 
 
 _SHOWABLE = re.compile(r"[^\x00-\x08\x0a-\x1f\x7f\ufffd]*")
@@ -82,22 +84,23 @@ class SuggestStats:
 class ModelSuggest(AutoSuggest):
     """Ghost text from the model: the rest of the current line, greedy, a few tokens.
 
-    ``host`` provides ``engine`` (or None), ``suggest_enabled``,
-    ``suggest_tokens``, ``settings.heads`` and ``prompt_for(typed) -> str | None``
-    (the full prompt for the typed text, or None when nothing should be
-    suggested).
+    The ``session`` says whether to suggest (``suggest_enabled``, a model in
+    ``engine``), what the model continues (``prompt_for``) and with which
+    options (``suggestion_options``); the cached suggestion is dropped whenever
+    the session's text changes other than by typing.
     """
 
     debounce_s = 0.06
 
-    def __init__(self, host: Any, worker: EngineThread) -> None:
-        self.host = host
+    def __init__(self, session: SessionBuffer, worker: EngineThread) -> None:
+        self.session = session
         self.worker = worker
         self.stats = SuggestStats()
         self._cache: tuple[str, str] | None = None  # (prompt, completion up to end of line)
         self._pending: threading.Event | None = None
         self._lock = threading.Lock()
         self.busy = False  # an engine run for a suggestion is queued or running
+        session.on_change(self.forget)
 
     # The synchronous API is not used by prompt-toolkit once the async one exists.
     def get_suggestion(self, buffer: Buffer, document: Document) -> Suggestion | None:
@@ -126,9 +129,9 @@ class ModelSuggest(AutoSuggest):
         return None
 
     async def get_suggestion_async(self, buffer: Buffer, document: Document) -> Suggestion | None:
-        if not self.host.suggest_enabled or self.host.engine is None or not document.is_cursor_at_the_end:
+        if not self.session.suggest_enabled or self.session.engine is None or not document.is_cursor_at_the_end:
             return None
-        prompt = self.host.prompt_for(document.text)
+        prompt = self.session.prompt_for(document.text)
         if not prompt:
             return None
         cached = self.from_cache(prompt)
@@ -179,14 +182,10 @@ class ModelSuggest(AutoSuggest):
         if cancel.is_set():
             self.stats.dropped += 1
             return None
-        engine = self.host.engine
+        engine = self.session.engine
         if engine is None:
             return None
-        options = GenerationOptions(
-            max_tokens=self.host.suggest_tokens,
-            sampling=SamplingOptions(temperature=0.0),
-            heads=self.host.settings.heads,
-        )
+        options = self.session.suggestion_options()
         self.stats.requested += 1
         start = time.perf_counter()
         done: Done | None = None
