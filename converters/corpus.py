@@ -72,6 +72,7 @@ DEFAULT_PACKAGES = (
 MAX_FILE_BYTES = 300_000
 MAX_LINE_CHARS = 2_000   # a longer line is data (tables, minified code), not code to learn from
 MAX_MEAN_LINE = 100      # mean characters per line above this: generated or data
+MAX_NON_ASCII = 0.05     # share of non-ASCII characters above this: Unicode tables or translations, not code
 DEFAULT_PACKAGE_CAP = 30_000_000  # bytes of source kept per package
 SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages", "_vendor", "vendor", "_vendored",
                        "vendored", "third_party", "thirdparty", "_thirdparty", "externals", "_extern", "extern"})
@@ -175,6 +176,9 @@ def skip_reason(text: str, rel_path: str) -> str | None:
         return "generated"
     if not text.strip():
         return "empty"
+    non_ascii = len(text) - len(text.encode("ascii", errors="ignore"))
+    if non_ascii > MAX_NON_ASCII * len(text):
+        return "non_ascii"
     return None
 
 
@@ -237,11 +241,13 @@ def _distribution_files(dist: md.Distribution) -> list[tuple[str, Path]]:
 
 
 def _stdlib_files() -> list[tuple[str, Path]]:
+    """The standard library's files, without converters.data's held-out split (5% of the files by
+    a hash of the path: mtpcode bench's default prompts come from it, so they stay unseen)."""
     root = data.stdlib_root()
     out = []
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
-        if any(part in data.SKIP_DIRS or part in SKIP_DIRS for part in rel.split("/")[:-1]):
+        if any(part in data.SKIP_DIRS or part in SKIP_DIRS for part in rel.split("/")[:-1]) or data.is_heldout(rel):
             continue
         out.append((rel, path))
     return out
@@ -419,7 +425,7 @@ MANIFEST_NAME = "corpus.json"
 def prepare_package_corpus(work_dir: Path, vocab_size: int, packages: Sequence[str] = DEFAULT_PACKAGES,
                            eval_packages: Sequence[str] = EVAL_PACKAGES, *, seed: int = 0,
                            max_package_bytes: int = DEFAULT_PACKAGE_CAP, tokenizer_bytes: int = 40_000_000,
-                           threads: int = 1, path: Sequence[str] | None = None,
+                           char_coverage: float = 0.9995, threads: int = 1, path: Sequence[str] | None = None,
                            progress: Any = None) -> PackageCorpus:
     """Build the corpus, train the tokenizer on (a sample of) its training files, encode both splits.
 
@@ -434,18 +440,21 @@ def prepare_package_corpus(work_dir: Path, vocab_size: int, packages: Sequence[s
         raise DataError("no training files: none of the named packages is installed with a permissive license")
     say(f"corpus: {manifest['train_files']} training files ({manifest['train_bytes'] / 1e6:.1f} MB), "
         f"{manifest['heldout_files']} held-out files ({manifest['heldout_bytes'] / 1e6:.1f} MB)")
-    key = hashlib.sha256(f"{manifest['digest']}|{vocab_size}|{tokenizer_bytes}|{seed}".encode()).hexdigest()[:12]
+    settings = f"{manifest['digest']}|{vocab_size}|{tokenizer_bytes}|{char_coverage}|{seed}"
+    key = hashlib.sha256(settings.encode()).hexdigest()[:12]
     cache = Path(work_dir) / f"packages-{key}"
     tok_path = cache / "tokenizer.model"
     train_path = cache / "train.npy"
     part_paths = {name: cache / f"heldout-{canonical(name)}.npy" for name in held}
     sample = tokenizer_sample(train_files, tokenizer_bytes)
     manifest["tokenizer"] = {"vocab_size": vocab_size, "sample_files": len(sample),
-                             "sample_bytes": sum(len(f.text.encode("utf-8")) for f in sample), "seed": seed}
+                             "sample_bytes": sum(len(f.text.encode("utf-8")) for f in sample),
+                             "character_coverage": char_coverage, "seed": seed}
     if not (tok_path.exists() and train_path.exists() and all(p.exists() for p in part_paths.values())):
         cache.mkdir(parents=True, exist_ok=True)
         say(f"tokenizer: {len(sample)} files, vocabulary {vocab_size}")
-        data.train_tokenizer(sample, tok_path, vocab_size=vocab_size, seed=seed)
+        data.train_tokenizer(sample, tok_path, vocab_size=vocab_size, seed=seed,
+                             character_coverage=char_coverage, num_threads=threads)
         sp = data.load_tokenizer(tok_path)
         say("encoding")
         for name, files in held.items():
@@ -470,9 +479,9 @@ def prepare_package_corpus(work_dir: Path, vocab_size: int, packages: Sequence[s
 
 
 def heldout_prompts(files: Sequence[data.SourceFile], per_file: int = 2, max_chars: int = 400,
-                    min_lines: int = 40) -> list[str]:
-    """Prompts cut from held-out files: the whole lines (≤ ``max_chars``) before a non-blank line,
-    at evenly spaced places in each file of at least ``min_lines`` lines. Deterministic."""
+                    min_lines: int = 40) -> list[tuple[str, str]]:
+    """(name, prompt) pairs cut from held-out files: the whole lines (≤ ``max_chars``) before a
+    non-blank line, at evenly spaced places in each file of at least ``min_lines`` lines. Deterministic."""
     prompts = []
     for src in files:
         lines = src.text.split("\n")
@@ -487,8 +496,15 @@ def heldout_prompts(files: Sequence[data.SourceFile], per_file: int = 2, max_cha
                 start -= 1
                 size += len(lines[start]) + 1
             if start < cut:
-                prompts.append("\n".join(lines[start:cut]) + "\n")
+                prompts.append((f"{src.rel_path}:{cut + 1}", "\n".join(lines[start:cut]) + "\n"))
     return prompts
+
+
+def spread(items: Sequence[Any], n: int) -> list[Any]:
+    """``n`` items evenly spaced over ``items`` (all of them if there are fewer)."""
+    if n >= len(items):
+        return list(items)
+    return [items[i * len(items) // n] for i in range(n)]
 
 
 def parse_list(value: str | None, default: Sequence[str]) -> list[str]:
@@ -504,6 +520,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--packages", help="comma-separated training packages (default: the built-in list)")
     ap.add_argument("--eval-packages", help=f"comma-separated held-out packages (default: {','.join(EVAL_PACKAGES)})")
     ap.add_argument("--max-package-mb", type=float, default=DEFAULT_PACKAGE_CAP / 1e6)
+    ap.add_argument("--prompts-out", type=Path, metavar="FILE.jsonl",
+                    help="also write prompts cut from the held-out packages (for `mtpcode bench --prompts`)")
+    ap.add_argument("--n-prompts", type=int, default=48, help="number of held-out prompts [default: 48]")
+    ap.add_argument("--prompt-chars", type=int, default=400, help="characters per held-out prompt [default: 400]")
     args = ap.parse_args(argv)
     try:
         corpus = build_corpus(parse_list(args.packages, DEFAULT_PACKAGES),
@@ -516,6 +536,11 @@ def main(argv: list[str] | None = None) -> int:
     from mtpcode.files import atomic_write_text
 
     atomic_write_text(args.out, json.dumps(manifest, indent=1) + "\n")
+    if args.prompts_out is not None:
+        files = [f for fs in corpus.heldout.values() for f in fs]
+        pairs = spread(heldout_prompts(files, max_chars=args.prompt_chars), args.n_prompts)
+        atomic_write_text(args.prompts_out, "".join(json.dumps({"name": name, "prompt": text}) + "\n"
+                                                    for name, text in pairs))
     for p in manifest["packages"]:
         size = f"{p['files']:6d} files {p['bytes'] / 1e6:8.2f} MB" if p["status"] == "used" else p["status"]
         print(f"{p['role']:5s} {p['name'][:28]:28s} {p['version'][:14]:14s} {p['license'][:40]:40s} {size}")

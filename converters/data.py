@@ -93,13 +93,17 @@ def _training_lines(files: Sequence[SourceFile]) -> Iterator[str]:
 
 
 def train_tokenizer(
-    files: Sequence[SourceFile], out_path: Path, vocab_size: int = 2048, seed: int = 0
+    files: Sequence[SourceFile], out_path: Path, vocab_size: int = 2048, seed: int = 0,
+    character_coverage: float = 0.9995, num_threads: int = 1,
 ) -> Path:
     """Train a BPE SentencePiece model on ``files`` and write it to ``out_path``.
 
     Byte fallback keeps every input encodable; whitespace is kept exactly
     (no dummy prefix, no collapsing of runs) because indentation is syntax.
-    Ids follow Llama: unk 0, bos 1, eos 2.
+    Ids follow Llama: unk 0, bos 1, eos 2. ``character_coverage``: the share of
+    character occurrences whose characters get pieces of their own (the rest
+    are spelled in byte pieces); a small corpus with many rare characters
+    needs a lower value than the default.
     """
     import sentencepiece as spm
 
@@ -116,13 +120,13 @@ def train_tokenizer(
         remove_extra_whitespaces=False,
         add_dummy_prefix=False,
         normalization_rule_name="identity",
-        character_coverage=0.9995,
+        character_coverage=character_coverage,
         max_sentence_length=4096,
         unk_id=UNK_ID,
         bos_id=BOS_ID,
         eos_id=EOS_ID,
         pad_id=-1,
-        num_threads=1,
+        num_threads=num_threads,
         minloglevel=2,
     )
     out_path = Path(out_path)

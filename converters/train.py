@@ -94,6 +94,7 @@ class TrainConfig:
     eval_packages: str = ",".join(package_corpus.EVAL_PACKAGES)
     max_package_mb: float = package_corpus.DEFAULT_PACKAGE_CAP / 1e6
     tokenizer_mb: float = 40.0  # packages corpus: source the tokenizer trains on
+    char_coverage: float = 0.9995  # packages corpus: SentencePiece character_coverage
 
     def model_params(self) -> ModelParams:
         return ModelParams(
@@ -313,7 +314,7 @@ def load_corpus(cfg: TrainConfig, work_dir: Path, threads: int | None, quiet: bo
         package_corpus.parse_list(cfg.packages, package_corpus.DEFAULT_PACKAGES),
         package_corpus.parse_list(cfg.eval_packages, package_corpus.EVAL_PACKAGES),
         seed=cfg.seed, max_package_bytes=int(cfg.max_package_mb * 1e6),
-        tokenizer_bytes=int(cfg.tokenizer_mb * 1e6), threads=threads or 1,
+        tokenizer_bytes=int(cfg.tokenizer_mb * 1e6), char_coverage=cfg.char_coverage, threads=threads or 1,
         progress=None if quiet else (lambda msg: print(msg, flush=True)))
 
 
@@ -486,10 +487,9 @@ def _speculative_summary(model: MTPTransformer, corpus, cfg: TrainConfig, n_prom
             for f in fs]
     else:
         files = data.split_sources()[1]
-    texts = package_corpus.heldout_prompts(files)
     # evenly spaced over all prompts, so every held-out package is represented
-    picked = [texts[i * len(texts) // n_prompts] for i in range(min(n_prompts, len(texts)))]
-    ids = [[data.BOS_ID, *sp.encode(t)][-(cfg.seq_len - n_new):] for t in picked]
+    picked = package_corpus.spread(package_corpus.heldout_prompts(files), n_prompts)
+    ids = [[data.BOS_ID, *sp.encode(text)][-(cfg.seq_len - n_new):] for _, text in picked]
     model.eval()
     with autocast():
         return speculative_tokens_per_forward(model, ids, n_new, dev, eos_id=data.EOS_ID)
