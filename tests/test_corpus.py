@@ -34,7 +34,7 @@ def make_dist(site: Path, name: str, files: dict[str, str], *, version: str = "1
         path.write_bytes(text.encode("utf-8"))
     info = site / f"{name.replace('-', '_')}-{version}.dist-info"
     info.mkdir(parents=True)
-    meta = [f"Metadata-Version: 2.4", f"Name: {name}", f"Version: {version}"]
+    meta = ["Metadata-Version: 2.4", f"Name: {name}", f"Version: {version}"]
     if license_expr:
         meta.append(f"License-Expression: {license_expr}")
     meta += [f"Classifier: {c}" for c in classifiers]
