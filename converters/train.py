@@ -198,7 +198,8 @@ def evaluate(model: MTPTransformer, batches, device: torch.device | None = None)
 
 @torch.no_grad()
 def speculative_tokens_per_forward(model: MTPTransformer, prompts: list[list[int]], n_new: int,
-                                   device: torch.device | None = None, eos_id: int | None = None) -> dict:
+                                   device: torch.device | None = None, eos_id: int | None = None,
+                                   keep_outputs: bool = False) -> dict:
     """Greedy self-speculative decoding simulated in PyTorch: tokens per main forward with all heads drafting.
 
     Each forward verifies the previous forward's next token plus the heads'
@@ -207,11 +208,13 @@ def speculative_tokens_per_forward(model: MTPTransformer, prompts: list[list[int
     off; the output is plain greedy decoding by construction. The sequence is
     recomputed each forward (no KV cache): an estimate for the training run,
     not a speed measurement; the converted bundle is measured by
-    ``converters.eval_bundle`` / ``mtpcode bench``.
+    ``converters.eval_bundle`` / ``mtpcode bench``. ``keep_outputs``: also
+    return each prompt's tokens (``outputs``).
     """
     n_drafts = model.params.n_future_tokens - 1
     total_tokens = total_forwards = 0
     per_prompt = []
+    outputs = []
 
     def drafts_at(h: torch.Tensor, pos: int) -> list[int]:
         return [int(model.head_logits(h, k)[0, pos].argmax()) for k in range(1, n_drafts + 1)]
@@ -236,12 +239,18 @@ def speculative_tokens_per_forward(model: MTPTransformer, prompts: list[list[int
             nxt = main_next[accepted]
             drafts = drafts_at(h, base + accepted)
         emitted = emitted[:n_new]
+        if eos_id is not None and eos_id in emitted:
+            emitted = emitted[: emitted.index(eos_id) + 1]
+        outputs.append(emitted)
         total_tokens += len(emitted)
         total_forwards += forwards
         per_prompt.append(len(emitted) / max(1, forwards))
-    return {"prompts": len(prompts), "new_tokens": n_new, "tokens": total_tokens, "main_forwards": total_forwards,
-            "tokens_per_forward": total_tokens / max(1, total_forwards),
-            "per_prompt_median": float(np.median(per_prompt)) if per_prompt else 0.0}
+    result = {"prompts": len(prompts), "new_tokens": n_new, "tokens": total_tokens, "main_forwards": total_forwards,
+              "tokens_per_forward": total_tokens / max(1, total_forwards),
+              "per_prompt_median": float(np.median(per_prompt)) if per_prompt else 0.0}
+    if keep_outputs:
+        result["outputs"] = outputs
+    return result
 
 
 def make_optimizer(model: MTPTransformer, cfg: TrainConfig) -> torch.optim.AdamW:

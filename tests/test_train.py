@@ -147,3 +147,85 @@ def test_resume_refuses_changed_settings(trained, tmp_path, work_dir):
     changed = TrainConfig(**{**TINY.__dict__, "lr": 1e-3})
     with pytest.raises(UsageError, match="lr"):
         train(changed, out, work_dir=work_dir, resume=True, **RUN)
+
+
+# --- the package corpus, the time budget and the GPU-ready options (run here on the CPU)
+
+PKG = TrainConfig(
+    steps=8, dim=64, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=384, n_future_tokens=4,
+    seq_len=64, batch_size=8, lr=3e-3, min_lr=3e-4, warmup=30, seed=3, corpus="packages",
+    packages="six,attrs,packaging", eval_packages="click", char_coverage=0.99,
+)
+
+
+@pytest.fixture(scope="module")
+def package_run(tmp_path_factory) -> Path:
+    from converters.train import CALIBRATION_STEPS
+
+    out = tmp_path_factory.mktemp("pkgrun") / "run"
+    # a one-second budget: the run stops at the end of the warmup, whatever this machine's speed
+    summary = train(PKG, out, work_dir=tmp_path_factory.mktemp("pkgcache"), time_budget=1.0,
+                    ckpt_dtype="bfloat16", spec_prompts=3, spec_tokens=16, **{**RUN, "eval_every": 100})
+    assert summary["steps"] == max(PKG.warmup, CALIBRATION_STEPS + 1)
+    return out
+
+
+def test_time_budget_sets_the_steps_and_records_them(package_run):
+    summary = json.loads((package_run / "summary.json").read_text())
+    budget = summary["time_budget"]
+    assert budget["steps"] == summary["steps"] == summary["config"]["steps"]
+    assert budget["seconds_per_step"] > 0 and budget["tokens_per_s"] > 0
+    assert [r for r in _log(package_run) if r.get("event") == "time_budget"]
+    saved = torch.load(package_run / STATE_NAME, weights_only=True)
+    assert saved["config"]["steps"] == summary["steps"]  # --resume --steps N repeats it
+
+
+def test_package_run_evaluates_each_heldout_package(package_run):
+    summary = json.loads((package_run / "summary.json").read_text())
+    by_pkg = summary["heldout_by_package"]
+    assert set(by_pkg) == {"click"}
+    assert len(by_pkg["click"]["top1"]) == PKG.n_future_tokens
+    assert all(0 <= x <= 1 for x in by_pkg["click"]["top1"])
+    record = json.loads((package_run / "corpus.json").read_text())
+    assert [p["name"] for p in record["packages"] if p["role"] == "eval"] == ["click"]
+    assert {p["name"] for p in record["packages"] if p["role"] == "train"} == {"six", "attrs", "packaging"}
+    spec = summary["speculative"]
+    assert spec["prompts"] == 3 and spec["tokens_per_forward"] >= 1.0
+
+
+def test_bf16_checkpoint_converts(package_run, tmp_path):
+    from converters.convert import convert_checkpoint
+    from mtpcode.bundle import open_bundle
+
+    state = torch.load(package_run / "consolidated.pth", weights_only=True)
+    assert all(v.dtype == torch.bfloat16 for v in state.values())
+    result = convert_checkpoint(package_run, tmp_path / "bundle", quant="F32")
+    assert open_bundle(result.out_dir).manifest.n_vocab == PKG.vocab_size
+
+
+def test_simulated_speculation_is_plain_greedy(package_run):
+    from converters.params import ModelParams
+    from converters.reference import MTPTransformer, greedy_decode
+    from converters.train import speculative_tokens_per_forward
+
+    params = ModelParams.load(package_run / "params.json")
+    state = torch.load(package_run / "consolidated.pth", weights_only=True)
+    model = MTPTransformer.from_state_dict(params, state)
+    prompts = [[1, 5, 9, 33, 70], [1, 100, 101, 102]]
+    result = speculative_tokens_per_forward(model, prompts, 20, keep_outputs=True)
+    for prompt, out in zip(prompts, result["outputs"]):
+        assert out == greedy_decode(model, prompt, 20)
+    assert result["tokens"] == 40
+    assert 1.0 <= result["tokens_per_forward"] <= PKG.n_future_tokens
+
+
+def test_cuda_is_refused_clearly_without_a_gpu():
+    from converters.train import resolve_device
+    from mtpcode.errors import UsageError
+
+    assert resolve_device("cpu").type == "cpu"
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(UsageError, match="no CUDA device"):
+        resolve_device("cuda")
