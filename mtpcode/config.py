@@ -66,6 +66,7 @@ class Settings:
     seed: int | None = None
     heads: int | None = None
     adaptive: bool = True
+    context_draft: bool = True  # draft from the context (prompt, suffix, output) too, when heads draft
     threads: int | None = None
     gpu_layers: int = 0
     ctx: int = 4096
@@ -87,7 +88,8 @@ class Settings:
     def generation_options(self, **changes: Any) -> GenerationOptions:
         """GenerationOptions from these settings; ``changes`` overrides fields (e.g. ``stop``)."""
         opts = GenerationOptions(
-            max_tokens=self.max_tokens, sampling=self.sampling(), heads=self.heads, adaptive=self.adaptive
+            max_tokens=self.max_tokens, sampling=self.sampling(), heads=self.heads, adaptive=self.adaptive,
+            context_draft=None if self.context_draft else False,
         )
         return dataclasses.replace(opts, **changes)
 
@@ -115,6 +117,7 @@ _KEYS: dict[str, str] = {
     "seed": "int?",
     "heads": "int?",
     "adaptive": "bool",
+    "context_draft": "bool",
     "threads": "int?",
     "gpu_layers": "int",
     "ctx": "int",

@@ -53,12 +53,13 @@ def test_bench_json_fields_and_identical_greedy_output(agreeing_bundle, prompts_
                                    "--plot", str(plot), "-q"])
     assert code == 0, stderr
     doc = json.loads(out.read_text())
-    assert doc["schema"] == "mtpcode-bench/1"
-    assert doc["configs"] == ["0", "plain-again", "1", "2", "3", "llama.cpp"]
+    assert doc["schema"] == "mtpcode-bench/2"
+    assert doc["configs"] == ["plain", "plain-again", "1 head", "2 heads", "3 heads", "context", "3 heads + context",
+                              "llama.cpp"]
     assert doc["greedy_identical"] is True and doc["mismatches"] == []
     assert [p["name"] for p in doc["prompts"]] == ["a.py", "b.py"]
     # every configuration ran on every prompt, every repetition
-    assert len(doc["runs"]) == 2 * 2 * 6
+    assert len(doc["runs"]) == 2 * 2 * 8
     for p in doc["prompts"]:
         assert p["generated_tokens"] > 0
         for config, c in p["configs"].items():
@@ -67,15 +68,25 @@ def test_bench_json_fields_and_identical_greedy_output(agreeing_bundle, prompts_
             # CPU time of the decoding thread never exceeds its wall-clock time (rates: the other way round)
             assert c["decode_tokens_per_cpu_s"] >= 0.99 * c["decode_tokens_per_s"]
             assert c["peak_rss_mb"] > 0
-            if config not in ("0", "plain-again", "llama.cpp"):
-                assert len(c["acceptance"]) == int(config)
+            spec = doc["config_specs"][config]
+            if spec["heads"]:
+                assert len(c["acceptance"]) == spec["heads"]
                 assert all(0.0 <= a <= 1.0 for a in c["acceptance"])
+            if spec["heads"] or spec["context"]:
                 assert c["python_ms_per_step"] >= 0 and c["native_ms_per_step"] > 0
-        assert p["configs"]["0"]["tokens_per_forward"] == pytest.approx(1.0, abs=0.05)
+                # every forward is of one kind of step; drafts only from the sources the configuration has
+                assert sum(c["forwards_by_source"].values()) == sum(
+                    r["stats"]["main_forwards"] for r in doc["runs"] if r["config"] == config
+                    and doc["prompts"][r["prompt"]]["name"] == p["name"])
+                if not spec["context"]:
+                    assert c["drafted_by_source"]["context"] == 0
+                if not spec["heads"]:
+                    assert c["drafted_by_source"]["heads"] == 0
+        assert p["configs"]["plain"]["tokens_per_forward"] == pytest.approx(1.0, abs=0.05)
     s = doc["summary"]
     # the agreeing heads are accepted sometimes: more than one token per forward with drafting
-    assert s["3"]["tokens_per_forward"] > 1.0
-    assert s["0"]["median_speedup"] == pytest.approx(1.0) and s["0"]["median_speedup_cpu"] == pytest.approx(1.0)
+    assert s["3 heads"]["tokens_per_forward"] > 1.0
+    assert s["plain"]["median_speedup"] == pytest.approx(1.0) and s["plain"]["median_speedup_cpu"] == pytest.approx(1.0)
     assert doc["memory"]["peak_rss_mb"] >= doc["memory"]["rss_after_engine_load_mb"] > 0
     a = doc["anchors"]
     assert a["memory_bandwidth"]["best_gb_s"] > 0
@@ -95,7 +106,7 @@ def test_bench_plain_and_speculative_agree_with_llama_on_random_model(tiny_bundl
                               "--json", str(out), "-q"])
     assert code == 0, stderr
     doc = json.loads(out.read_text())
-    assert doc["configs"] == ["0", "plain-again", "3", "llama.cpp"]
+    assert doc["configs"] == ["plain", "plain-again", "3 heads", "context", "3 heads + context", "llama.cpp"]
     assert doc["greedy_identical"]
 
 
@@ -194,7 +205,7 @@ def test_divergence_margins_recompute_the_plain_choice(tiny_bundle, tmp_path):
     assert len(plain) > 4
     other = list(plain)
     other[3] = (plain[3] + 1) % 512
-    doc["mismatches"] = [{"prompt": "p", "prompt_index": 0, "config": "1", "repeat": 0,
+    doc["mismatches"] = [{"prompt": "p", "prompt_index": 0, "config": "1 head", "repeat": 0,
                           "first_difference_at": 3, "tokens": len(other), "reference_tokens": len(plain),
                           "token_ids": other}]
     (gap,) = divergence_margins(doc)

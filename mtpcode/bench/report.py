@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mtpcode.bench.run import ANCHOR, CONTROL, MODE_LABELS, SLOW_BAR, bar_estimator
+from mtpcode.bench.run import ANCHOR, CONTROL, MODE_LABELS, PLAIN, SLOW_BAR, BenchConfig, bar_estimator
 
 
 def _row(cells: list[Any]) -> str:
@@ -19,26 +19,27 @@ def _row(cells: list[Any]) -> str:
 
 def bench_markdown(doc: dict[str, Any]) -> str:
     configs = doc["configs"]
-    spec = [c for c in configs if c not in ("0", CONTROL, ANCHOR)]
+    specs = {key: BenchConfig(**doc["config_specs"][key]) for key in configs}
+    spec = [c for c in configs if specs[c].speculative]
     bar_key = bar_estimator(doc["conditions"]["threads"])
     out = []
-    header = ["prompt", "prompt tok", "plain tok/s"] + (["plain again (A/A)"] if CONTROL in configs else [])
+    header = ["prompt", "prompt tok", "plain tok/s"] + (["plain again (A/A)"] if CONTROL.key in configs else [])
     for c in spec:
-        header += [f"{c} heads tok/s", f"{c}h speedup (wall / CPU)", f"{c}h tok/fwd"]
-    if ANCHOR in configs:
+        header += [f"{c}: speedup (wall / CPU)", f"{c}: tok/fwd"]
+    if ANCHOR.key in configs:
         header.append("llama.cpp tok/s")
     out += [_row(header), _row(["---"] * len(header))]
     for p in doc["prompts"]:
         cs = p["configs"]
-        cells = [f"`{p['name']}`", p["prompt_tokens"], f"{cs['0']['decode_tokens_per_s']:.1f}"]
-        if CONTROL in configs:
-            cells.append(f"{cs[CONTROL]['speedup']:.2f}x / {cs[CONTROL]['speedup_cpu']:.2f}x")
+        cells = [f"`{p['name']}`", p["prompt_tokens"], f"{cs[PLAIN.key]['decode_tokens_per_s']:.1f}"]
+        if CONTROL.key in configs:
+            cells.append(f"{cs[CONTROL.key]['speedup']:.2f}x / {cs[CONTROL.key]['speedup_cpu']:.2f}x")
         for c in spec:
-            flag = " **(<0.95)**" if cs[c][bar_key] < SLOW_BAR else ""
-            cells += [f"{cs[c]['decode_tokens_per_s']:.1f}", f"{cs[c]['speedup']:.2f}x / {cs[c]['speedup_cpu']:.2f}x{flag}",
+            flag = f" **(<{SLOW_BAR})**" if cs[c][bar_key] < SLOW_BAR else ""
+            cells += [f"{cs[c]['speedup']:.2f}x / {cs[c]['speedup_cpu']:.2f}x{flag}",
                       f"{cs[c]['tokens_per_forward']:.2f}"]
-        if ANCHOR in configs:
-            cells.append(f"{cs[ANCHOR]['decode_tokens_per_s']:.1f}")
+        if ANCHOR.key in configs:
+            cells.append(f"{cs[ANCHOR.key]['decode_tokens_per_s']:.1f}")
         out.append(_row(cells))
     out.append("")
     header = ["configuration", "median speedup (wall)", "min (wall)", "median speedup (CPU)", "min (CPU)",
@@ -47,8 +48,8 @@ def bench_markdown(doc: dict[str, Any]) -> str:
     out += [_row(header), _row(["---"] * len(header))]
     for c in configs:
         s = doc["summary"][c]
-        name = {"0": "plain (0 heads)", CONTROL: "plain again (A/A control)",
-                ANCHOR: "llama-cpp-python `Llama`, greedy"}.get(c, f"{c} heads")
+        name = {PLAIN.key: "plain", CONTROL.key: "plain again (A/A control)",
+                ANCHOR.key: "llama-cpp-python `Llama`, greedy"}.get(c, c)
         acc = " / ".join(f"{a:.0%}" for a in s.get("acceptance", [])) or "-"
         out.append(_row([
             name, f"{s['median_speedup']:.2f}x", f"{s['min_speedup']:.2f}x",
@@ -59,6 +60,33 @@ def bench_markdown(doc: dict[str, Any]) -> str:
             f"{s['python_ms_per_step']:.2f}" if "python_ms_per_step" in s else "-",
             f"{s['native_ms_per_step']:.2f}" if "native_ms_per_step" in s else "-",
         ]))
+    out.append("")
+    out.append(source_markdown(doc))
+    return "\n".join(out)
+
+
+def source_markdown(doc: dict[str, Any]) -> str:
+    """Per configuration and kind of step: share of the forwards and tokens per forward; per draft
+    source: drafts accepted / drafted."""
+    kinds = ("plain", "heads", "context", "context+heads")
+    header = ["configuration", *(f"{k} steps: share, tok/fwd" for k in kinds),
+              "context drafts accepted / drafted", "head drafts accepted / drafted"]
+    out = [_row(header), _row(["---"] * len(header))]
+    for c in doc["configs"]:
+        s = doc["summary"][c]
+        fwd = s.get("forwards_by_source")
+        if not fwd or not BenchConfig(**doc["config_specs"][c]).speculative:
+            continue
+        total = sum(fwd.values()) or 1
+        cells: list[Any] = [c]
+        for kind in kinds:
+            n = fwd.get(kind, 0)
+            cells.append(f"{n / total:.0%}, {s['tokens_per_forward_by_source'].get(kind, 0):.2f}" if n else "-")
+        for src in ("context", "heads"):
+            d = s["drafted_by_source"].get(src, 0)
+            a = s["accepted_by_source"].get(src, 0)
+            cells.append(f"{a} / {d} ({a / d:.0%})" if d else "-")
+        out.append(_row(cells))
     return "\n".join(out)
 
 

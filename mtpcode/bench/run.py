@@ -2,22 +2,31 @@
 on code prompts; and (``--synthetic``) a cost model at real model sizes.
 
 The real benchmark runs, for every prompt and every repetition, plain decoding
-(0 heads), speculative decoding with each head count, and llama-cpp-python's
-own ``Llama`` on the same ``main.gguf`` (the anchor), in an order rotated per
-prompt and repetition, so that the drifts of a shared, noisy machine spread
-over all configurations. It reports medians and within-repetition ratios, and
-checks that greedy output is the same token for token in every configuration.
+(no drafts), an A/A control, speculative decoding with each head count (heads
+only), drafts from the context alone, the product's default (every head and
+the context, chosen per step), and llama-cpp-python's own ``Llama`` on the
+same ``main.gguf`` (the anchor), in an order rotated per prompt and
+repetition, so that the drifts of a shared, noisy machine spread over all
+configurations. It reports medians and within-repetition ratios, tokens per
+forward per draft source, and checks that greedy output is the same token for
+token in every configuration.
+
+Two prompt sets are built in: ``general`` (held-out standard-library files,
+the model writes a function body) and ``editing`` (third-party code installed
+here, at places where the completion repeats text from the file or from the
+text after the cursor).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import platform
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +36,10 @@ import numpy as np
 from mtpcode.bench.measure import median, peak_rss_mb, reset_peak_rss, rss_mb
 from mtpcode.errors import DataError, NoInputError, UsageError
 from mtpcode.files import atomic_write_text
+from mtpcode.generation import Stats
 
-SCHEMA = "mtpcode-bench/1"
-ANCHOR = "llama.cpp"  # the configuration name of the plain llama-cpp-python Llama run
+SCHEMA = "mtpcode-bench/2"
 SLOW_BAR = 0.95  # a speculative configuration slower than this fraction of plain is flagged
-# An A/A control: plain decoding run a second time as its own configuration. Its
-# "speedup" over plain is pure measurement noise, shown next to the real ones.
-CONTROL = "plain-again"
 # Speedups are medians over repetitions of (configuration / plain) in the same
 # repetition, on two clocks: wall-clock, and CPU time of the decoding thread.
 # CPU time leaves out the time other programs held the CPU (not their contention
@@ -48,8 +54,69 @@ CONTROL = "plain-again"
 
 @dataclass(frozen=True)
 class Prompt:
+    """A bench prompt: the text before the cursor and, for completions inside a file, the text after it."""
+
     name: str
     text: str
+    suffix: str = ""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One configuration the bench runs; ``key`` names its results in the JSON document.
+
+    ``control`` is the A/A control (plain decoding run a second time as its own
+    configuration: its "speedup" over plain is pure measurement noise, shown
+    next to the real ones); ``anchor`` is llama-cpp-python's own ``Llama``.
+    """
+
+    key: str
+    heads: int = 0
+    context: bool = False
+    control: bool = False
+    anchor: bool = False
+
+    @property
+    def plain(self) -> bool:
+        """Plain decoding in the engine (the reference, or its A/A control)."""
+        return not (self.heads or self.context or self.anchor)
+
+    @property
+    def speculative(self) -> bool:
+        return bool(self.heads or self.context)
+
+    @property
+    def label(self) -> str:
+        return self.key
+
+
+PLAIN = BenchConfig("plain")
+CONTROL = BenchConfig("plain-again", control=True)
+ANCHOR = BenchConfig("llama.cpp", anchor=True)
+CONTEXT_ONLY = BenchConfig("context", context=True)
+
+
+def heads_config(k: int, context: bool = False) -> BenchConfig:
+    """Speculative decoding with ``k`` heads (and, with ``context``, drafts from the context)."""
+    name = f"{k} head{'s' if k != 1 else ''}"
+    return BenchConfig(f"{name} + context" if context else name, heads=k, context=context)
+
+
+def bench_configs(n_heads: int, heads: Sequence[int] | None, *, context: bool, anchor: bool) -> list[BenchConfig]:
+    """The configurations of a run: plain, the A/A control, heads only per count, context only and
+    every head with the context (the product's default), and the anchor."""
+    head_list = sorted(set(range(1, n_heads + 1) if heads is None else heads) - {0})
+    bad = [h for h in head_list if not 0 < h <= n_heads]
+    if bad:
+        raise UsageError(f"--heads {bad[0]}: this bundle has {n_heads} draft heads")
+    configs = [PLAIN, CONTROL, *(heads_config(k) for k in head_list)]
+    if context:
+        configs.append(CONTEXT_ONLY)
+        if head_list:
+            configs.append(heads_config(max(head_list), context=True))
+    if anchor:
+        configs.append(ANCHOR)
+    return configs
 
 
 def _snippet(text: str, max_chars: int, min_context_lines: int = 12, min_body_lines: int = 6) -> tuple[int, str] | None:
@@ -108,6 +175,111 @@ def default_prompts(n: int = 8, max_chars: int = 1500) -> list[Prompt]:
     return prompts
 
 
+# Third-party packages for the editing set: real code the built-in model was not
+# trained on (it saw only the standard library), installed with mtpcode itself.
+EDITING_PACKAGES = ("click", "prompt_toolkit", "pygments", "numpy")
+
+
+def _package_files(packages: Sequence[str]) -> list[tuple[str, str]]:
+    """(name, text) of the installed packages' Python files, in sorted order (missing packages skipped)."""
+    import importlib.util
+
+    out = []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(next(iter(spec.submodule_search_locations)))
+        for path in sorted(root.rglob("*.py")):
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if 2_000 < len(text) < 400_000:
+                out.append((f"{name}/{path.relative_to(root).as_posix()}", text))
+    return out
+
+
+def _repeated_lines(lines: list[str], start: int, count: int) -> float:
+    """Fraction of the ``count`` non-blank lines from ``start`` that occur, stripped, in ``lines[:start]``."""
+    seen = {ln.strip() for ln in lines[:start] if ln.strip()}
+    body = [ln.strip() for ln in lines[start:] if ln.strip()][:count]
+    return sum(ln in seen for ln in body) / len(body) if len(body) == count else 0.0
+
+
+def _edit_points(name: str, text: str, max_chars: int) -> Iterator[Prompt]:
+    """Editing-style completions in one file, each at most ``max_chars`` of prompt.
+
+    * ``repeat``: a ``def`` whose next lines mostly repeat lines above it (a
+      function like the one before it, a test case following a similar one);
+      the prompt ends with its signature.
+    * ``retype``: a block duplicated in place: the prompt ends half-way into
+      the first line of a block, and the suffix is that block and what
+      follows, as when a line is retyped before identical text.
+    """
+    lines = text.split("\n")
+    for i, line in enumerate(lines):
+        if i < 20 or not re.match(r"\s*def \w+\(.*\):\s*$", line):
+            continue
+        if _repeated_lines(lines, i + 1, 6) >= 0.5:
+            prompt = "\n".join(lines[: i + 1]) + "\n"
+            yield Prompt(f"{name}:{i + 1}:repeat", prompt[-max_chars:].split("\n", 1)[-1])
+        body = lines[i + 1: i + 9]
+        if len(body) == 8 and all(ln.strip() for ln in body[:3]):
+            first = body[0]
+            cut = len(first) - len(first.lstrip()) + max(1, len(first.strip()) // 2)
+            before = "\n".join(lines[: i + 1]) + "\n" + first[:cut]
+            suffix = "\n".join(lines[i + 1: i + 40])
+            yield Prompt(f"{name}:{i + 2}:retype", before[-max_chars:].split("\n", 1)[-1], suffix[:max_chars // 2])
+
+
+def editing_prompts(n: int = 8, max_chars: int = 3000, packages: Sequence[str] = EDITING_PACKAGES) -> list[Prompt]:
+    """Editing-style prompts from third-party code installed here (see :func:`_edit_points`), half
+    ``repeat`` and half ``retype``, taken in the order of a hash of their names, deterministically.
+
+    Held out from any tuning of the drafting policy: its parameters were set
+    before this set was built.
+    """
+    kinds: dict[str, list[Prompt]] = {"repeat": [], "retype": []}
+    for name, text in _package_files(packages):
+        for q in _edit_points(name, text, max_chars):
+            kinds[q.name.rsplit(":", 1)[1]].append(q)
+    prompts: list[Prompt] = []
+    for kind, found in kinds.items():
+        want = (n + 1) // 2 if kind == "repeat" else n - len(prompts)
+        # one prompt per file, packages in turn: variety over one file's or one project's habits
+        by_package: dict[str, list[Prompt]] = {}
+        files: set[str] = set()
+        for q in sorted(found, key=lambda q: hashlib.sha256(("edit|" + q.name).encode()).hexdigest()):
+            file = q.name.split(":", 1)[0]
+            if file not in files:
+                files.add(file)
+                by_package.setdefault(file.split("/", 1)[0], []).append(q)
+        queues = [by_package[p] for p in packages if p in by_package]
+        taken = 0
+        while taken < want and any(queues):
+            for queue in queues:
+                if queue and taken < want:
+                    prompts.append(queue.pop(0))
+                    taken += 1
+    if not prompts:
+        raise NoInputError(f"no editing-style prompts found: none of {', '.join(packages)} is installed; "
+                           "pass --prompts FILE|DIR")
+    return prompts
+
+
+PROMPT_SETS = ("general", "editing")
+
+
+def prompt_set(spec: str, n: int) -> list[Prompt]:
+    """A built-in prompt set by name (``general``, ``editing``), or the prompts of a file or directory."""
+    if spec == "general":
+        return default_prompts(n)
+    if spec == "editing":
+        return editing_prompts(n)
+    return load_prompts(spec)
+
+
 def load_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
     """Prompts from a file or directory.
 
@@ -130,10 +302,13 @@ def load_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
                 item = json.loads(line)
                 if isinstance(item, str):
                     prompts.append(Prompt(f"{p.name}:{i}", item))
-                elif isinstance(item, dict) and isinstance(item.get("prompt"), str):
-                    prompts.append(Prompt(str(item.get("name", f"{p.name}:{i}")), item["prompt"]))
+                elif (isinstance(item, dict) and isinstance(item.get("prompt"), str)
+                      and isinstance(item.get("suffix", ""), str)):
+                    prompts.append(Prompt(str(item.get("name", f"{p.name}:{i}")), item["prompt"],
+                                          item.get("suffix", "")))
                 else:
-                    raise DataError(f"{p}:{i}: expected a JSON string or an object with a \"prompt\" string")
+                    raise DataError(f"{p}:{i}: expected a JSON string or an object with a \"prompt\" string "
+                                    "(and optionally \"name\" and \"suffix\" strings)")
         else:
             prompts = [Prompt(p.name, p.read_text(encoding="utf-8"))]
     except UnicodeDecodeError:
@@ -168,7 +343,8 @@ def memory_bandwidth(mb: int = 256, repeat: int = 7) -> dict[str, float]:
         t = time.perf_counter()
         np.copyto(dst, src)
         rates.append(2 * src.nbytes / (time.perf_counter() - t))
-    return {"copy_mib": mb, "best_gb_s": round(max(rates) / 1e9, 2), "median_gb_s": round(float(np.median(rates)) / 1e9, 2)}
+    return {"copy_mib": mb, "best_gb_s": round(max(rates) / 1e9, 2),
+            "median_gb_s": round(float(np.median(rates)) / 1e9, 2)}
 
 
 def bytes_per_forward(gguf_path: Path, *, embd_input: bool) -> int:
@@ -191,21 +367,14 @@ def bytes_per_forward(gguf_path: Path, *, embd_input: bool) -> int:
 
 @dataclass
 class Run:
+    """One run of one configuration on one prompt; its Stats are serialised once, at the end."""
+
     prompt: int
-    config: str  # "0", "1", ... heads, or ANCHOR
+    config: BenchConfig
     repeat: int
     tokens: list[int]
-    stats: dict[str, Any]
+    stats: Stats
     peak_rss_mb: float
-
-
-def config_label(config: str) -> str:
-    return {"0": "plain", CONTROL: CONTROL, ANCHOR: ANCHOR}.get(config, f"{config} heads")
-
-
-def heads_of(config: str) -> int:
-    """Draft heads of an engine configuration ("0", CONTROL: none)."""
-    return 0 if config == CONTROL else int(config)
 
 
 def bar_estimator(threads: int) -> str:
@@ -213,14 +382,20 @@ def bar_estimator(threads: int) -> str:
     return "speedup_cpu" if threads == 1 else "speedup"
 
 
-def _engine_run(engine, ids: list[int], heads: int, max_tokens: int, adaptive: bool) -> tuple[list[int], dict[str, Any]]:
+def _cpu_tps(stats: Stats) -> float:
+    return stats.generated_tokens / stats.decode_cpu_s if stats.decode_cpu_s > 0 else 0.0
+
+
+def _engine_run(engine: Any, prompt: Prompt, ids: list[int], config: BenchConfig, max_tokens: int,
+                adaptive: bool) -> tuple[list[int], Stats]:
     from mtpcode.generation import Done, GenerationOptions, Piece
 
     # Start from an empty cache (a 1-token prompt shares at most BOS with the next),
     # so every run pays the same prefill and prefill tok/s means something.
-    for _ in engine.generate(ids[:1], GenerationOptions(max_tokens=0, heads=0)):
+    for _ in engine.generate(ids[:1], GenerationOptions(max_tokens=0, heads=0, context_draft=False)):
         pass
-    opts = GenerationOptions(max_tokens=max_tokens, heads=heads, adaptive=adaptive)
+    opts = GenerationOptions(max_tokens=max_tokens, heads=config.heads, adaptive=adaptive,
+                             context_draft=config.context, suffix=prompt.suffix)
     tokens: list[int] = []
     stats = None
     for ev in engine.generate(ids, opts):
@@ -229,12 +404,7 @@ def _engine_run(engine, ids: list[int], heads: int, max_tokens: int, adaptive: b
         elif isinstance(ev, Done):
             stats = ev.stats
     assert stats is not None  # generate() always ends with Done
-    d = stats.to_dict()
-    steps = max(stats.main_forwards, 1)
-    d["stop_tokens"] = len(tokens)
-    d["python_ms_per_step"] = round(1e3 * stats.python_s / steps, 4)
-    d["native_ms_per_step"] = round(1e3 * (stats.decode_s - stats.python_s) / steps, 4)
-    return tokens, d
+    return tokens, stats
 
 
 class Anchor:
@@ -251,7 +421,7 @@ class Anchor:
                                    n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
                                    flash_attn=flash_attn)
 
-    def run(self, ids: list[int], max_tokens: int) -> tuple[list[int], dict[str, Any]]:
+    def run(self, ids: list[int], max_tokens: int) -> tuple[list[int], Stats]:
         llm = self.llm
         llm.reset()
         tokens: list[int] = []
@@ -268,19 +438,14 @@ class Anchor:
             t_last, c_last = now, time.thread_time()
             if len(tokens) >= max_tokens:
                 break
-        # Same definition as Stats.decode_tps: tokens / time after the first token was chosen.
-        decode_s = t_last - t_first
+        # Same definitions as the engine's Stats: times after the first token was chosen,
+        # one forward per token after it.
         n = len(tokens)
-        return tokens, {
-            "generated_tokens": n,
-            "prefill_s": round(t_first - t0, 6),
-            "decode_s": round(decode_s, 6),
-            "decode_tokens_per_s": round(n / decode_s, 2) if decode_s > 0 and n > 1 else 0.0,
-            "decode_cpu_s": round(c_last - c_first, 6),
-            "decode_tokens_per_cpu_s": round(n / (c_last - c_first), 2) if c_last > c_first and n > 1 else 0.0,
-            "prefill_tokens_per_s": round(len(ids) / (t_first - t0), 2) if t_first > t0 else 0.0,
-            "tokens_per_forward": 1.0,
-        }
+        return tokens, Stats(prompt_tokens=len(ids), prompt_tokens_processed=len(ids), generated_tokens=n,
+                             main_forwards=max(n - 1, 0), forwards_by_source={"plain": max(n - 1, 0)},
+                             tokens_by_source={"plain": max(n - 1, 0)}, prefill_s=t_first - t0,
+                             decode_s=t_last - t_first if n > 1 else 0.0,
+                             decode_cpu_s=c_last - c_first if n > 1 else 0.0)
 
     def close(self) -> None:
         self.llm.close() if hasattr(self.llm, "close") else None
@@ -288,9 +453,13 @@ class Anchor:
 
 def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[int] | None = None,
               max_tokens: int = 128, repeat: int = 3, threads: int | None = None, n_ctx: int = 4096,
-              adaptive: bool = True, anchor: bool = True, extra_bufts: str = "auto", flash_attn: bool = True,
-              costs: bool = True, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run every configuration on every prompt ``repeat`` times; return the results document (see SCHEMA)."""
+              adaptive: bool = True, anchor: bool = True, context: bool = True, extra_bufts: str = "auto",
+              flash_attn: bool = True, costs: bool = True,
+              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run every configuration on every prompt ``repeat`` times; return the results document (see SCHEMA).
+
+    ``context`` adds the configurations that draft from the context (context only, and every
+    requested head with the context)."""
     from mtpcode.runtime import Engine
 
     say = progress or (lambda _msg: None)
@@ -302,19 +471,13 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
     rss_engine = rss_mb()
     anchor_obj = None
     try:
-        all_heads = list(range(1, engine.n_heads + 1))
-        head_list = sorted(set(all_heads if heads is None else heads) - {0})
-        bad = [h for h in head_list if not 0 < h <= engine.n_heads]
-        if bad:
-            raise UsageError(f"--heads {bad[0]}: this bundle has {engine.n_heads} draft heads")
-        configs = ["0", CONTROL, *(str(h) for h in head_list)]
+        configs = bench_configs(engine.n_heads, heads, context=context, anchor=anchor)
         if anchor:
             from mtpcode.llama import repack_pattern
 
             repack = repack_pattern(engine.bundle.main_path) if extra_bufts == "repack" else ""
             anchor_obj = Anchor(engine.bundle.main_path, n_ctx=n_ctx, n_threads=n_threads,
                                 extra_bufts=engine.extra_bufts, flash_attn=engine.flash_attn, repack=repack)
-            configs.append(ANCHOR)
         rss_all = rss_mb()
         prompt_ids = []
         for q in prompts:
@@ -325,7 +488,8 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
             prompt_ids.append(ids)
         # warm-up: page in the weights, start the thread pools
         say("warming up")
-        _engine_run(engine, prompt_ids[0], engine.n_heads, min(16, max_tokens), adaptive)
+        _engine_run(engine, prompts[0], prompt_ids[0], heads_config(engine.n_heads, context),
+                    min(16, max_tokens), adaptive)
         if anchor_obj is not None:
             anchor_obj.run(prompt_ids[0], min(16, max_tokens))
         runs: list[Run] = []
@@ -335,12 +499,13 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
                 shift = (r + pi) % len(configs)
                 for config in configs[shift:] + configs[:shift]:
                     say(f"[{len(runs) + 1}/{total}] repeat {r + 1}, prompt {pi + 1} ({prompts[pi].name}), "
-                        f"{config_label(config)}")
+                        f"{config.label}")
                     reset_peak_rss()
-                    if config == ANCHOR:
+                    if config.anchor:
+                        assert anchor_obj is not None
                         tokens, stats = anchor_obj.run(ids, max_tokens)
                     else:
-                        tokens, stats = _engine_run(engine, ids, heads_of(config), max_tokens, adaptive)
+                        tokens, stats = _engine_run(engine, prompts[pi], ids, config, max_tokens, adaptive)
                     runs.append(Run(pi, config, r, tokens, stats, round(peak_rss_mb(), 1)))
         doc = _summarize(engine, prompts, prompt_ids, configs, runs)
         doc["conditions"] = _conditions(engine, model_path, n_threads, n_ctx, max_tokens, repeat, adaptive,
@@ -364,6 +529,11 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
     return doc
 
 
+def _spec(doc: dict[str, Any], key: str) -> BenchConfig:
+    """The configuration of a results key (from the document's config_specs)."""
+    return BenchConfig(**doc["config_specs"][key])
+
+
 def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int) -> dict[str, Any]:
     """The bundle's own cost profile (as in the synthetic cost model) and what it predicts."""
     from mtpcode.bench.synthetic import measure_costs
@@ -376,14 +546,16 @@ def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int) -> dict[
     costs.pop("verify_all_s", None)
     # predicted speedup from the measured tokens/forward and these costs (no Python overhead)
     pred = {}
-    for config, s in doc["summary"].items():
-        if config in ("0", CONTROL, ANCHOR) or "drafts_per_step" not in s:
+    rel = costs["verify_rel"]
+    top = max(int(b) for b in rel)
+    for key, s in doc["summary"].items():
+        if not _spec(doc, key).speculative or "drafts_per_step" not in s:
             continue
-        k = s["drafts_per_step"]  # adaptive: the mean number of drafts actually verified per step
+        k = min(s["drafts_per_step"], top - 1)  # adaptive: the mean number of drafts verified per step
         lo, hi = int(np.floor(k)), int(np.ceil(k))
-        rel = costs["verify_rel"]
         verify = float(rel[str(lo + 1)]) + (k - lo) * (float(rel[str(hi + 1)]) - float(rel[str(lo + 1)]))
-        pred[config] = round(s["tokens_per_forward"] / (verify + k * float(costs["head_rel"] or 0.0)), 3)
+        heads_per_step = s.get("head_drafts_per_step", 0.0)
+        pred[key] = round(s["tokens_per_forward"] / (verify + heads_per_step * float(costs["head_rel"] or 0.0)), 3)
     costs["predicted_speedup_without_python"] = pred
     return costs
 
@@ -421,63 +593,95 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], configs: list[str],
+def _by_source(rs: Sequence[Run]) -> dict[str, Any]:
+    """Draft-source figures summed over runs: tokens per forward per kind of step, acceptance per source."""
+    fwd: dict[str, int] = {}
+    tok: dict[str, int] = {}
+    drafted: dict[str, int] = {}
+    accepted: dict[str, int] = {}
+    for r in rs:
+        for k, v in r.stats.forwards_by_source.items():
+            fwd[k] = fwd.get(k, 0) + v
+        for k, v in r.stats.tokens_by_source.items():
+            tok[k] = tok.get(k, 0) + v
+        for k, v in r.stats.drafted_by_source.items():
+            drafted[k] = drafted.get(k, 0) + v
+        for k, v in r.stats.accepted_by_source.items():
+            accepted[k] = accepted.get(k, 0) + v
+    return {
+        "forwards_by_source": fwd,
+        "tokens_per_forward_by_source": {k: round(tok.get(k, 0) / n, 3) for k, n in fwd.items() if n},
+        "drafted_by_source": drafted,
+        "accepted_by_source": accepted,
+        "acceptance_by_source": {k: round(accepted.get(k, 0) / d, 4) for k, d in drafted.items() if d},
+    }
+
+
+def _config_entry(config: BenchConfig, rs: list[Run], base: list[Run]) -> dict[str, Any]:
+    """One configuration's figures on one prompt (medians over repetitions, ratios within them)."""
+    tps = [r.stats.decode_tps for r in rs]
+    paired = [r.stats.decode_tps / b.stats.decode_tps
+              for r in rs for b in base if b.repeat == r.repeat and b.stats.decode_tps > 0]
+    paired_cpu = [_cpu_tps(r.stats) / _cpu_tps(b.stats)
+                  for r in rs for b in base if b.repeat == r.repeat and _cpu_tps(b.stats) > 0]
+    base_tps = median([b.stats.decode_tps for b in base])
+    c: dict[str, Any] = {
+        "decode_tokens_per_s": round(median(tps), 2),
+        "decode_tokens_per_s_all": [round(t, 2) for t in tps],
+        "decode_tokens_per_cpu_s": round(median([_cpu_tps(r.stats) for r in rs]), 2),
+        "speedup": round(median(paired), 3),
+        "speedup_cpu": round(median(paired_cpu), 3),
+        "speedup_of_medians": round(median(tps) / base_tps, 3) if base_tps else 0.0,
+        "prefill_tokens_per_s": round(median([r.stats.prefill_tps for r in rs]), 1),
+        "tokens_per_forward": round(median([r.stats.tokens_per_forward for r in rs]), 3),
+        "peak_rss_mb": max(r.peak_rss_mb for r in rs),
+    }
+    if not config.anchor:
+        steps = [max(r.stats.main_forwards, 1) for r in rs]
+        if config.heads:
+            drafted = np.sum([r.stats.drafted_tokens for r in rs], axis=0)
+            accepted = np.sum([r.stats.accepted_tokens for r in rs], axis=0)
+            c["acceptance"] = [round(float(a) / float(d), 4) if d else 0.0 for a, d in zip(accepted, drafted)]
+            c["drafted_tokens"] = [int(d) for d in drafted]
+        c.update(_by_source(rs))
+        c["python_ms_per_step"] = round(median([1e3 * r.stats.python_s / n for r, n in zip(rs, steps)]), 4)
+        c["native_ms_per_step"] = round(median([1e3 * (r.stats.decode_s - r.stats.python_s) / n
+                                                 for r, n in zip(rs, steps)]), 4)
+        c["main_forwards"] = int(median([r.stats.main_forwards for r in rs]))
+    return c
+
+
+def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], configs: list[BenchConfig],
                runs: list[Run]) -> dict[str, Any]:
     bar_key = bar_estimator(engine.n_threads)
     by: dict[tuple[int, str], list[Run]] = {}
     for run in runs:
-        by.setdefault((run.prompt, run.config), []).append(run)
+        by.setdefault((run.prompt, run.config.key), []).append(run)
     # greedy outputs must be identical in every configuration
     mismatches = []
     for pi in range(len(prompts)):
-        ref = by[(pi, "0")][0].tokens
+        ref = by[(pi, PLAIN.key)][0].tokens
         for config in configs:
-            for run in by[(pi, config)]:
+            for run in by[(pi, config.key)]:
                 if run.tokens != ref:
                     first = next((i for i, (a, b) in enumerate(zip(run.tokens, ref)) if a != b),
                                  min(len(run.tokens), len(ref)))
-                    mismatches.append({"prompt": prompts[pi].name, "prompt_index": pi, "config": config,
+                    mismatches.append({"prompt": prompts[pi].name, "prompt_index": pi, "config": config.key,
                                        "repeat": run.repeat, "first_difference_at": first,
                                        "tokens": len(run.tokens), "reference_tokens": len(ref),
                                        "token_ids": run.tokens})
     per_prompt = []
     for pi, q in enumerate(prompts):
-        base = by[(pi, "0")]
-        base_tps = median([r.stats["decode_tokens_per_s"] for r in base])
+        base = by[(pi, PLAIN.key)]
         entry: dict[str, Any] = {"name": q.name, "prompt_tokens": len(prompt_ids[pi]),
-                                 "generated_tokens": len(base[0].tokens), "text": q.text,
+                                 "generated_tokens": len(base[0].tokens), "text": q.text, "suffix": q.suffix,
                                  "plain_token_ids": base[0].tokens, "configs": {}}
         for config in configs:
-            rs = by[(pi, config)]
-            tps = [r.stats["decode_tokens_per_s"] for r in rs]
-            paired = [r.stats["decode_tokens_per_s"] / b.stats["decode_tokens_per_s"]
-                      for r in rs for b in base if b.repeat == r.repeat and b.stats["decode_tokens_per_s"] > 0]
-            paired_cpu = [r.stats["decode_tokens_per_cpu_s"] / b.stats["decode_tokens_per_cpu_s"]
-                          for r in rs for b in base if b.repeat == r.repeat and b.stats["decode_tokens_per_cpu_s"] > 0]
-            c: dict[str, Any] = {
-                "decode_tokens_per_s": round(median(tps), 2),
-                "decode_tokens_per_s_all": tps,
-                "decode_tokens_per_cpu_s": round(median([r.stats["decode_tokens_per_cpu_s"] for r in rs]), 2),
-                "speedup": round(median(paired), 3),
-                "speedup_cpu": round(median(paired_cpu), 3),
-                "speedup_of_medians": round(median(tps) / base_tps, 3) if base_tps else 0.0,
-                "prefill_tokens_per_s": round(median([r.stats.get("prefill_tokens_per_s", 0.0) for r in rs]), 1),
-                "tokens_per_forward": round(median([r.stats.get("tokens_per_forward", 0.0) for r in rs]), 3),
-                "peak_rss_mb": max(r.peak_rss_mb for r in rs),
-            }
-            if config != ANCHOR:
-                drafted = np.sum([r.stats["drafted_tokens"] for r in rs], axis=0) if heads_of(config) else []
-                accepted = np.sum([r.stats["accepted_tokens"] for r in rs], axis=0) if heads_of(config) else []
-                c["acceptance"] = [round(float(a) / float(d), 4) if d else 0.0 for a, d in zip(accepted, drafted)]
-                c["drafted_tokens"] = [int(d) for d in drafted]
-                c["python_ms_per_step"] = round(median([r.stats["python_ms_per_step"] for r in rs]), 4)
-                c["native_ms_per_step"] = round(median([r.stats["native_ms_per_step"] for r in rs]), 4)
-                c["main_forwards"] = int(median([r.stats["main_forwards"] for r in rs]))
-            entry["configs"][config] = c
+            entry["configs"][config.key] = _config_entry(config, by[(pi, config.key)], base)
         per_prompt.append(entry)
     summary: dict[str, Any] = {}
     for config in configs:
-        cs = [p["configs"][config] for p in per_prompt]
+        cs = [p["configs"][config.key] for p in per_prompt]
         speedups = [c["speedup"] for c in cs]
         cpu = [c["speedup_cpu"] for c in cs]
         rs = [r for r in runs if r.config == config]
@@ -488,31 +692,36 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
             "median_speedup_cpu": round(median(cpu), 3),
             "min_speedup_cpu": round(min(cpu), 3),
             "prompts_below_bar": [p["name"] for p, c in zip(per_prompt, cs)
-                                  if config not in ("0", CONTROL) and c[bar_key] < SLOW_BAR],
+                                  if config.speculative and c[bar_key] < SLOW_BAR],
             "median_decode_tokens_per_s": round(median([c["decode_tokens_per_s"] for c in cs]), 2),
             "median_prefill_tokens_per_s": round(median([c["prefill_tokens_per_s"] for c in cs]), 1),
         }
-        if config != ANCHOR:
-            gen = sum(r.stats["generated_tokens"] for r in rs)
-            fwd = sum(r.stats["main_forwards"] for r in rs)
+        if not config.anchor:
+            gen = sum(r.stats.generated_tokens for r in rs)
+            fwd = sum(r.stats.main_forwards for r in rs)
             s["tokens_per_forward"] = round(gen / fwd, 3) if fwd else 0.0
-            if heads_of(config):
-                drafted = np.sum([r.stats["drafted_tokens"] for r in rs], axis=0)
-                accepted = np.sum([r.stats["accepted_tokens"] for r in rs], axis=0)
+            if config.heads:
+                drafted = np.sum([r.stats.drafted_tokens for r in rs], axis=0)
+                accepted = np.sum([r.stats.accepted_tokens for r in rs], axis=0)
                 s["acceptance"] = [round(float(a) / float(d), 4) if d else 0.0 for a, d in zip(accepted, drafted)]
-                s["drafts_per_step"] = round(float(drafted.sum()) / fwd, 3) if fwd else 0.0
+            src = _by_source(rs)
+            s.update(src)
+            drafts = sum(src["drafted_by_source"].values())
+            s["drafts_per_step"] = round(drafts / fwd, 3) if fwd else 0.0
+            s["head_drafts_per_step"] = round(src["drafted_by_source"].get("heads", 0) / fwd, 3) if fwd else 0.0
             s["python_ms_per_step"] = round(median([c["python_ms_per_step"] for c in cs]), 4)
             s["native_ms_per_step"] = round(median([c["native_ms_per_step"] for c in cs]), 4)
-        summary[config] = s
+        summary[config.key] = s
     return {
         "schema": SCHEMA,
         "kind": "bench",
-        "configs": configs,
+        "configs": [c.key for c in configs],
+        "config_specs": {c.key: dataclasses.asdict(c) for c in configs},
         "prompts": per_prompt,
         "summary": summary,
         "greedy_identical": not mismatches,
         "mismatches": mismatches,
-        "runs": [{"prompt": r.prompt, "config": r.config, "repeat": r.repeat, "stats": r.stats,
+        "runs": [{"prompt": r.prompt, "config": r.config.key, "repeat": r.repeat, "stats": r.stats.to_dict(),
                   "peak_rss_mb": r.peak_rss_mb} for r in runs],
     }
 
@@ -531,12 +740,13 @@ def _anchors(engine, doc: dict[str, Any]) -> dict[str, Any]:
         "head_bytes_per_forward": head_bytes,
         "plain_tokens_per_s_bound": round(gbs / main_bytes, 1),
     }
-    for config, s in doc["summary"].items():
-        if config in ("0", CONTROL, ANCHOR):
+    for key, s in doc["summary"].items():
+        config = _spec(doc, key)
+        if not config.speculative:
             continue
-        k = int(config)
         tpf = s.get("tokens_per_forward", 1.0)
-        out[f"bound_{k}_heads_tokens_per_s"] = round(gbs * tpf / (main_bytes + sum(head_bytes[:k])), 1)
+        heads_read = sum(head_bytes[:config.heads])  # an upper bound: the policy may run fewer heads
+        out[f"bound_tokens_per_s[{key}]"] = round(gbs * tpf / (main_bytes + heads_read), 1)
     return out
 
 
@@ -547,52 +757,64 @@ def _anchors(engine, doc: dict[str, Any]) -> dict[str, Any]:
 def format_table(doc: dict[str, Any]) -> str:
     """The terminal report of a bench document."""
     configs = doc["configs"]
-    spec = [c for c in configs if c not in ("0", CONTROL, ANCHOR)]
+    specs = {key: _spec(doc, key) for key in configs}
+    spec = [c for c in configs if specs[c].speculative]
     lines = []
     cond = doc["conditions"]
     bar_key = bar_estimator(cond["threads"])
     clock = "CPU-time" if bar_key == "speedup_cpu" else "wall-clock"
     lines.append(f"model {cond['model']} ({cond['quantization']}, {cond['n_heads']} heads), {cond['threads']} threads, "
                  f"{cond['max_tokens']} tokens x {len(doc['prompts'])} prompts x {cond['repeat']} repeats, "
-                 f"adaptive={'on' if cond['adaptive'] else 'off'}")
+                 f"adaptive={'on' if cond['adaptive'] else 'off'}, flash attention "
+                 f"{'on' if cond['flash_attn'] else 'off'}")
     if cond.get("native_capture") is False:
         lines.append("note: the C trunk-capture callback is not built in this install; the Python one costs "
                      "a large part of a small model's forward (reinstall mtpcode with a C compiler)")
-    head = f"{'prompt':<34} {'plain tok/s':>11}"
-    if CONTROL in configs:
-        head += f" {'A/A x':>6}"
+    lines.append(f"speedup over plain per prompt ({clock}; ! = below {SLOW_BAR}x), tokens per forward in brackets")
+    head = f"{'prompt':<34} {'tok':>5} {'plain tok/s':>11}"
+    if CONTROL.key in configs:
+        head += f" {'A/A':>6}"
     for c in spec:
-        head += f" | {c}h tok/s  wall/cpu speedup tok/fwd"
-    if ANCHOR in configs:
+        head += f" | {c[:16]:>16}"
+    if ANCHOR.key in configs:
         head += f" | {'llama.cpp':>9}"
     lines.append(head)
     lines.append("-" * len(head))
     for p in doc["prompts"]:
         cs = p["configs"]
-        row = f"{p['name'][-34:]:<34} {cs['0']['decode_tokens_per_s']:>11.1f}"
-        if CONTROL in configs:
-            row += f" {cs[CONTROL][bar_key]:>5.2f}x"
+        row = f"{p['name'][-34:]:<34} {p['prompt_tokens']:>5} {cs[PLAIN.key]['decode_tokens_per_s']:>11.1f}"
+        if CONTROL.key in configs:
+            row += f" {cs[CONTROL.key][bar_key]:>5.2f}x"
         for c in spec:
             mark = "!" if cs[c][bar_key] < SLOW_BAR else " "
-            row += (f" | {cs[c]['decode_tokens_per_s']:>8.1f} {cs[c]['speedup']:>7.2f}x /{cs[c]['speedup_cpu']:>5.2f}x{mark}"
-                    f"{cs[c]['tokens_per_forward']:>6.2f}")
-        if ANCHOR in configs:
-            row += f" | {cs[ANCHOR]['decode_tokens_per_s']:>9.1f}"
+            row += f" | {cs[c][bar_key]:>7.2f}x{mark}({cs[c]['tokens_per_forward']:>5.2f})"
+        if ANCHOR.key in configs:
+            row += f" | {cs[ANCHOR.key]['decode_tokens_per_s']:>9.1f}"
         lines.append(row)
     lines.append("")
-    lines.append(f"{'config':<12} {'median x':>8} {'min x':>6} {'cpu x':>6} {'min':>5} {'tok/fwd':>7} "
+    lines.append(f"{'config':<18} {'median x':>8} {'min x':>6} {'cpu x':>6} {'min':>5} {'tok/fwd':>7} "
                  f"{'tok/s':>8} {'prefill':>8} {'py ms/step':>10} {'llama ms/step':>13}  acceptance per head")
     for c in configs:
         s = doc["summary"][c]
-        name = config_label(c)
         acc = " ".join(f"{a:.0%}" for a in s.get("acceptance", [])) or "-"
         py = f"{s['python_ms_per_step']:.2f}" if "python_ms_per_step" in s else "-"
         nat = f"{s['native_ms_per_step']:.2f}" if "native_ms_per_step" in s else "-"
         tpf = f"{s['tokens_per_forward']:.2f}" if "tokens_per_forward" in s else "1.00"
-        lines.append(f"{name:<12} {s['median_speedup']:>7.2f}x {s['min_speedup']:>5.2f}x "
+        lines.append(f"{c[:18]:<18} {s['median_speedup']:>7.2f}x {s['min_speedup']:>5.2f}x "
                      f"{s['median_speedup_cpu']:>5.2f}x {s['min_speedup_cpu']:>4.2f}x {tpf:>7} "
                      f"{s['median_decode_tokens_per_s']:>8.1f} {s['median_prefill_tokens_per_s']:>8.0f} "
                      f"{py:>10} {nat:>13}  {acc}")
+    lines.append("")
+    lines.append("by draft source (steps: share of forwards, tokens per forward; drafts: accepted / drafted):")
+    for c in spec:
+        s = doc["summary"][c]
+        fwd = s.get("forwards_by_source", {})
+        total = sum(fwd.values()) or 1
+        steps = ", ".join(f"{k} {n / total:.0%} {s['tokens_per_forward_by_source'].get(k, 0):.2f}"
+                          for k, n in sorted(fwd.items()) if n)
+        drafts = ", ".join(f"{k} {s['accepted_by_source'].get(k, 0)}/{d}"
+                           for k, d in sorted(s.get("drafted_by_source", {}).items()) if d) or "none"
+        lines.append(f"  {c}: steps {steps}; drafts {drafts}")
     a = doc["anchors"]
     lines.append("")
     lines.append(f"memory bandwidth {a['memory_bandwidth']['best_gb_s']} GB/s (numpy copy); main.gguf reads "
@@ -603,7 +825,7 @@ def format_table(doc: dict[str, Any]) -> str:
     fc = doc.get("forward_costs")
     if fc:
         rel = " ".join(f"{b}:{v:.2f}" for b, v in fc["verify_rel"].items())
-        pred = ", ".join(f"{c} heads {v:.2f}x" for c, v in fc["predicted_speedup_without_python"].items())
+        pred = ", ".join(f"{c} {v:.2f}x" for c, v in fc["predicted_speedup_without_python"].items())
         lines.append(f"main forward, 1 row: {1e3 * fc['verify_s']['1']:.2f} ms (of which trunk-capture callback "
                      f"{1e3 * fc['capture_overhead_s']:.2f} ms); one head: {1e3 * fc['head_s']:.2f} ms "
                      f"({fc['head_rel']:.0%} of a 1-row forward)")
@@ -613,14 +835,14 @@ def format_table(doc: dict[str, Any]) -> str:
     mem = doc["memory"]
     lines.append(f"memory: engine {mem['engine_rss_mb']:.0f} MB RSS after load, peak {mem['peak_rss_mb']:.0f} MB "
                  "(process, with the llama.cpp anchor loaded)")
-    if CONTROL in configs:
-        aa = [p["configs"][CONTROL][bar_key] for p in doc["prompts"]]
+    if CONTROL.key in configs:
+        aa = [p["configs"][CONTROL.key][bar_key] for p in doc["prompts"]]
         lines.append(f"A/A control (plain decoding run again as its own configuration): {clock} ratios "
                      f"{min(aa):.2f}x-{max(aa):.2f}x over the prompts: differences of that size are noise")
     slow = {c: doc["summary"][c]["prompts_below_bar"] for c in spec if doc["summary"][c]["prompts_below_bar"]}
     if slow:
         for c, names in slow.items():
-            lines.append(f"SLOWER THAN PLAIN ({c} heads, {clock} speedup < {SLOW_BAR}x): {', '.join(names)}")
+            lines.append(f"SLOWER THAN PLAIN ({c}, {clock} speedup < {SLOW_BAR}x): {', '.join(names)}")
     else:
         lines.append(f"speculative >= {SLOW_BAR}x plain on every prompt ({clock} speedup)")
     return "\n".join(lines)
@@ -683,7 +905,7 @@ def divergence_margins(doc: dict[str, Any], threads: int | None = None) -> list[
 
 
 def format_mismatches(doc: dict[str, Any]) -> str:
-    lines = [f"MISMATCH: prompt {m['prompt']}, {config_label(m['config'])}, repeat {m['repeat'] + 1}: greedy output differs "
+    lines = [f"MISMATCH: prompt {m['prompt']}, {m['config']}, repeat {m['repeat'] + 1}: greedy output differs "
              f"from plain decoding at token {m['first_difference_at']}" for m in doc["mismatches"]]
     for g in doc.get("mismatch_margins", []):
         lines.append(f"  at {g['prompt']} token {g['at_token']}: logit({g['plain_token']}) - logit({g['speculative_token']}) "
@@ -693,26 +915,26 @@ def format_mismatches(doc: dict[str, Any]) -> str:
 
 
 def bench_svg(doc: dict[str, Any]) -> str:
-    """Speedup and tokens per forward vs number of heads (per prompt and median)."""
+    """Speedup and tokens per forward per configuration (per prompt and median)."""
     from mtpcode.bench.svg import Panel, Series, render
 
-    ks = [int(c) for c in doc["configs"] if c not in (ANCHOR, CONTROL)]
-    sp = Panel("decode speedup over plain", "draft heads", "speedup (x)", xticks=ks,
+    keys = [k for k in doc["configs"] if not _spec(doc, k).control]
+    xs = list(range(len(keys)))
+    names = "; ".join(f"{x}: {k}" for x, k in zip(xs, keys))
+    sp = Panel("decode speedup over plain", f"configuration ({names})", "speedup (x)", xticks=xs,
                hlines=[(1.0, "plain"), (SLOW_BAR, f"{SLOW_BAR}x bar")])
-    tp = Panel("tokens per main forward", "draft heads", "tokens / forward", xticks=ks, hlines=[(1.0, "")])
+    tp = Panel("tokens per main forward", "configuration", "tokens / forward", xticks=xs, hlines=[(1.0, "")])
     dots_s, dots_t = [], []
     for p in doc["prompts"]:
-        for k in ks:
-            c = p["configs"][str(k)]
-            dots_s.append((k, c["speedup"]))
-            dots_t.append((k, c["tokens_per_forward"]))
+        for x, k in zip(xs, keys):
+            c = p["configs"][k]
+            dots_s.append((x, c["speedup"]))
+            dots_t.append((x, c["tokens_per_forward"]))
     sp.series = [Series("per prompt", dots_s, line=False, color="#999999"),
-                 Series("median", [(k, doc["summary"][str(k)]["median_speedup"]) for k in ks])]
+                 Series("median", [(x, doc["summary"][k]["median_speedup"]) for x, k in zip(xs, keys)], line=False)]
     tp.series = [Series("per prompt", dots_t, line=False, color="#999999"),
-                 Series("all prompts", [(k, doc["summary"][str(k)]["tokens_per_forward"]) for k in ks])]
-    if ANCHOR in doc["configs"]:
-        sp.series.append(Series("llama.cpp plain", [(0, doc["summary"][ANCHOR]["median_speedup"])],
-                                line=False, color="#2ca02c"))
+                 Series("all prompts", [(x, doc["summary"][k].get("tokens_per_forward", 1.0))
+                                        for x, k in zip(xs, keys)], line=False)]
     cond = doc["conditions"]
     title = f"mtpcode bench: {Path(cond['model']).name} ({cond['quantization']}), {cond['threads']} threads"
     return render([sp, tp], title=title)

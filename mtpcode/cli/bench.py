@@ -13,12 +13,11 @@ from mtpcode.bench.run import (
     ANCHOR,
     MODE_LABELS,
     check_plot_path,
-    default_prompts,
     divergence_margins,
     format_mismatches,
     format_synthetic,
     format_table,
-    load_prompts,
+    prompt_set,
     run_bench,
     run_synthetic,
     write_plot,
@@ -41,19 +40,23 @@ def _parse_heads(value: str | None) -> list[int] | None:
 
 @click.command("bench")
 @click.option("-m", "--model", help="Bundle directory or registered name (default: the configured model, else the built-in one).")
-@click.option("--prompts", "prompts_path", metavar="FILE|DIR",
-              help="Prompts: a directory (one file per prompt), a .jsonl file, or one text file. "
-                   "Default: held-out Python standard-library snippets.")
+@click.option("--prompts", "prompts_path", metavar="SET|FILE|DIR", default="general", show_default=True,
+              help="Prompts: 'general' (held-out Python standard-library snippets: write a function body), "
+                   "'editing' (third-party code installed here, where the completion repeats text of the file "
+                   "or of the text after the cursor), a directory (one file per prompt), a .jsonl file "
+                   "(objects with prompt, optional name and suffix), or one text file.")
 @click.option("-n", "--max-tokens", type=int, default=128, show_default=True, help="Tokens to generate per run.")
 @click.option("--heads", "heads_list", metavar="LIST", help="Head counts to compare with plain decoding, e.g. 1,2,3 [default: all].")
 @click.option("--repeat", type=int, default=3, show_default=True, help="Repetitions of every configuration (medians are reported).")
-@click.option("--n-prompts", type=int, default=8, show_default=True, help="Number of default prompts.")
+@click.option("--n-prompts", type=int, default=8, show_default=True, help="Number of prompts of a built-in set.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results as JSON here ('-' = stdout).")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a plot (SVG) here.")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp [default: the runtime's choice].")
 @click.option("--ctx", type=int, default=2048, show_default=True, help="Context size in tokens.")
 @click.option("--no-adaptive", is_flag=True, help="Always draft with the requested heads (no adaptive policy).")
 @click.option("--no-anchor", is_flag=True, help="Skip the plain llama-cpp-python Llama run.")
+@click.option("--no-context-draft", is_flag=True,
+              help="Skip the configurations that draft from the context (context only, heads + context).")
 @click.option("--no-costs", is_flag=True, help="Skip measuring the bundle's forward costs after the runs.")
 @click.option("--synthetic", metavar="SHAPE", help="Cost model at a real size instead: random-weight bundle of SHAPE (7b, 1b, tiny).")
 @click.option("--quant", "quants", default="Q4_0,Q4_K_M", show_default=True, help="Synthetic: quantization types to measure.")
@@ -62,10 +65,14 @@ def _parse_heads(value: str | None) -> list[int] | None:
 @click.option("--buffers", default="off,on,repack", show_default=True,
               help="Synthetic: weight buffer modes to measure (off, on, repack), each in its own process.")
 @click.option("--tokens-per-forward", type=float, help="Synthetic: acceptance to project with [default: the paper's 3.50].")
+@click.option("--project", is_flag=True,
+              help="Synthetic: measure 1..N-thread forwards, fit a compute-vs-bandwidth model and PROJECT the "
+                   "speedup on 8- and 16-core desktops.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_out, plot_out, threads, ctx,
-          no_adaptive, no_anchor, no_costs, synthetic, quants, max_batch, no_repack, buffers, tokens_per_forward,
-          quiet):
+          no_adaptive, no_anchor, no_context_draft, no_costs, synthetic, quants, max_batch, no_repack, buffers,
+          tokens_per_forward,
+          quiet, project=False):
     """Benchmark speculative vs plain decoding (or, with --synthetic, project a real-size model's speedup)."""
     check_plot_path(plot_out)
     if repeat < 1:
@@ -89,9 +96,20 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
         modes = [b.strip() for b in buffers.split(",") if b.strip()]
         if not modes or any(b not in MODE_LABELS for b in modes):
             raise UsageError(f"--buffers {buffers!r}: choose from {', '.join(MODE_LABELS)}")
-        doc = run_synthetic(synthetic, qs, max_batch=max_batch, repeat=repeat, threads=threads or 2,
-                            repack=not no_repack, modes=modes, tokens_per_forward=tokens_per_forward, progress=say)
-        report = format_synthetic(doc)
+        if project:
+            from mtpcode.bench.synthetic import format_projection, run_projection
+
+            if plot_out is not None:
+                raise UsageError("--plot is not drawn for --project; use --json")
+            doc = run_projection(synthetic, qs, max_batch=max_batch, threads=range(1, (threads or 2) + 1),
+                                 repeat=repeat, mode="on" if "on" in modes else modes[0],
+                                 tokens_per_forward=tokens_per_forward, progress=say)
+            report = format_projection(doc)
+        else:
+            doc = run_synthetic(synthetic, qs, max_batch=max_batch, repeat=repeat, threads=threads or 2,
+                                repack=not no_repack, modes=modes, tokens_per_forward=tokens_per_forward,
+                                progress=say)
+            report = format_synthetic(doc)
     else:
         from mtpcode.config import load_settings
         from mtpcode.models import resolve_model
@@ -100,10 +118,10 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
             raise UsageError("--max-tokens must be at least 1")
         settings = load_settings()
         path = resolve_model(model, settings)
-        prompts = load_prompts(prompts_path) if prompts_path else default_prompts(n_prompts)
+        prompts = prompt_set(prompts_path, n_prompts)
         doc = run_bench(path, prompts, heads=_parse_heads(heads_list), max_tokens=max_tokens, repeat=repeat,
                         threads=threads or settings.threads, n_ctx=ctx, adaptive=not no_adaptive,
-                        anchor=not no_anchor, extra_bufts=settings.extra_bufts,
+                        anchor=not no_anchor, context=not no_context_draft, extra_bufts=settings.extra_bufts,
                         flash_attn=settings.flash_attn, costs=not no_costs,
                         progress=say)
         report = format_table(doc)
@@ -119,7 +137,7 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
     if plot_out is not None:
         write_plot(doc, plot_out)
     if doc.get("mismatches"):
-        speculative = [m for m in doc["mismatches"] if m["config"] != ANCHOR]
+        speculative = [m for m in doc["mismatches"] if m["config"] != ANCHOR.key]
         click.secho(format_mismatches(doc), err=True, fg="red" if speculative else "yellow", bold=bool(speculative))
         if speculative:
             raise MtpError(f"greedy output differs from plain decoding in {len(speculative)} run(s): "

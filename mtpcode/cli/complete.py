@@ -168,6 +168,8 @@ def stream_completion(
 @click.option("-s", "--stop", "stop", multiple=True, help="Stop before this string (repeatable; \\n and \\t are understood).")
 @click.option("--heads", type=int, help="Draft heads to use (default: all the model has; 0 = no speculation).")
 @click.option("--no-speculative", is_flag=True, help="Plain decoding, no draft heads (same as --heads 0).")
+@click.option("--no-context-draft", is_flag=True,
+              help="Draft with the heads only, not from the context (the input, the suffix, the output so far).")
 @runtime_options
 @click.option("--cursor", metavar="LINE:COL", help="Complete at this point of the input (1-based); the rest is the suffix.")
 @click.option("--echo", is_flag=True, help="Print the input with the completion in place (for filters like Vim's :%!).")
@@ -187,6 +189,7 @@ def complete(
     stop: tuple[str, ...],
     heads: int | None,
     no_speculative: bool,
+    no_context_draft: bool,
     threads: int | None,
     gpu_layers: int | None,
     ctx: int | None,
@@ -222,10 +225,11 @@ def complete(
     settings = load_settings(
         model=model, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, seed=seed, heads=heads, threads=threads, gpu_layers=gpu_layers, ctx=ctx,
+        context_draft=False if no_context_draft else None,
     )
     request = build_request(file, cursor)
     stop_strings = tuple(unescape(s) for s in stop)
-    options = settings.generation_options(stop=tuple(s for s in stop_strings if s))
+    options = settings.generation_options(stop=tuple(s for s in stop_strings if s), suffix=request.suffix or "")
     stops = code_stops(request.prompt, suffix=request.suffix, lines=lines, block=block)
 
     talk = show_stats or _stderr_is_terminal()

@@ -43,7 +43,8 @@ from mtpcode.generation import Done, GenerationOptions, Piece, StopCondition
 from mtpcode.stops import code_stops
 
 # Request keys that map onto settings; the others are handled here.
-_SETTING_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "heads", "adaptive")
+_SETTING_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "heads", "adaptive",
+                    "context_draft")
 _OTHER_KEYS = ("id", "prompt", "prefix", "suffix", "stop", "lines", "block")
 
 
@@ -114,7 +115,7 @@ def parse_request(obj: Any, settings: Settings) -> Job | tuple[str, Any]:
         effective = override_settings(settings, "request", **{k: obj[k] for k in _SETTING_OPTIONS if k in obj})
     except UsageError as exc:
         raise RequestError(str(exc), request_id) from None
-    options = effective.generation_options(stop=tuple(s for s in stop if s))
+    options = effective.generation_options(stop=tuple(s for s in stop if s), suffix=suffix or "")
     stops = code_stops(prompt, suffix=suffix, lines=lines, block=block)
     return Job(id=request_id, prompt=prompt, options=options, stops=stops)
 
