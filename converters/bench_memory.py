@@ -115,7 +115,8 @@ def main() -> None:
     ap.add_argument("--n-future", type=int, default=4)
     ap.add_argument("--quant", default="Q4_K_M")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path, default=Path(__file__).resolve().parent.parent / "docs/results/convert_memory.json")
+    ap.add_argument("--json", type=Path,
+                    default=Path(__file__).resolve().parent.parent / "docs/results/convert_memory.json")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt = _build(args.workdir, args.dim, args.n_layers, args.n_heads, args.vocab, args.n_future)
@@ -134,14 +135,17 @@ def main() -> None:
         parameters=params,
         checkpoint_bytes=ckpt_bytes,
         largest_tensor_f32_bytes=largest,
-        shape=dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, vocab=args.vocab, n_future_tokens=args.n_future),
+        shape=dict(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, vocab=args.vocab,
+                   n_future_tokens=args.n_future),
         machine=f"{platform.machine()}, {os.cpu_count()} cores",
     )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     gib = 1 << 30
-    print(f"{params / 1e9:.2f}B parameters, checkpoint {ckpt_bytes / gib:.2f} GiB (bf16), {args.quant}, {result['seconds']} s")
-    print(f"peak RSS {result['peak_rss_bytes'] / gib:.2f} GiB = anonymous {result['peak_rss_anon_bytes_sampled'] / gib:.2f} GiB "
+    print(f"{params / 1e9:.2f}B parameters, checkpoint {ckpt_bytes / gib:.2f} GiB (bf16), {args.quant}, "
+          f"{result['seconds']} s")
+    print(f"peak RSS {result['peak_rss_bytes'] / gib:.2f} GiB = "
+          f"anonymous {result['peak_rss_anon_bytes_sampled'] / gib:.2f} GiB "
           f"+ mapped checkpoint pages {result['peak_rss_file_bytes_sampled'] / gib:.2f} GiB (sampled)")
 
 

@@ -76,7 +76,8 @@ def iter_sources(root: Path | None = None) -> Iterator[SourceFile]:
 
 def split_sources(root: Path | None = None) -> tuple[list[SourceFile], list[SourceFile]]:
     """(train, heldout) lists of the corpus's files."""
-    train, heldout = [], []
+    train: list[SourceFile] = []
+    heldout: list[SourceFile] = []
     for src in iter_sources(root):
         (heldout if is_heldout(src.rel_path) else train).append(src)
     return train, heldout

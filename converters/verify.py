@@ -33,7 +33,8 @@ _LOW_BIT_TOLERANCE = (0.50, None)
 
 SNIPPETS = [
     "import os\nimport sys\n\n\ndef main(argv=None):\n    parser = argparse.ArgumentParser(description=__doc__)\n",
-    "class LRUCache:\n    def __init__(self, capacity: int) -> None:\n        self.capacity = capacity\n        self.data = {}\n",
+    "class LRUCache:\n    def __init__(self, capacity: int) -> None:\n"
+    "        self.capacity = capacity\n        self.data = {}\n",
     "    for i, line in enumerate(lines):\n        if not line.strip():\n            continue\n        yield i, line\n",
 ]
 
@@ -71,7 +72,8 @@ class VerifyReport:
                 out.append(f"head {h.head}: argmax agreement {h.argmax_agreement:.1%} < {min_agree:.0%}")
             rel = h.max_abs_diff / max(h.logit_scale, 1e-6)
             if max_rel is not None and rel > max_rel:
-                out.append(f"head {h.head}: max |Δlogit| {h.max_abs_diff:.3g} is {rel:.1%} of the logit scale (> {max_rel:.0%})")
+                out.append(f"head {h.head}: max |Δlogit| {h.max_abs_diff:.3g} is {rel:.1%} "
+                           f"of the logit scale (> {max_rel:.0%})")
         return out
 
     @property
@@ -128,14 +130,18 @@ def verify_bundle(ckpt: Checkpoint, bundle_dir: Path, quant: str, *, threads: in
                 ref_trunk = reference.trunk(ids)
                 ref_logits = [reference.head_logits(ref_trunk, k)[0].numpy() for k in range(p.n_future_tokens)]
             with Context(main, n_ctx=length, n_batch=length, n_threads=threads, capture=capture) as ctx:
-                ctx.batch.tokens[:n] = tokens
+                batch_tokens = ctx.batch.tokens
+                assert batch_tokens is not None  # a context fed tokens
+                batch_tokens[:n] = tokens
                 ctx.decode(n, 0, last_logits_only=False)
                 got = [ctx.logits(n).copy()]
             report.trunk_max_abs_diff = max(report.trunk_max_abs_diff,
                                             float(np.abs(trunk_rows[:n] - ref_trunk[0].numpy()).max()))
             for head in heads:
                 with Context(head, n_ctx=length, n_batch=length, n_threads=threads, embd_input=True) as ctx:
-                    ctx.batch.embd[:n] = trunk_rows[:n]
+                    batch_embd = ctx.batch.embd
+                    assert batch_embd is not None  # a context fed embeddings
+                    batch_embd[:n] = trunk_rows[:n]
                     ctx.decode(n, 0, last_logits_only=False)
                     got.append(ctx.logits(n).copy())
             for k, (g, r) in enumerate(zip(got, ref_logits)):
@@ -148,5 +154,5 @@ def verify_bundle(ckpt: Checkpoint, bundle_dir: Path, quant: str, *, threads: in
         for m in (main, *heads):
             m.close()
     for k, (diff, scale, agree, total) in stats.items():
-        report.heads.append(HeadResult(k, diff, scale, agree / total, total))
+        report.heads.append(HeadResult(k, diff, scale, agree / total, int(total)))
     return report

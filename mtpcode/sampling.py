@@ -30,7 +30,9 @@ from mtpcode.generation import SamplingOptions
 
 def new_seed() -> int:
     """A fresh random seed (reported in Stats so a run can be repeated)."""
-    return int(np.random.SeedSequence().entropy % (2**32))
+    entropy = np.random.SeedSequence().entropy
+    assert isinstance(entropy, int)  # a SeedSequence made without one draws an int from the OS
+    return entropy % (2**32)
 
 
 def greedy(logits: np.ndarray) -> int:

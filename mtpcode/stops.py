@@ -139,7 +139,7 @@ class SuffixReached:
 
     def __init__(self, prompt: str, suffix: str) -> None:
         self.at_line_start = prompt == "" or prompt.endswith("\n")
-        rest_of_line, _, after = suffix.partition("\n")
+        rest_of_line = suffix.partition("\n")[0]
         self.rest_of_line = rest_of_line.strip()
         self.target = next((ln.strip() for ln in suffix.split("\n") if ln.strip()), "")
 

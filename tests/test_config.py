@@ -104,7 +104,9 @@ def test_env_none_means_automatic(home: Path, monkeypatch: pytest.MonkeyPatch) -
         ("MTPCODE_ADAPTIVE", "maybe", "adaptive must be true or false"),
     ],
 )
-def test_bad_env_value_is_usage_error(home: Path, monkeypatch: pytest.MonkeyPatch, env: str, value: str, message: str) -> None:
+def test_bad_env_value_is_usage_error(
+    home: Path, monkeypatch: pytest.MonkeyPatch, env: str, value: str, message: str
+) -> None:
     monkeypatch.setenv(env, value)
     with pytest.raises(UsageError) as info:
         config.load_settings()

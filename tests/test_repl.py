@@ -51,7 +51,8 @@ class Screen:
 
     def __init__(self) -> None:
         self.buf = io.StringIO()
-        self.output = Vt100_Output(self.buf, lambda: Size(rows=50, columns=200), term="xterm-256color", enable_cpr=False)
+        size = Size(rows=50, columns=200)
+        self.output = Vt100_Output(self.buf, lambda: size, term="xterm-256color", enable_cpr=False)
 
     def text(self) -> str:
         raw = self.buf.getvalue()

@@ -24,7 +24,7 @@ class MtpGroup(click.Group):
     "Aborted!") and a closed pipe (exit 1) before we see them.
     """
 
-    def invoke(self, ctx: click.Context):  # type: ignore[override]
+    def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except (KeyboardInterrupt, click.exceptions.Abort):

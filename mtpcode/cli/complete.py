@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import click
 
@@ -27,6 +27,10 @@ from mtpcode.errors import DataError, Interrupted, UsageError
 from mtpcode.files import read_file
 from mtpcode.generation import Done, Piece, StopCondition
 from mtpcode.stops import code_stops
+
+if TYPE_CHECKING:
+    from mtpcode.generation import GenerationOptions
+    from mtpcode.runtime import Engine
 
 # --- input ----------------------------------------------------------------------------
 
@@ -133,9 +137,9 @@ def stats_json(done: Done | None, text: str, stop_reason: str, model: Path) -> d
 
 
 def stream_completion(
-    engine,
+    engine: Engine,
     prompt: str,
-    options,
+    options: GenerationOptions,
     stops: Sequence[StopCondition],
     out: IO[bytes] | None,
     written: list[str] | None = None,
@@ -165,13 +169,15 @@ def stream_completion(
 @model_option
 @click.option("-n", "--max-tokens", type=int, help="Stop after this many tokens [default: 256].")
 @sampling_options
-@click.option("-s", "--stop", "stop", multiple=True, help="Stop before this string (repeatable; \\n and \\t are understood).")
+@click.option("-s", "--stop", "stop", multiple=True,
+              help="Stop before this string (repeatable; \\n and \\t are understood).")
 @click.option("--heads", type=int, help="Draft heads to use (default: all the model has; 0 = no speculation).")
 @click.option("--no-speculative", is_flag=True, help="Plain decoding, no draft heads (same as --heads 0).")
 @click.option("--no-context-draft", is_flag=True,
               help="Draft with the heads only, not from the context (the input, the suffix, the output so far).")
 @runtime_options
-@click.option("--cursor", metavar="LINE:COL", help="Complete at this point of the input (1-based); the rest is the suffix.")
+@click.option("--cursor", metavar="LINE:COL",
+              help="Complete at this point of the input (1-based); the rest is the suffix.")
 @click.option("--echo", is_flag=True, help="Print the input with the completion in place (for filters like Vim's :%!).")
 @click.option("--lines", type=int, metavar="N", help="Stop after N non-blank lines.")
 @click.option("--block", is_flag=True, help="Stop when a line leaves the block at the cursor (complete one body).")
@@ -247,7 +253,8 @@ def complete(
         raise click.exceptions.Exit(0) from None
 
 
-def _run(engine, path: Path, request: CompletionRequest, options, stops, out: IO[bytes], *,
+def _run(engine: Engine, path: Path, request: CompletionRequest, options: GenerationOptions,
+         stops: Sequence[StopCondition], out: IO[bytes], *,
          as_json: bool, echo: bool, show_stats: bool, t0: float) -> None:
     """Stream one completion to ``out`` (the body of ``complete`` once the model is loaded)."""
     if show_stats:

@@ -214,8 +214,7 @@ class Repl:
         self.buffer = SessionBuffer(settings, engine, stop=stop, suggest=suggest, suggest_tokens=suggest_tokens)
         self.model_path = model_path
         if model_name is None and model_path is None and engine is not None:
-            bundle = getattr(engine, "bundle", None)
-            model_name = bundle.path.name if bundle is not None else "model"
+            model_name = engine.bundle.path.name
         self.model_name = model_name or (model_path.name if model_path else None)
         self._owns_engine = False
         self.lexer = lexer_by_name(language or "python")
