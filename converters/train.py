@@ -327,6 +327,19 @@ def load_corpus(cfg: TrainConfig, work_dir: Path, threads: int | None, quiet: bo
         progress=None if quiet else (lambda msg: print(msg, flush=True)))
 
 
+def device_name(dev: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (Linux), for the records."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def steps_for_budget(cfg: TrainConfig, step: int, seconds_per_step: float, budget_left: float) -> int:
     """The step count that ends training within ``budget_left`` seconds from ``step``.
 
@@ -413,7 +426,7 @@ def train(cfg: TrainConfig, out: Path, *, work_dir: Path | None = None, resume: 
     n_params = sum(p.numel() for p in model.parameters())
     if not resume:
         _log(out, {"event": "start", "n_params": n_params, "device": str(dev),
-                   "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+                   "device_name": device_name(dev),
                    "train_tokens": len(corpus.train), "heldout_tokens": len(corpus.heldout),
                    "train_files": corpus.n_train_files, "heldout_files": corpus.n_heldout_files,
                    "config": json.dumps(asdict(cfg))}, quiet)
@@ -467,7 +480,7 @@ def train(cfg: TrainConfig, out: Path, *, work_dir: Path | None = None, resume: 
                "train_bytes": corpus.n_train_bytes,
                "heldout_loss": final["heldout_loss"], "heldout_top1": final["heldout_top1"],
                "train_seconds": round(train_seconds, 1), "device": str(dev),
-               "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor(),
+               "device_name": device_name(dev),
                "checkpoint_dtype": ckpt_dtype,
                "config": asdict(cfg), "python": sys.version.split()[0], "torch": torch.__version__}
     if budget:

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Train the built-in model's successor on the GPU machine, in one device call.
+#
+#   scripts/device/device-train.sh              on the device: results under $OUT
+#   DRY=1 scripts/device/device-train.sh        here: the same steps on the CPU with a tiny shape
+#                                               (a minute or two), results under $OUT or .device/dry-train
+#
+# Steps: install the carried wheels (prompt-toolkit is a held-out package), build the
+# package corpus (converters.corpus: named installed packages, versions and licenses
+# recorded, click/prompt_toolkit/pygments held out), train the SentencePiece tokenizer
+# on it, train the MTP model for TRAIN_SECONDS of measured steps (converters.train
+# --time-budget), evaluate every head on each held-out package, simulate greedy
+# self-speculative decoding on held-out prompts, and pack the bf16 checkpoint into
+# parts that fit $OUT's limits (8 files of 16 MiB, 64 MiB in all).
+#
+# What comes back: train.log (everything printed), summary.json, model.tar.sha256
+# and model.tar.part-0, -1, ... Join them here with scripts/device/unpack_train.sh.
+#
+# Settings (environment): TRAIN_SECONDS (training loop budget, default 270 on the
+# GPU), SEED, and SHAPE_ARGS to replace the shape flags.
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+DRY="${DRY:-0}"
+if [ "$DRY" = 1 ]; then
+    OUT="${OUT:-$ROOT/.device/dry-train}"
+else
+    : "${OUT:?OUT is not set: run this through the device tool, or set DRY=1}"
+fi
+WORK="${WORK:-/tmp/mtp-train}"
+SEED="${SEED:-0}"
+mkdir -p "$OUT" "$WORK"
+rm -rf "$WORK/run"
+LOG="$OUT/train.log"
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+T0=$(date +%s)
+stamp() { echo "[$(($(date +%s) - T0)) s] $*"; }
+
+stamp "device-train: DRY=$DRY, repo $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u)"
+if [ "$DRY" != 1 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
+    if ls .device/wheels/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .device/wheels/*.whl || { echo "device-train: installing the wheels failed"; exit 1; }
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    fi
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" - <<'EOF'
+import platform, torch, numpy, sentencepiece
+print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}, "
+      f"sentencepiece {sentencepiece.__version__}, cuda {torch.cuda.is_available()}"
+      + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
+EOF
+
+if [ "$DRY" = 1 ]; then
+    TRAIN_SECONDS="${TRAIN_SECONDS:-40}"
+    DEFAULT_SHAPE="--dim 64 --n-layers 5 --n-heads 4 --n-kv-heads 2 --vocab-size 512 --multiple-of 64
+        --seq-len 128 --batch-size 8"
+    # one thread: on a shared 2-core machine a second torch thread mostly waits
+    RUN_ARGS=(--device cpu --threads 1 --packages python,six,attrs,packaging,urllib3,requests --warmup 30
+              --eval-batches 4 --spec-prompts 6 --spec-tokens 32)
+else
+    TRAIN_SECONDS="${TRAIN_SECONDS:-270}"
+    # 28.3M parameters (16 blocks of 1.57M + embedding and output of 4096 x 384): a bf16
+    # checkpoint of 56.6 MB fits $OUT; the Q8_0 bundle (output matrix in each head file) is ~35 MB.
+    DEFAULT_SHAPE="--dim 384 --n-layers 13 --n-heads 6 --n-kv-heads 2 --vocab-size 4096 --multiple-of 256
+        --seq-len 1024 --batch-size 64"
+    RUN_ARGS=(--device cuda --threads 16 --warmup 100 --eval-batches 16 --spec-prompts 48 --spec-tokens 96)
+fi
+read -r -a SHAPE <<<"$(echo ${SHAPE_ARGS:-$DEFAULT_SHAPE})"
+
+stamp "train: ${SHAPE[*]}, budget ${TRAIN_SECONDS} s"
+"$PY" -m converters.train --out "$WORK/run" --work-dir "$WORK/cache" --corpus packages \
+    "${SHAPE[@]}" "${RUN_ARGS[@]}" --lr 3e-3 --min-lr 3e-4 --seed "$SEED" \
+    --time-budget "$TRAIN_SECONDS" --eval-every 400 --log-every 25 --ckpt-every 1000000 \
+    --ckpt-dtype bfloat16
+rc=$?
+stamp "train finished (exit $rc)"
+[ $rc = 0 ] || exit $rc
+
+# Pack: one tar of the checkpoint and its records, split into parts under 16 MiB.
+cd "$WORK/run"
+FILES=(consolidated.pth params.json tokenizer.model summary.json train_log.jsonl corpus.json)
+tar cf "$WORK/model.tar" "${FILES[@]}"
+cd "$ROOT"
+rm -f "$OUT"/model.tar.part-*
+(cd "$WORK" && sha256sum model.tar) >"$OUT/model.tar.sha256"
+split -b 15M -d -a 1 "$WORK/model.tar" "$OUT/model.tar.part-"
+cp "$WORK/run/summary.json" "$OUT/summary.json"
+n_files=$(find "$OUT" -type f | wc -l)
+total=$(du -cb "$OUT"/* | tail -1 | cut -f1)
+stamp "packed: $(ls "$OUT" | tr '\n' ' ')"
+echo "\$OUT holds $n_files files, $total bytes (limits: 8 files, 16 MiB each, 67108864 bytes in all)"
+[ "$n_files" -le 8 ] && [ "$total" -le 67108864 ] || echo "device-train: WARNING: \$OUT is over its limits; some files will not come back"
+"$PY" - "$WORK/run/summary.json" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(f"steps {s['steps']}, {s['tokens_seen'] / 1e6:.1f}M tokens, {s['train_seconds']} s, {s['n_params'] / 1e6:.2f}M params")
+if "time_budget" in s:
+    print(f"measured {s['time_budget']['tokens_per_s']:,.0f} tokens/s over the calibration steps")
+for name, r in s.get("heldout_by_package", {}).items():
+    print(f"{name:16s} top-1 " + " / ".join(f"{x:.1%}" for x in r["top1"]) + "   loss " + " / ".join(f"{x:.2f}" for x in r["loss"]))
+if "speculative" in s:
+    sp = s["speculative"]
+    print(f"simulated greedy speculation: {sp['tokens_per_forward']:.2f} tokens per main forward "
+          f"({sp['prompts']} held-out prompts, median {sp['per_prompt_median']:.2f})")
+EOF
+stamp "done"
