@@ -13,8 +13,8 @@ chunks an editor sends (other files, in the order it keeps them), then the
 text before the cursor. A keystroke changes only the end of the prompt, so the
 engine's KV-prefix reuse evaluates only the last few tokens again. When the
 prompt is too long for the context, whole chunks are dropped first, then the
-oldest lines of the prefix, in steps of :data:`PREFIX_DROP_LINES` lines, so that
-the cut stays at the same place from one keystroke to the next.
+oldest lines of the prefix, in steps of up to :data:`PREFIX_DROP_LINES` lines, so
+that the cut stays at the same place from one keystroke to the next.
 
 Clients written for other model families sometimes build a FIM prompt
 themselves (``<PRE> {prefix} <SUF>{suffix} <MID>``, ``<fim_prefix>...``,
@@ -187,7 +187,7 @@ def build_infill_prompt(prefix: str, chunks: Sequence[Chunk], count_tokens: Call
     ``count_tokens`` counts a prompt's tokens (BOS included); ``budget`` is how
     many the prompt may have. Chunks go first (oldest first: they change least),
     then the prefix. What does not fit is dropped: whole chunks from the oldest,
-    then the prefix's first lines, :data:`PREFIX_DROP_LINES` at a time.
+    then the prefix's first lines, in steps of up to :data:`PREFIX_DROP_LINES`.
     PromptTooLong if even the prefix's last line does not fit.
     """
     prefix = strip_markers(prefix)
@@ -211,16 +211,17 @@ def build_infill_prompt(prefix: str, chunks: Sequence[Chunk], count_tokens: Call
         raise PromptTooLong(
             f"the line at the cursor is {count_tokens(rest(last))} tokens; the context leaves room for {budget}"
         )
-    lo, hi = 1, (last + PREFIX_DROP_LINES - 1) // PREFIX_DROP_LINES  # in steps of PREFIX_DROP_LINES
-    while lo < hi:  # the fewest steps that fit
+    lo, hi = 1, last  # the fewest lines to drop
+    while lo < hi:
         mid = (lo + hi) // 2
-        if count_tokens(rest(mid * PREFIX_DROP_LINES)) <= budget:
+        if count_tokens(rest(mid)) <= budget:
             hi = mid
         else:
             lo = mid + 1
-    kept = rest(lo * PREFIX_DROP_LINES)
-    if count_tokens(kept) > budget:
-        kept = rest(last)
+    # Drop a multiple of `step` lines (at most a quarter of what is kept): the cut then stays on
+    # the same line while the text near the cursor changes.
+    step = max(1, min(PREFIX_DROP_LINES, (last - lo) // 4))
+    kept = rest(-(-lo // step) * step)
     return InfillPrompt(kept, kept, True, 0)
 
 

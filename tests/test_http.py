@@ -1,0 +1,583 @@
+"""`mtpcode serve --http` over real loopback HTTP: a real server process on the tiny bundle (and the
+built-in model), driven by httpx, the official openai client, and the request bodies llama.vim and
+llama.vscode send (copied from their sources)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from mtpcode.generation import Done, GenerationOptions
+from mtpcode.stops import code_stops
+from tests.http_helpers import HttpServer, env, sse_events
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+PROMPT = "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n"
+PREFIX = "import os\n\n\ndef read(path):\n"
+MIDDLE = "    with open(path) as f:"
+SUFFIX = "\n\n\ndef write(path, text):\n    pass\n"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle: Path):
+    s = HttpServer(bundle=tiny_bundle)
+    yield s
+    code = s.stop(signal.SIGTERM)
+    assert code == 0, "".join(s.stderr)
+    assert "mtpcode: stopped" in "".join(s.stderr)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle: Path):
+    from mtpcode.runtime import Engine
+
+    with Engine(tiny_bundle, n_threads=2) as e:
+        yield e
+
+
+def greedy(engine, prompt: str, max_tokens: int, stops=()) -> Done:
+    *_, done = engine.generate(prompt, GenerationOptions(max_tokens=max_tokens), stops)
+    assert isinstance(done, Done)
+    return done
+
+
+# --- metadata --------------------------------------------------------------------------------
+
+
+def test_health_models_props(server: HttpServer, tiny_bundle: Path) -> None:
+    r = server.get("/health")
+    assert r.status_code == 200 and r.content == b'{"status":"ok"}'
+    models = server.get("/v1/models").json()
+    assert models["object"] == "list" and models["data"][0]["id"] == tiny_bundle.name
+    assert models["data"][0]["meta"]["n_heads"] == 3 and models["data"][0]["meta"]["n_ctx"] == 4096
+    props = server.get("/props").json()
+    assert props["default_generation_settings"]["n_ctx"] == 4096 and props["total_slots"] == 1
+    assert props["model_path"] == str(tiny_bundle) and props["mtpcode"]["heads"] == 3
+
+
+# --- /completion ------------------------------------------------------------------------------
+
+
+def test_completion_equals_mtpcode_complete(server: HttpServer, tiny_bundle: Path) -> None:
+    r = server.post("/completion", {"prompt": PROMPT, "n_predict": 12})
+    assert r.status_code == 200
+    # llama.vim accepts a response only if it matches '^\s*{' and '"content"\s*:"' (no space after the colon).
+    assert r.content.startswith(b'{"index":0,"content":"')
+    body = r.json()
+    cli = subprocess.run([sys.executable, "-m", "mtpcode", "complete", "-m", str(tiny_bundle), "-n", "12",
+                          "--threads", "2"], input=PROMPT.encode(), capture_output=True, env=env(), timeout=120)
+    assert cli.returncode == 0, cli.stderr.decode()
+    assert body["content"] == cli.stdout.decode()
+    assert list(body)[:16] == ["index", "content", "tokens", "id_slot", "stop", "model", "tokens_predicted",
+                               "tokens_evaluated", "generation_settings", "prompt", "has_new_line", "truncated",
+                               "stop_type", "stopping_word", "tokens_cached", "timings"]
+    assert body["stop"] is True and body["stop_type"] == "limit" and body["tokens_predicted"] == 12
+    t = body["timings"]
+    assert t["prompt_n"] + t["cache_n"] == body["tokens_evaluated"] and t["predicted_n"] == 12
+    assert t["heads"] == 3 and len(t["draft_acceptance"]) == 3 and t["tokens_per_forward"] >= 1.0
+
+
+def test_completion_stream_and_prefix_reuse(server: HttpServer, engine) -> None:
+    expected = greedy(engine, PROMPT, 16).text
+    r = server.post("/completion", {"prompt": PROMPT, "n_predict": 16, "stream": True})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.content)
+    *partials, final = events
+    assert all(e["stop"] is False and set(e) >= {"content", "tokens_predicted"} for e in partials)
+    assert "".join(e["content"] for e in partials) == expected
+    assert final["stop"] is True and final["content"] == "" and final["timings"]["predicted_n"] == 16
+    # The same prompt again: everything but the last prompt token comes from the KV cache.
+    again = server.post("/completion", {"prompt": PROMPT, "n_predict": 4}).json()
+    assert again["timings"]["prompt_n"] == 1 and again["timings"]["cache_n"] == again["tokens_evaluated"] - 1
+
+
+def test_completion_stop_words_and_tokens(server: HttpServer, engine) -> None:
+    full = greedy(engine, PROMPT, 24).text
+    word = full.strip()[3:6]
+    assert word
+    body = server.post("/completion", {"prompt": PROMPT, "n_predict": 24, "stop": [word]}).json()
+    assert body["content"] == full[: full.index(word)]
+    assert body["stop_type"] == "word" and body["stopping_word"] == word
+    ids = engine.tokenize(PROMPT)
+    by_ids = server.post("/completion", {"prompt": ids, "n_predict": 8}).json()
+    assert by_ids["content"] == greedy(engine, PROMPT, 8).text
+
+
+# --- /infill ------------------------------------------------------------------------------------
+
+
+def test_infill_is_the_cursor_completion(server: HttpServer, engine) -> None:
+    before = PREFIX + MIDDLE
+    expected = greedy(engine, before, 48, code_stops(before, suffix=SUFFIX))
+    body = server.post("/infill", {"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": MIDDLE,
+                                   "n_predict": 48}).json()
+    assert body["content"] == expected.text
+    assert body["prompt"] == before  # no FIM tokens: the text before the cursor, as it is
+    streamed = sse_events(server.post("/infill", {"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": MIDDLE,
+                                                  "n_predict": 48, "stream": True}).content)
+    assert "".join(e["content"] for e in streamed[:-1]) == expected.text
+
+
+def test_infill_extra_context_comes_first_and_is_reused(server: HttpServer) -> None:
+    extra = [{"filename": "util.py", "text": "def helper(x):\n    return x * 2\n"},
+             {"filename": "lib.c", "text": "int twice(int x) { return 2 * x; }\n"}]
+    warm = server.post("/infill", {"input_prefix": "", "input_suffix": "", "input_extra": extra, "prompt": "",
+                                   "n_predict": 0}).json()
+    assert warm["content"] == "" and warm["tokens_predicted"] == 0
+    assert warm["prompt"].startswith("# util.py\ndef helper") and "// lib.c\nint twice" in warm["prompt"]
+    typed = ""
+    for i, ch in enumerate("value = helper("):
+        typed += ch
+        body = server.post("/infill", {"input_prefix": "x = 1\n", "prompt": typed, "input_suffix": ")\n",
+                                       "input_extra": extra, "n_predict": 4}).json()
+        assert body["prompt"].startswith(warm["prompt"]) and body["prompt"].endswith("x = 1\n" + typed)
+        # Only the last few tokens of each keystroke's prompt are evaluated again (the first keystroke
+        # after the warm-up also evaluates the prefix line).
+        assert body["timings"]["prompt_n"] <= (8 if i == 0 else 4), (i, body["timings"])
+        assert body["timings"]["cache_n"] >= len(warm["prompt"]) // 8
+
+
+def test_n_indent_and_time_limit(server: HttpServer, engine) -> None:
+    prefix = "class A:\n    def f(self):\n"
+    free = greedy(engine, prefix, 64).text
+    body = server.post("/infill", {"input_prefix": prefix, "n_predict": 64, "n_indent": 200}).json()
+    # Every line after the first is indented less than 200 columns: the completion is at most the first line.
+    assert "\n" not in body["content"] and free.startswith(body["content"])
+    timed = server.post("/infill", {"input_prefix": prefix, "n_predict": 64, "t_max_predict_ms": 1}).json()
+    assert timed["content"].count("\n") <= 1 and timed["stop_type"] in ("limit", "eos", "word")
+
+
+# --- plugins' own request bodies ------------------------------------------------------------------
+
+
+def llama_vim_fim_request(prefix: str, middle: str, suffix: str, extra: list[dict], indent: int) -> dict:
+    """llama.vim's FIM request (autoload/llama.vim, llama#fim), with its default settings."""
+    return {
+        "id_slot": 0,
+        "input_prefix": prefix,
+        "input_suffix": suffix,
+        "input_extra": extra,
+        "prompt": middle,
+        "n_predict": 128,
+        "stop": [],
+        "n_indent": indent,
+        "top_k": 40,
+        "top_p": 0.90,
+        "samplers": ["top_k", "top_p", "infill"],
+        "stream": False,
+        "cache_prompt": True,
+        "t_max_prompt_ms": 500,
+        "t_max_predict_ms": 250,
+        "response_fields": [
+            "content",
+            "timings/prompt_n",
+            "timings/prompt_ms",
+            "timings/prompt_per_token_ms",
+            "timings/prompt_per_second",
+            "timings/predicted_n",
+            "timings/predicted_ms",
+            "timings/predicted_per_token_ms",
+            "timings/predicted_per_second",
+            "truncated",
+            "tokens_cached",
+        ],
+        "model": "",
+    }
+
+
+def llama_vim_ring_request(extra: list[dict]) -> dict:
+    """llama.vim's background extra-context update (s:ring_update): n_predict 0, only fills the cache."""
+    return {
+        "id_slot": 0,
+        "input_prefix": "",
+        "input_suffix": "",
+        "input_extra": extra,
+        "prompt": "",
+        "n_predict": 0,
+        "temperature": 0.0,
+        "samplers": [],
+        "stream": False,
+        "cache_prompt": True,
+        "t_max_prompt_ms": 1,
+        "t_max_predict_ms": 1,
+        "response_fields": [""],
+        "model": "",
+    }
+
+
+def llama_vscode_request(prefix: str, suffix: str, chunks: list[dict], prompt: str, nindent: int,
+                         no_predict: bool = False) -> dict:
+    """llama.vscode's FIM request (src/llama-server.ts, createRequestPayload), with its defaults."""
+    if no_predict:
+        return {"id_slot": 0, "input_prefix": prefix, "input_suffix": suffix, "input_extra": chunks,
+                "prompt": prompt, "n_predict": 0, "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500,
+                "t_max_predict_ms": 1}
+    return {"id_slot": 0, "input_prefix": prefix, "input_suffix": suffix, "input_extra": chunks, "prompt": prompt,
+            "n_predict": 128, "n_cmpl": 3, "top_k": 40, "top_p": 0.99, "stream": False,
+            "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "n_indent": nindent,
+            "t_max_prompt_ms": 500, "t_max_predict_ms": 2500}
+
+
+def test_llama_vim_bodies(server: HttpServer, engine) -> None:
+    extra = [{"text": "def helper(x):\n    return x * 2\n", "time": 1733212345.5, "filename": "util.py"}]
+    ring = server.post("/infill", llama_vim_ring_request(extra))
+    assert ring.status_code == 200
+    r = server.post("/infill", llama_vim_fim_request(PREFIX, MIDDLE, SUFFIX, extra, 4))
+    assert r.status_code == 200
+    raw = r.content.decode()
+    assert re.match(r"^\s*{", raw) and re.search(r'"content"\s*:"', raw)  # llama.vim's own checks
+    body = r.json()
+    assert list(body) == ["content", "timings/prompt_n", "timings/prompt_ms", "timings/prompt_per_token_ms",
+                          "timings/prompt_per_second", "timings/predicted_n", "timings/predicted_ms",
+                          "timings/predicted_per_token_ms", "timings/predicted_per_second", "truncated",
+                          "tokens_cached"]
+    assert body["truncated"] is False and body["timings/predicted_n"] >= 1
+    # The ring update filled the cache: the FIM request evaluated only what follows the extra context.
+    extra_tokens = len(engine.tokenize("# util.py\n" + extra[0]["text"] + "\n"))
+    assert body["timings/prompt_n"] <= len(engine.tokenize(PREFIX + MIDDLE)) + 2 < extra_tokens + 20
+
+
+def test_llama_vscode_bodies(server: HttpServer, engine) -> None:
+    chunks = [{"text": "def helper(x):\n    return x * 2\n", "time": 1733212345000, "filename": "/src/util.py"}]
+    warm = server.post("/infill", llama_vscode_request(PREFIX, SUFFIX, chunks, MIDDLE, 4, no_predict=True))
+    assert warm.status_code == 200 and warm.json()["content"] == ""
+    r = server.post("/infill", llama_vscode_request(PREFIX, SUFFIX, chunks, MIDDLE, 4))
+    assert r.status_code == 200
+    body = r.json()
+    # n_cmpl 3: an array of three results (greedy, so the same text), as llama-server answers.
+    assert isinstance(body, list) and [b["index"] for b in body] == [0, 1, 2]
+    assert len({b["content"] for b in body}) == 1
+    assert server.get("/health").json() == {"status": "ok"}
+
+
+# --- OpenAI --------------------------------------------------------------------------------------
+
+
+def test_openai_client(server: HttpServer, engine, tiny_bundle: Path) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    expected = greedy(engine, PROMPT, 10).text
+    c = client.completions.create(model=tiny_bundle.name, prompt=PROMPT, max_tokens=10, temperature=0)
+    assert c.choices[0].text == expected and c.choices[0].finish_reason == "length"
+    assert c.usage.completion_tokens == 10 and c.usage.prompt_tokens == len(engine.tokenize(PROMPT))
+    chunks = list(client.completions.create(model=tiny_bundle.name, prompt=PROMPT, max_tokens=10, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert [m.id for m in client.models.list()] == [tiny_bundle.name]
+    # suffix: infill.
+    before = PREFIX + MIDDLE
+    fill = client.completions.create(model=tiny_bundle.name, prompt=before, suffix=SUFFIX, max_tokens=48)
+    assert fill.choices[0].text == greedy(engine, before, 48, code_stops(before, suffix=SUFFIX)).text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4o", prompt=PROMPT, max_tokens=4)
+
+
+def test_openai_stream_framing(server: HttpServer) -> None:
+    r = server.post("/v1/completions", {"prompt": [PROMPT], "max_tokens": 6, "stream": True})
+    events = sse_events(r.content)
+    assert events[-1] == "[DONE]"
+    final = events[-2]
+    assert final["object"] == "text_completion" and final["choices"][0]["finish_reason"] == "length"
+    assert final["usage"]["completion_tokens"] == 6
+    assert all(e["choices"][0]["finish_reason"] is None for e in events[:-2])
+
+
+def test_fim_markers_become_prefix_and_suffix(server: HttpServer) -> None:
+    plain = server.post("/v1/completions", {"prompt": PREFIX + MIDDLE, "suffix": SUFFIX, "max_tokens": 48}).json()
+    want = plain["choices"][0]["text"]
+    for template in ("<PRE> {p} <SUF>{s} <MID>", "<fim_prefix>{p}<fim_suffix>{s}<fim_middle>",
+                     "<|fim_prefix|>{p}<|fim_suffix|>{s}<|fim_middle|>", "<SUF>{s}<PRE> {p} <MID>"):
+        prompt = template.format(p=PREFIX + MIDDLE, s=SUFFIX)
+        got = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 48}).json()
+        assert got["choices"][0]["text"] == want, template
+        raw = server.post("/completion", {"prompt": prompt, "n_predict": 1}).json()
+        assert raw["prompt"] == PREFIX + MIDDLE  # the markers never reach the model
+
+
+def test_ollama_generate(server: HttpServer, engine) -> None:
+    expected = greedy(engine, PROMPT, 8).text
+    r = server.post("/api/generate", {"model": "", "prompt": PROMPT, "options": {"num_predict": 8}})
+    lines = [json.loads(ln) for ln in r.text.splitlines()]
+    assert "".join(ln["response"] for ln in lines) == expected and lines[-1]["done"] is True
+    one = server.post("/api/generate", {"prompt": PROMPT, "stream": False, "options": {"num_predict": 8}}).json()
+    assert one["response"] == expected and one["eval_count"] == 8
+    assert server.get("/api/tags").json()["models"][0]["name"]
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+BAD = [
+    ("/completion", b"{not json", 400, "not valid JSON"),
+    ("/completion", b"[1, 2]", 400, "JSON object"),
+    ("/completion", b"\xff\xfe", 400, "not UTF-8"),
+    ("/completion", b'{"prompt": "x", "n_predict": -2}', 400, "n_predict"),
+    ("/completion", b'{"prompt": "x", "n_predict": 99999999}', 400, "more than the context"),
+    ("/completion", b'{"prompt": "x", "n_predict": "12"}', 400, "must be an integer"),
+    ("/completion", b'{"prompt": "x", "stream": "yes"}', 400, "true or false"),
+    ("/completion", b'{"prompt": "x", "stop": 5}', 400, "stop"),
+    ("/completion", b'{"prompt": "x", "temperature": "hot"}', 400, "must be a number"),
+    ("/completion", b'{"prompt": "x", "top_p": 7}', 400, "top_p"),
+    ("/completion", b'{"prompt": {"a": 1}}', 400, "prompt"),
+    ("/completion", b'{"prompt": ["a", "b"]}', 400, "one prompt"),
+    ("/completion", b'{"prompt": [999999]}', 400, "outside the vocabulary"),
+    ("/infill", b'{"input_prefix": 3}', 400, "input_prefix"),
+    ("/infill", b'{"input_extra": [{"filename": "a"}]}', 400, "input_extra[0]"),
+    ("/infill", b'{"input_extra": "text"}', 400, "input_extra"),
+    ("/v1/completions", b'{"model": "no-such-model", "prompt": "x"}', 404, "not found"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": -3}', 400, "max_tokens"),
+    ("/v1/completions", b'{"prompt": "x", "n": 2, "stream": true}', 400, "one completion"),
+]
+
+
+@pytest.mark.parametrize(("path", "data", "status", "words"), BAD, ids=[f"{p}:{d[:24]!r}" for p, d, *_ in BAD])
+def test_bad_input(server: HttpServer, path: str, data: bytes, status: int, words: str) -> None:
+    r = httpx.post(server.url + path, content=data, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert words in err["message"] and err["type"] and err["code"] == status
+
+
+def test_bad_input_size_method_path(server: HttpServer) -> None:
+    big = b'{"prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}'
+    r = httpx.post(server.url + "/completion", content=big, timeout=60)
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    r = server.get("/infill")
+    assert r.status_code == 405 and r.json()["error"]["type"]
+    r = server.get("/no/such/endpoint")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    assert server.get("/health").status_code == 200  # still serving
+
+
+# --- cancellation ----------------------------------------------------------------------------------
+
+LONG = 600
+
+
+@pytest.fixture(scope="module")
+def long_prompt(server: HttpServer) -> str:
+    """A prompt the tiny model continues for LONG tokens without an end of text (greedy is deterministic)."""
+    for seed in range(20):
+        prompt = f"# {seed}\n" + PROMPT
+        body = server.post("/completion", {"prompt": prompt, "n_predict": LONG}).json()
+        if body["stop_type"] == "limit" and body["tokens_predicted"] == LONG:
+            return prompt
+    pytest.skip("the tiny model ends every candidate prompt early")
+
+
+def _read_until_first_event(url: str, body: dict, out: list, started: threading.Event) -> None:
+    with httpx.stream("POST", url, json=body, timeout=120) as r:
+        data = b""
+        for chunk in r.iter_bytes():
+            data += chunk
+            started.set()
+        out.append(data)
+
+
+def test_newer_request_cancels_the_running_one(server: HttpServer, long_prompt: str) -> None:
+    before = server.metrics()
+    out: list[bytes] = []
+    started = threading.Event()
+    t = threading.Thread(target=_read_until_first_event,
+                         args=(server.url + "/completion", {"prompt": long_prompt, "n_predict": LONG, "stream": True},
+                               out, started))
+    t.start()
+    assert started.wait(60)
+    newer = server.post("/completion", {"prompt": PROMPT, "n_predict": 4}).json()
+    t.join(60)
+    assert newer["tokens_predicted"] == 4
+    final = sse_events(out[0])[-1]
+    assert final["stop"] is True and final["stop_reason"] == "cancelled"
+    after = server.metrics()
+    evaluated = after["llamacpp:tokens_predicted_total"] - before["llamacpp:tokens_predicted_total"]
+    assert final["tokens_predicted"] < LONG // 2 and evaluated == final["tokens_predicted"] + 4
+    assert after["mtpcode:requests_cancelled_total"] == before["mtpcode:requests_cancelled_total"] + 1
+
+
+def test_disconnect_cancels(server: HttpServer, long_prompt: str) -> None:
+    for stream in (False, True):
+        before = server.metrics()
+        with socket.create_connection(server.url.removeprefix("http://").split(":")) as sock:
+            body = json.dumps({"prompt": long_prompt, "n_predict": LONG, "stream": stream}).encode()
+            sock.sendall(b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            time.sleep(0.3)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            after = server.metrics()
+            if after["mtpcode:requests_cancelled_total"] > before["mtpcode:requests_cancelled_total"]:
+                break
+            time.sleep(0.05)
+        generated = after["llamacpp:tokens_predicted_total"] - before["llamacpp:tokens_predicted_total"]
+        assert after["mtpcode:requests_cancelled_total"] == before["mtpcode:requests_cancelled_total"] + 1
+        assert generated < LONG // 2, (stream, generated)
+    assert server.get("/health").status_code == 200
+
+
+# --- load -------------------------------------------------------------------------------------------
+
+
+def test_load_500_requests_8_clients(server: HttpServer) -> None:
+    """500 requests from 8 concurrent clients, a quarter abandoned mid-stream: every other one gets a
+    complete answer (possibly cut short by a newer request) or a clean error; memory stays flat."""
+    rng = random.Random(7)
+    outcomes: dict[str, int] = {}
+
+    async def client(worker: int, n: int, http: httpx.AsyncClient) -> None:
+        for _ in range(n):
+            kind = rng.choice(["infill", "completion", "openai"])
+            abandon = rng.random() < 0.25
+            stream = abandon or rng.random() < 0.5
+            text = PREFIX + "x" * rng.randint(0, 30)
+            if kind == "infill":
+                path, body = "/infill", {"input_prefix": text, "input_suffix": SUFFIX, "n_predict": 16}
+            elif kind == "completion":
+                path, body = "/completion", {"prompt": text, "n_predict": 16}
+            else:
+                path, body = "/v1/completions", {"prompt": text, "max_tokens": 16}
+            body["stream"] = stream
+            if abandon:
+                async with http.stream("POST", path, json=body) as r:
+                    async for _ in r.aiter_bytes():
+                        break
+                outcomes["abandoned"] = outcomes.get("abandoned", 0) + 1
+                continue
+            r = await http.post(path, json=body)
+            assert r.status_code == 200, r.text
+            if stream:
+                events = sse_events(r.content)
+                final = events[-2] if kind == "openai" else events[-1]
+            else:
+                final = r.json()
+            reason = (final["choices"][0]["finish_reason"] if kind == "openai" else final["stop_type"])
+            assert reason in ("stop", "length", "eos", "word", "limit")
+            outcomes[reason] = outcomes.get(reason, 0) + 1
+
+    async def main(n_requests: int) -> None:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            counts = [n_requests // 8 + (1 if w < n_requests % 8 else 0) for w in range(8)]
+            await asyncio.gather(*(client(w, counts[w], http) for w in range(8)))
+
+    asyncio.run(main(80))  # warm up allocators and caches
+    rss_before = server.rss_kib()
+    outcomes.clear()
+    asyncio.run(main(500))
+    assert sum(outcomes.values()) == 500 and outcomes["abandoned"] > 80
+    rss_after = server.rss_kib()
+    assert rss_after - rss_before < 40 * 1024, (rss_before, rss_after)
+    assert server.get("/health").json() == {"status": "ok"}
+    m = server.metrics()
+    assert m["llamacpp:requests_processing"] == 0 and m["llamacpp:requests_deferred"] == 0
+    assert m["mtpcode:requests_failed_total"] == 0
+
+
+# --- a server with a small context and an API key ------------------------------------------------------
+
+
+def test_api_key_truncation_and_sigint(tiny_bundle: Path) -> None:
+    s = HttpServer("--ctx", "128", bundle=tiny_bundle, extra_env={"MTPCODE_API_KEY": "s3cret"})
+    try:
+        assert s.get("/health").status_code == 200  # public
+        r = s.post("/completion", {"prompt": "x", "n_predict": 1})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        r = s.post("/completion", {"prompt": "x", "n_predict": 1}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        auth = {"Authorization": "Bearer s3cret"}
+        assert s.get("/v1/models", headers=auth).status_code == 200
+        # A prefix far longer than the context: the oldest lines go, the answer says truncated.
+        long_prefix = "".join(f"x{i} = {i}\n" for i in range(300))
+        body = s.post("/infill", {"input_prefix": long_prefix, "n_predict": 8}, headers=auth).json()
+        assert body["truncated"] is True and body["tokens_evaluated"] <= 128 - 8
+        assert long_prefix.endswith(body["prompt"]) and body["prompt"].startswith("x")
+        plain = s.post("/completion", {"prompt": long_prefix, "n_predict": 8}, headers=auth).json()
+        assert plain["truncated"] is True and plain["tokens_evaluated"] <= 128 - 8
+        # Only a line at the cursor longer than the context is refused.
+        r = s.post("/infill", {"input_prefix": "y = [" + "1, " * 400, "n_predict": 8}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "exceed_context_size_error"
+    finally:
+        code = s.stop(signal.SIGINT)
+    assert code == 0, "".join(s.stderr)
+
+
+def test_loading_then_port_in_use(tiny_bundle: Path) -> None:
+    s = HttpServer(bundle=tiny_bundle, wait_ready=False)
+    try:
+        first = httpx.get(s.url + "/health", timeout=10)
+        assert first.status_code in (200, 503)
+        if first.status_code == 503:
+            assert first.json()["error"]["message"] == "Loading model"
+        s.wait_ready()
+        port = s.url.rsplit(":", 1)[1]
+        taken = subprocess.run([sys.executable, "-m", "mtpcode", "serve", "--http", "--port", port, "-m",
+                                str(tiny_bundle)], capture_output=True, text=True, env=env(), timeout=60)
+        assert taken.returncode == 2 and "in use" in taken.stderr and "Traceback" not in taken.stderr
+    finally:
+        assert s.stop() == 0
+
+
+def test_cli_usage_errors() -> None:
+    for args, words in ((["serve"], "--stdio"), (["serve", "--stdio", "--http"], "one transport"),
+                        (["serve", "--stdio", "--port", "1"], "goes with --http"),
+                        (["serve", "--http", "--port", "70000"], "0..65535")):
+        r = subprocess.run([sys.executable, "-m", "mtpcode", *args], capture_output=True, text=True, env=env(),
+                           timeout=60)
+        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+
+
+# --- the built-in model ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def builtin() -> HttpServer:
+    s = HttpServer()
+    yield s
+    assert s.stop() == 0
+
+
+def test_builtin_model_infill_equals_complete_cursor(builtin: HttpServer, tmp_path: Path) -> None:
+    assert builtin.get("/v1/models").json()["data"][0]["id"] == "builtin"
+    request = llama_vim_fim_request(PREFIX, MIDDLE, SUFFIX, [], 4) | {"t_max_predict_ms": 0, "n_indent": 0,
+                                                                       "n_predict": 48}
+    body = builtin.post("/infill", request).json()
+    src = tmp_path / "code.py"
+    src.write_text(PREFIX + MIDDLE + SUFFIX)
+    line = PREFIX.count("\n") + 1
+    cli = subprocess.run([sys.executable, "-m", "mtpcode", "complete", str(src), "--cursor",
+                          f"{line}:{len(MIDDLE) + 1}", "-n", "48", "--threads", "2"],
+                         capture_output=True, text=True, env=env(), timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert body["content"] == cli.stdout
+
+
+def test_builtin_infill_stops_at_the_suffix(builtin: HttpServer) -> None:
+    # Make the suffix's next line exactly what the model would write: the completion must stop before it.
+    free = builtin.post("/completion", {"prompt": PREFIX, "n_predict": 64}).json()["content"]
+    lines = [ln for ln in free.split("\n") if ln.strip()]
+    assert len(lines) >= 2, free
+    target = lines[1]
+    body = builtin.post("/infill", {"input_prefix": PREFIX, "input_suffix": target + "\nrest\n",
+                                    "n_predict": 64}).json()
+    assert body["content"] == free[: free.index(target)].rstrip() and body["stop_type"] == "word"
+    assert body["stop_reason"] == "suffix"
+    # The cursor inside a line that continues: the completion ends with that line.
+    mid = builtin.post("/infill", {"input_prefix": PREFIX, "prompt": "    x = (", "input_suffix": ")\n",
+                                   "n_predict": 64}).json()
+    assert "\n" not in mid["content"]
+    # n_indent: no line indented less than the cursor's block.
+    free2 = builtin.post("/completion", {"prompt": PREFIX, "n_predict": 64}).json()["content"]
+    body = builtin.post("/infill", {"input_prefix": PREFIX, "n_predict": 64, "n_indent": 4}).json()
+    assert free2.startswith(body["content"])
+    assert all(ln.startswith(("    ", "\t")) or not ln.strip() for ln in body["content"].split("\n")[1:])
