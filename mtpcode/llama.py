@@ -124,7 +124,7 @@ def use_extra_bufts(policy: str) -> bool:
 
     "auto" turns llama.cpp's extra CPU buffer types (AMX tiles, CPU_REPACK)
     off on CPUs with AMX: with them on, decoding a quantized model segfaults
-    there (DESIGN.md §4). "on"/"off" force the setting. "repack" turns them
+    there (docs/design.md §6). "on"/"off" force the setting. "repack" turns them
     off too, but the caller routes Q4_0/Q4_K block weights to CPU_REPACK
     explicitly (``repack_pattern``, ``Model(repack=...)``): the repacked
     kernels without the AMX buffer type (opt-in; see docs/runtime.md).
@@ -137,7 +137,7 @@ def use_extra_bufts(policy: str) -> bool:
 
 
 # Weight types whose block matrices may be routed to CPU_REPACK. Q8_0 is not
-# among them: DESIGN.md §4 saw it crash at load with the override.
+# among them: it crashed at load with the override (docs/design.md §6).
 REPACK_TYPES = ("Q4_0", "Q4_K")
 
 

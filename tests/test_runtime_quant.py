@@ -1,7 +1,7 @@
 """Quantized bundles decode under the default settings a user gets.
 
 On CPUs with Intel AMX, llama.cpp's extra buffer types make quantized decoding
-segfault (DESIGN.md §4); Engine's default ``extra_bufts="auto"`` turns them off
+segfault (docs/design.md §6); Engine's default ``extra_bufts="auto"`` turns them off
 there. Each run happens in a child process so that a crash fails the test
 instead of killing pytest. The greedy agreement of speculative decoding with
 plain decoding on the same quantized main.gguf is measured and reported

@@ -9,7 +9,7 @@ sane scales), so a 7B shape never exists as a 13 GB float file.
 
 Each measurement runs in a child process (``python -m mtpcode.bench.synthetic``):
 a configuration that crashes llama.cpp (the AMX / CPU_REPACK segfaults of
-DESIGN.md §4) is reported as a crash instead of taking the benchmark down, and
+docs/design.md §6) is reported as a crash instead of taking the benchmark down, and
 every configuration starts from a clean address space.
 """
 
@@ -44,7 +44,7 @@ QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
 FORMAT_TAG = "v2"  # bump when the written files change, so stale caches are rebuilt
 
 # Bundles whose block weights can be routed to CPU_REPACK (mtpcode.llama.REPACK_TYPES:
-# Q4_0 and Q4_K; DESIGN.md §4: routing Q8_0 weights crashed at load).
+# Q4_0 and Q4_K; docs/design.md §6: routing Q8_0 weights crashed at load).
 REPACK_QUANTS = ("Q4_0", "Q4_K_M")
 
 # The paper's Table S2 anchor (code, 7B, n=4): tokens per forward and measured speedup.
