@@ -31,7 +31,7 @@ class HttpServer:
         cmd = [sys.executable, "-m", "mtpcode", "serve", "--http", "--port", "0", "--threads", "2"]
         if bundle is not None:
             cmd += ["-m", str(bundle)]
-        self.proc = subprocess.Popen([*cmd, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([*cmd, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, env=env(**(extra_env or {})), text=True)
         self.stderr: list[str] = []
         self.url = ""
