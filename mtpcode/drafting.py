@@ -315,7 +315,6 @@ class DraftPolicy:
         self.seen = [0] * max_heads  # drafts of each head observed
         self.t_verify: dict[int, float] = {}
         self.t_head = 0.0
-        self.t_over = 0.0  # per-step time outside llama.cpp (sampling, bookkeeping)
         self.k = max_heads
         self.steps = 0
         self.probes = 0
@@ -329,6 +328,10 @@ class DraftPolicy:
         # heads after a context continuation: conditional acceptance per position (prior: the heads' own)
         self.mix_q = [0.0] * self.max_draft
         self.mix_n = [0] * self.max_draft
+        # probes of a bucket whose drafts are not chosen: a one-token draft now and then, so an
+        # estimate that an unlucky start pushed down is measured again (interval doubling as for heads)
+        self.ctx_probe_at = [0] * len(CONTEXT_PRIOR)
+        self.ctx_probe_gap = [self.probe_min] * len(CONTEXT_PRIOR)
 
     # -- heads ------------------------------------------------------------
 
@@ -373,12 +376,9 @@ class DraftPolicy:
     def _head_time(self) -> float:
         return self.t_head if self.measured else 0.05
 
-    def _overhead(self) -> float:
-        return self.t_over if self.measured else 0.0
-
     def _rate(self, k: int) -> float:
         tokens = 1.0 + sum(self.chain[:k])
-        return tokens / (self._verify_time(k + 1) + k * self._head_time() + self._overhead())
+        return tokens / (self._verify_time(k + 1) + k * self._head_time())
 
     # -- context ----------------------------------------------------------
 
@@ -398,6 +398,11 @@ class DraftPolicy:
         plan, rate = Plan(heads=k), self._rate(k)
         if best_rate > rate:
             plan, rate = Plan(context=best_l), best_rate
+            self.ctx_probe_gap[bucket] = self.probe_min
+        elif self.steps >= self.ctx_probe_at[bucket]:  # not worth it, says the estimate: check now and then
+            self.ctx_probe_at[bucket] = self.steps + self.ctx_probe_gap[bucket]
+            self.ctx_probe_gap[bucket] = min(2 * self.ctx_probe_gap[bucket], self.probe_max)
+            return Plan(context=1)
         # context extended by heads: the continuation ran out before the heads' reach
         if self.max_heads and available < min(self.max_heads, room) and best_l == available:
             for heads in range(available + 1, min(self.max_heads, room) + 1):
@@ -421,12 +426,11 @@ class DraftPolicy:
 
     def _best_context(self, bucket: int, available: int) -> tuple[int, float]:
         """The context draft length with the most expected tokens per second, and that rate."""
-        over = self._overhead()
         best_l, best_rate = 0, 0.0
         tokens = 1.0
         for i, c in enumerate(self._ctx_chain(bucket, available)):
             tokens += c
-            rate = tokens / (self._verify_time(i + 2) + over)
+            rate = tokens / self._verify_time(i + 2)
             if rate > best_rate:
                 best_l, best_rate = i + 1, rate
         return best_l, best_rate
@@ -435,10 +439,9 @@ class DraftPolicy:
         """Conditional acceptance of a head's draft at position i after a fully accepted context draft."""
         if self.mix_n[i]:
             return self.mix_q[i]
-        if i < self.max_heads:  # prior: the head's own conditional acceptance
-            prev = self.chain[i - 1] if i > 0 else 1.0
-            return self.chain[i] / prev if prev > 0 else 0.0
-        return 0.0
+        # prior: the chance that the heads' drafts 1..i+1 are all right, which is at most the
+        # conditional one (a ratio of two small estimates would be a noisy, optimistic prior)
+        return self.chain[i] if i < self.max_heads else 0.0
 
     def _mixed_rate(self, bucket: int, n_context: int, heads: int) -> float:
         chain = self._ctx_chain(bucket, n_context)
@@ -447,30 +450,29 @@ class DraftPolicy:
         for i in range(n_context, heads):
             c *= self._mixed_q(i)
             tokens += c
-        cost = self._verify_time(heads + 1) + (heads - n_context) * self._head_time() + self._overhead()
+        cost = self._verify_time(heads + 1) + (heads - n_context) * self._head_time()
         return tokens / cost
 
     # -- learning ---------------------------------------------------------
 
-    def observe(self, k: int, accepted: int, verify_s: float, head_s: float, heads_run: int,
-                overhead_s: float = 0.0) -> None:
+    def observe(self, k: int, accepted: int, verify_s: float, head_s: float, heads_run: int) -> None:
         """One heads-only step's outcome; ``heads_run`` 0 leaves the head timing alone (e.g. a head
         caught up on many rows, which says nothing about the cost of a draft)."""
         if self.adaptive and k != self.k and self.steps > self.warmup_steps:
             cost = (verify_s if self.measured else self._verify_time(k + 1)) + k * self._head_time()
-            if (1 + accepted) / (cost + self._overhead()) > self._rate(self.k):  # a probe beat the choice:
+            if (1 + accepted) / cost > self._rate(self.k):  # a probe beat the choice:
                 self._look_again_soon(self.probe_after_win)  # try it again soon
                 self._confirm = k
         for i in range(k):  # a plain mean of the first observations, then a running one
             self.seen[i] += 1
             self.chain[i] += max(self.alpha, 1.0 / self.seen[i]) * (float(accepted > i) - self.chain[i])
-        self._observe_costs(k + 1, verify_s, head_s, heads_run, overhead_s)
+        self._observe_costs(k + 1, verify_s, head_s, heads_run)
 
     def observe_plan(self, plan: Plan, match_length: int, accepted: int, verify_s: float, head_s: float,
-                     heads_run: int, overhead_s: float = 0.0) -> None:
+                     heads_run: int) -> None:
         """One step's outcome, for any plan (heads-only plans go to :meth:`observe`)."""
         if not plan.context:
-            self.observe(plan.heads, accepted, verify_s, head_s, heads_run, overhead_s)
+            self.observe(plan.heads, accepted, verify_s, head_s, heads_run)
             return
         bucket = match_bucket(match_length)
         qs, ns = self.ctx_q[bucket], self.ctx_n[bucket]
@@ -481,17 +483,15 @@ class DraftPolicy:
             self.mix_n[i] += 1
             prior = self._mixed_q(i) if self.mix_n[i] == 1 else self.mix_q[i]
             self.mix_q[i] = prior + max(self.alpha, 1.0 / self.mix_n[i]) * (float(accepted > i) - prior)
-        self._observe_costs(plan.rows, verify_s, head_s, heads_run, overhead_s)
+        self._observe_costs(plan.rows, verify_s, head_s, heads_run)
 
-    def _observe_costs(self, rows: int, verify_s: float, head_s: float, heads_run: int, overhead_s: float) -> None:
+    def _observe_costs(self, rows: int, verify_s: float, head_s: float, heads_run: int) -> None:
         a = self.alpha
         old = self.t_verify.get(rows)
         self.t_verify[rows] = verify_s if old is None else old + a * (verify_s - old)
         if heads_run:
             per = head_s / heads_run
             self.t_head = per if self.t_head == 0.0 else self.t_head + a * (per - self.t_head)
-        if overhead_s > 0.0:
-            self.t_over = overhead_s if self.t_over == 0.0 else self.t_over + a * (overhead_s - self.t_over)
 
     # -- persistence ------------------------------------------------------
 
@@ -499,7 +499,6 @@ class DraftPolicy:
         """What this policy learned (estimates, not its schedule), for :meth:`restore`."""
         return {"chain": list(self.chain), "seen": list(self.seen),
                 "t_verify": {str(b): t for b, t in self.t_verify.items()}, "t_head": self.t_head,
-                "t_over": self.t_over,
                 "context": {"q": [list(q) for q in self.ctx_q], "n": [list(n) for n in self.ctx_n],
                             "mix_q": list(self.mix_q), "mix_n": list(self.mix_n)}}
 
@@ -512,7 +511,6 @@ class DraftPolicy:
             seen = [int(n) for n in state["seen"]]
             t_verify = {int(b): float(t) for b, t in state["t_verify"].items()}
             t_head = float(state["t_head"])
-            t_over = float(state.get("t_over", 0.0))
             ctx = state.get("context")
             if ctx is not None:
                 cq = [[float(x) for x in q] for q in ctx["q"]]
@@ -525,7 +523,7 @@ class DraftPolicy:
         if (len(chain) != self.max_heads or len(seen) != self.max_heads or not t_verify
                 or not all(0.0 <= c <= 1.0 for c in chain) or not all(n >= 0 for n in seen)
                 or not all(1 <= b <= max_rows and 0.0 < t < 60.0 for b, t in t_verify.items())
-                or not 0.0 <= t_head < 60.0 or not 0.0 <= t_over < 60.0):
+                or not 0.0 <= t_head < 60.0):
             return False
         if ctx is not None:
             shape_ok = (len(cq) == len(CONTEXT_PRIOR) == len(cn)
@@ -538,7 +536,7 @@ class DraftPolicy:
             self.ctx_q, self.ctx_n = cq, [[min(x, 5) for x in n] for n in cn]
             self.mix_q, self.mix_n = mq, [min(x, 5) for x in mn]
         self.chain, self.seen = chain, [min(n, 5) for n in seen]
-        self.t_verify, self.t_head, self.t_over = t_verify, t_head, t_over
+        self.t_verify, self.t_head = t_verify, t_head
         self.steps = self.warmup_steps
         self._next_probe = self.steps + self.probe_min
         return True

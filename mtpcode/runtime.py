@@ -618,7 +618,6 @@ class _Step:
 
     def run(self, room: int, stats: Stats) -> float:
         """One step with at most ``room`` drafts; sets new_tokens/new_flags; returns seconds in llama.cpp."""
-        t_step = _perf()
         room = min(room, self.max_drafts)
         match: Match | None = None
         if self.context is not None and room > 0:
@@ -638,9 +637,8 @@ class _Step:
         accepted, nxt = self._accept(n, n_context)
         self.kv.commit(1 + accepted, n + 1)
         self._count(stats, plan, accepted)
-        overhead = max(0.0, _perf() - t_step - verify_s - t_heads)
         self.policy.observe_plan(plan, match.length if match is not None else 0, accepted, verify_s, t_heads,
-                                 plan.head_forwards if typical else 0, overhead)
+                                 plan.head_forwards if typical else 0)
         kept = [int(t) for t in self.drafts[:accepted]]
         if self.context is not None:
             self.context.accept([self.pending, *kept])
