@@ -6,16 +6,24 @@ context per extra head runs ``head-k.gguf`` on those rows, fed as embeddings;
 head k at the row of position t predicts the token at t+1+k.
 
 A step (blockwise parallel decoding, Stern et al. 2018; speculative sampling,
-Leviathan et al. 2023):
+Leviathan et al. 2023; prompt lookup, Saxena 2023):
 
-* draft   - heads 1..K propose d_1..d_K for the K positions after the pending
-            token x (x is already chosen by the main model, not yet evaluated);
+* draft   - the policy (mtpcode.drafting.DraftPolicy) chooses the drafts after
+            the pending token x (x is already chosen by the main model, not yet
+            evaluated): heads 1..K propose d_1..d_K, or the context drafter
+            proposes the tokens that followed the longest recent match of the
+            text's end in the prompt, the suffix or the output, or a context
+            draft is extended by heads, or nothing;
 * verify  - one main forward over [x, d_1, ..., d_K], logits for every row;
 * accept  - d_i is kept while the main model agrees (greedy: same argmax;
-            sampling: min(1, p/q) test); the main model's own token after the
-            last kept row becomes the next pending x (the bonus token);
+            sampling: min(1, p/q) test, q one-hot for a context draft); the
+            main model's own token after the last kept row becomes the next
+            pending x (the bonus token);
 * commit  - rejected rows leave the main KV cache (llama_memory_seq_rm); the
             heads are fed only kept rows, so they never need a rollback.
+
+The step does all this through a KVState, which owns the bookkeeping of what
+each cache holds.
 
 The engine remembers which tokens each KV cache holds, and all captured
 trunk rows, so a later prompt sharing a prefix evaluates only what is new,
