@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# GPU offload checked and measured in one device call (well inside its 10 minutes).
+#
+#   scripts/device/device-check.sh            on the device: results under $OUT
+#   DRY=1 scripts/device/device-check.sh      here: the CPU parts with the installed llama_cpp and
+#                                             small sizes (a few minutes), results in .device/dry-check
+#
+# Needs (prepared here, carried with the call): .device/llama_cpp_python-0.3.36-slim.tar.gz
+# (scripts/device/slim_sdist.sh) and .device/wheels/ (scripts/device/prep_wheels.sh).
+#
+# Stages, each under its own time limit; none starts after DEADLINE seconds (default 540),
+# so the call ends with whatever was measured:
+#   build    llama-cpp-python from the slim sdist with -DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90,
+#            16-way parallel, timed (skipped when /tmp/site already has a CUDA build: a rerun on
+#            a warm machine; the CMake build folder .device/build is kept between calls too)
+#   install  mtpcode without dependencies over the device's packages (with the C trunk capture)
+#   tests    the runtime's greedy-equality tests with every layer offloaded
+#            (MTPCODE_TEST_GPU_LAYERS=-1; the tests must read that variable)
+#   capture  the trunk rows copied out of device tensors vs the CPU's (gpu_check.py capture)
+#   engine   the built-in model on the GPU: plain vs heads, tokens/s, greedy identity (gpu_check.py engine)
+#   bench    `mtpcode bench --gpu-layers -1` with the built-in model (when bench has --gpu-layers)
+#   costs    the cost table on the GPU: built-in model and the 7B shape in Q4_K_M and Q8_0
+#   cpu      the same cost table on the device's 16 CPU cores
+#   cpu-full `mtpcode bench --synthetic 7b` on 16 cores at full depth, if time is left
+#
+# $OUT receives check.log (everything printed), stages.json (per stage: exit status and
+# seconds; the build's time; the slim source's size) and one JSON per measuring stage.
+set -uo pipefail
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+DRY="${DRY:-0}"
+if [ "$DRY" = 1 ]; then
+    OUT="${OUT:-$ROOT/.device/dry-check}"
+    SITE="${SITE:-/tmp/mtpcode-dry-site}"
+    GPU_LAYERS=0
+    THREADS=2
+else
+    : "${OUT:?OUT is not set: run this through the device tool, or set DRY=1}"
+    SITE=/tmp/site
+    GPU_LAYERS=-1
+    THREADS=16
+fi
+DEADLINE="${DEADLINE:-540}"
+SLIM="$ROOT/.device/llama_cpp_python-0.3.36-slim.tar.gz"
+mkdir -p "$OUT" "$SITE"
+LOG="$OUT/check.log"
+: >"$LOG"
+exec > >(tee -a "$LOG") 2>&1
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+export ROOT DRY OUT SITE GPU_LAYERS THREADS SLIM PY
+T0=$(date +%s)
+STAGES=/tmp/mtpcode-stages.jsonl
+: >"$STAGES"
+elapsed() { echo $(($(date +%s) - T0)); }
+stamp() { echo "[$(elapsed) s] $*"; }
+
+write_stages() {
+    "$PY" - "$STAGES" "$OUT/stages.json" <<'EOF'
+import json, sys
+rows = [json.loads(x) for x in open(sys.argv[1]) if x.strip()]
+json.dump({"stages": rows}, open(sys.argv[2], "w"), indent=1)
+EOF
+}
+
+# stage NAME LIMIT_S 'COMMAND': run it (a command line; the functions below are exported) under
+# min(LIMIT_S, time left), record exit status and seconds
+stage() {
+    local name="$1" limit="$2" cmd="$3"
+    local left=$((DEADLINE - $(elapsed)))
+    if [ "$left" -lt 20 ]; then
+        stamp "SKIPPED $name: out of time ($left s left of $DEADLINE)"
+        echo "{\"stage\": \"$name\", \"skipped\": \"out of time\"}" >>"$STAGES"
+        write_stages
+        return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    stamp "=== $name (limit $limit s)"
+    local t=$(date +%s)
+    timeout -k 10 "$limit" bash -c "$cmd"
+    local rc=$?
+    local dt=$(($(date +%s) - t))
+    [ $rc = 124 ] && stamp "$name: TIMED OUT after $limit s"
+    stamp "=== $name: exit $rc, $dt s"
+    echo "{\"stage\": \"$name\", \"exit\": $rc, \"seconds\": $dt, \"limit\": $limit}" >>"$STAGES"
+    write_stages
+    return $rc
+}
+
+stamp "device-check: DRY=$DRY, repo $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u)"
+if [ "$DRY" != 1 ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
+fi
+echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-), $(nproc) CPUs; $(free -g | awk '/Mem:/ {print $2 " GiB"}')"
+[ -f "$SLIM" ] && echo "slim sdist: $(stat -c %s "$SLIM") bytes"
+
+# --- wheels and the llama-cpp-python build (device only)
+if [ "$DRY" != 1 ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        .device/wheels/*.whl || { stamp "installing the carried wheels failed"; exit 1; }
+fi
+export PYTHONPATH="$SITE"
+has_cuda_build() {
+    (cd /tmp && "$PY" -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)") 2>/dev/null
+}
+build_llama() {
+    local nvcc
+    nvcc="$(command -v nvcc || ls /usr/local/cuda/bin/nvcc 2>/dev/null | head -1)"
+    [ -n "$nvcc" ] || { echo "no nvcc found"; return 1; }
+    export CUDACXX="$nvcc" PATH="$(dirname "$nvcc"):$PATH"
+    "$nvcc" --version | tail -2
+    cmake --version | head -1
+    # LLAVA_BUILD=OFF: libmtmd (multimodal) is not used by mtpcode and would only lengthen the build
+    CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=16 \
+        "$PY" -m pip install --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" \
+        --config-settings=build-dir="$ROOT/.device/build" -v "$SLIM" >/tmp/llama-build.log 2>&1
+    local rc=$?
+    tail -40 /tmp/llama-build.log
+    grep -c "nvcc" /tmp/llama-build.log | sed 's/^/nvcc command lines in the build log: /'
+    return $rc
+}
+export -f has_cuda_build build_llama
+if [ "$DRY" != 1 ]; then
+    if has_cuda_build; then
+        stamp "llama-cpp-python with CUDA already in $SITE: build skipped"
+        echo '{"stage": "build", "skipped": "already built"}' >>"$STAGES"
+    else
+        stage build 480 build_llama || { stamp "the build failed: see the log above"; write_stages; exit 1; }
+    fi
+    has_cuda_build || { stamp "llama_cpp does not report GPU offload after the build"; exit 1; }
+fi
+
+# --- mtpcode over what the machine has (builds mtpcode/_capture.c)
+install_mtpcode() {
+    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade --target "$SITE" "$ROOT"
+    (cd /tmp && "$PY" - <<'EOF'
+import llama_cpp, mtpcode, mtpcode.llama as L
+print(f"mtpcode from {mtpcode.__file__}; llama_cpp {llama_cpp.__version__} from {llama_cpp.__file__}")
+print(f"GPU offload: {bool(llama_cpp.llama_supports_gpu_offload())}; C trunk capture: {L.native_capture_available()}")
+print(llama_cpp.llama_print_system_info().decode(errors="replace").strip())
+EOF
+    )
+}
+export -f install_mtpcode
+stage install 120 install_mtpcode || exit 1
+
+# --- the runtime's greedy-equality tests with every layer offloaded
+run_tests() {
+    if ! grep -q MTPCODE_TEST_GPU_LAYERS "$ROOT"/tests/*.py; then
+        echo "tests/ do not read MTPCODE_TEST_GPU_LAYERS: these tests would run on the CPU only (see docs/gpu.md)"
+        [ "$DRY" = 1 ] || return 3
+    fi
+    local select="greedy or exact or fewer_heads or accepting"
+    [ "$DRY" = 1 ] && select="greedy_speculative_equals_plain and F32-True"
+    # from /tmp, so that the installed mtpcode (with its C capture) is imported, not the source tree
+    (cd /tmp && MTPCODE_TEST_GPU_LAYERS="$GPU_LAYERS" "$PY" -m pytest "$ROOT/tests/test_runtime.py" \
+        -p no:cacheprovider -q -rfE -k "$select")
+}
+export -f run_tests
+stage tests 150 run_tests
+
+GC=("$PY" "$ROOT/scripts/device/gpu_check.py")
+if [ "$DRY" = 1 ]; then
+    ENGINE_ARGS=(--n-prompts 2 --max-tokens 24 --repeat 1)
+    COST_ARGS=(--shape tiny --quant Q8_0)
+else
+    ENGINE_ARGS=(--n-prompts 8 --max-tokens 128 --repeat 3)
+    COST_ARGS=(--shape 7b --quant Q4_K_M,Q8_0)
+fi
+stage capture 60 "cd /tmp && ${GC[*]} capture --out '$OUT/capture.json' --gpu-layers $GPU_LAYERS"
+stage engine 150 "cd /tmp && ${GC[*]} engine --out '$OUT/engine_gpu.json' --gpu-layers $GPU_LAYERS ${ENGINE_ARGS[*]}"
+
+run_bench() {
+    if ! (cd /tmp && "$PY" -m mtpcode bench --help | grep -q -- "--gpu-layers"); then
+        echo "mtpcode bench has no --gpu-layers yet: skipped (the engine stage measured the built-in model)"
+        return 3
+    fi
+    local args=(--gpu-layers "$GPU_LAYERS" --json "$OUT/bench_builtin_gpu.json")
+    [ "$DRY" = 1 ] && args+=(--n-prompts 2 -n 24 --repeat 1 --no-costs)
+    (cd /tmp && "$PY" -m mtpcode bench "${args[@]}")
+}
+export -f run_bench
+stage bench 150 run_bench
+
+stage costs 150 "cd /tmp && ${GC[*]} costs --out '$OUT/costs_gpu.json' --gpu-layers $GPU_LAYERS --threads 1 ${COST_ARGS[*]}"
+stage cpu 150 "cd /tmp && ${GC[*]} costs --out '$OUT/costs_cpu.json' --gpu-layers 0 --threads $THREADS ${COST_ARGS[*]}"
+if [ "$DRY" != 1 ] && [ $((DEADLINE - $(elapsed))) -gt 150 ]; then
+    stage cpu-full $((DEADLINE - $(elapsed) - 10)) "cd /tmp && $PY -m mtpcode bench --synthetic 7b \
+        --quant Q4_K_M,Q8_0 --threads $THREADS --buffers off --no-repack --json '$OUT/bench_synthetic_cpu.json'"
+fi
+
+write_stages
+"$PY" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for st in json.loads((out / "stages.json").read_text())["stages"]:
+    print(f"{st['stage']:9s} " + (f"skipped ({st['skipped']})" if "skipped" in st else f"exit {st['exit']} in {st['seconds']} s"))
+for name in ("costs_gpu.json", "costs_cpu.json"):
+    p = out / name
+    if p.exists():
+        d = json.loads(p.read_text())
+        where = "GPU" if d["gpu_layers"] else f"CPU {d['threads']} threads"
+        for label, c in [("built-in", d["builtin"])] + [(f"{d['shape']} {q}", r["scaled"] | {"projection": r["projection"]})
+                                                        for q, r in d["synthetic"].items()]:
+            rel = " ".join(f"{v:.2f}" for v in c["verify_rel"].values())
+            pj = c["projection"]["at_n"]
+            print(f"{where:14s} {label:12s} 1 row {1e3 * float(c['verify_s']['1']):7.2f} ms | rows 1..8 / 1 row: {rel} "
+                  f"| head {c['head_rel']:.3f} | projected {pj['speedup']:.2f}x")
+EOF
+n_files=$(find "$OUT" -type f | wc -l)
+stamp "done: \$OUT holds $n_files files ($(du -sh "$OUT" | cut -f1))"
