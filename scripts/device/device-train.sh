@@ -70,7 +70,8 @@ else
     # (fits $OUT in 4 parts), Q8_0 bundle 33.9 MB (main.gguf 24.0 MB, each head 3.3 MB).
     DEFAULT_SHAPE="--dim 384 --n-layers 16 --n-heads 6 --n-kv-heads 2 --vocab-size 4096 --multiple-of 256
         --seq-len 1024 --batch-size 64"
-    RUN_ARGS=(--device cuda --threads 16 --warmup 100 --eval-batches 16 --spec-prompts 48 --spec-tokens 96)
+    RUN_ARGS=(--device cuda --threads 16 --warmup 100 --tokenizer-mb 24 --eval-batches 16 --spec-prompts 48
+              --spec-tokens 96)
 fi
 read -r -a SHAPE <<<"$(echo ${SHAPE_ARGS:-$DEFAULT_SHAPE})"
 
