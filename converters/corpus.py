@@ -400,17 +400,6 @@ def tokenizer_sample(files: Sequence[data.SourceFile], max_bytes: int) -> list[d
     return sorted(out, key=lambda f: f.rel_path)
 
 
-def encode_files(sp: Any, files: Sequence[data.SourceFile], threads: int = 1, chunk: int = 2000) -> np.ndarray:
-    """One token stream, each file as ``[bos] + tokens + [eos]`` (as data.encode_files, with threads)."""
-    dtype = np.uint16 if sp.get_piece_size() < 65536 else np.int32
-    out = []
-    for i in range(0, len(files), chunk):
-        texts = [f.text for f in files[i:i + chunk]]
-        for ids in sp.encode(texts, num_threads=threads):
-            out.append(np.asarray([data.BOS_ID, *ids, data.EOS_ID], dtype=dtype))
-    return np.concatenate(out) if out else np.zeros(0, dtype=dtype)
-
-
 @dataclass
 class PackageCorpus(data.Corpus):
     """data.Corpus of a package corpus, plus the held-out stream of each held-out package."""
@@ -458,8 +447,8 @@ def prepare_package_corpus(work_dir: Path, vocab_size: int, packages: Sequence[s
         sp = data.load_tokenizer(tok_path)
         say("encoding")
         for name, files in held.items():
-            np.save(part_paths[name], encode_files(sp, files, threads))
-        np.save(train_path, encode_files(sp, train_files, threads))
+            np.save(part_paths[name], data.encode_files(sp, files, threads))
+        np.save(train_path, data.encode_files(sp, train_files, threads))
     parts = {name: np.load(p) for name, p in part_paths.items()}
     train_stream = np.load(train_path)
     manifest["train_tokens"] = len(train_stream)

@@ -44,23 +44,10 @@ def heldout_prompts(max_chars: int = 400, per_file: int = 2) -> list[str]:
     About 140 tokens, so prompt + completion stays within the 256 positions the
     model was trained on. Deterministic.
     """
+    from converters.corpus import heldout_prompts as cut_prompts
+
     _, held = data.split_sources()
-    prompts = []
-    for src in held:
-        lines = src.text.split("\n")
-        if len(lines) < 40:
-            continue
-        for j in range(per_file):
-            cut = (j + 1) * len(lines) // (per_file + 1)
-            while cut < len(lines) - 1 and not lines[cut].strip():
-                cut += 1
-            start, size = cut, 0
-            while start > 0 and size + len(lines[start - 1]) + 1 <= max_chars:
-                start -= 1
-                size += len(lines[start]) + 1
-            if start < cut:
-                prompts.append("\n".join(lines[start:cut]) + "\n")
-    return prompts
+    return [prompt for _, prompt in cut_prompts(held, per_file=per_file, max_chars=max_chars)]
 
 
 def _windows(work_dir: Path, vocab_size: int, seq_len: int, n_windows: int) -> np.ndarray:

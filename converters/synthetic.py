@@ -4,7 +4,6 @@ a SentencePiece ``tokenizer.model`` trained here on Python source."""
 
 from __future__ import annotations
 
-import io
 import json
 import sysconfig
 from collections.abc import Iterable, Iterator
@@ -44,33 +43,15 @@ def _lines(files: Iterable[Path], max_bytes: int) -> Iterator[str]:
 
 def train_tokenizer(out_path: Path, vocab_size: int, files: Iterable[Path] | None = None,
                     max_bytes: int = 2_000_000) -> Path:
-    """Train a code-friendly SentencePiece BPE model (byte fallback, whitespace kept) to ``out_path``."""
-    import sentencepiece as spm
+    """Train a code-friendly SentencePiece BPE model (byte fallback, whitespace kept) to ``out_path``,
+    on the first ``max_bytes`` of non-blank lines of ``files`` (default: 200 stdlib modules).
 
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines(files if files is not None else stdlib_python_files(200), max_bytes),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type="bpe",
-        byte_fallback=True,
-        character_coverage=1.0,
-        split_digits=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        allow_whitespace_only_pieces=True,
-        max_sentencepiece_length=16,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        num_threads=1,
-        minloglevel=2,
-    )
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_bytes(model.getvalue())
-    return out_path
+    Every character seen gets a piece (coverage 1.0); sentencepiece's own
+    4192-byte line limit applies, as it always has for the test tokenizers."""
+    from converters.data import train_code_tokenizer
+
+    lines = _lines(files if files is not None else stdlib_python_files(200), max_bytes)
+    return train_code_tokenizer(lines, out_path, vocab_size, character_coverage=1.0, max_sentence_length=4192)
 
 
 def random_model(p: ModelParams, seed: int = 0, logit_scale: float = 4.0) -> MTPTransformer:

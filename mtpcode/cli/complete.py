@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
-from mtpcode.cli.frontend import load_engine, sigint_cancels, silence_stdout, stats_dict
+from mtpcode.cli.frontend import isatty, load_engine, sigint_cancels, silence_stdout, stats_dict
 from mtpcode.cli.options import model_option, runtime_options, sampling_options
 from mtpcode.config import load_settings
 from mtpcode.errors import DataError, Interrupted, UsageError
@@ -39,7 +39,7 @@ def read_input(file: str | None) -> bytes:
     """The bytes of FILE, or of stdin when FILE is None or ``-``. NoInputError if FILE is missing."""
     if file is None or file == "-":
         stream = sys.stdin.buffer
-        if _isatty(stream) and _stderr_is_terminal():
+        if isatty(stream) and isatty(sys.stderr):
             click.echo("mtpcode: reading code from the terminal; end it with Ctrl-D", err=True)
         return stream.read()
     return read_file(Path(file))
@@ -120,13 +120,6 @@ def build_request(file: str | None, cursor: str | None) -> CompletionRequest:
     if offset == 0:
         raise DataError(f"--cursor {cursor} is at the start of {name}: there is no code before it to complete")
     return CompletionRequest(raw=raw, prompt=text[:offset], suffix=text[offset:])
-
-
-def _stderr_is_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 def stats_json(done: Done | None, text: str, stop_reason: str, model: Path) -> dict[str, Any]:
@@ -238,7 +231,7 @@ def complete(
     options = settings.generation_options(stop=tuple(s for s in stop_strings if s), suffix=request.suffix or "")
     stops = code_stops(request.prompt, suffix=request.suffix, lines=lines, block=block)
 
-    talk = show_stats or _stderr_is_terminal()
+    talk = show_stats or isatty(sys.stderr)
     t0 = time.perf_counter()
     engine, path = load_engine(settings, model, note=sys.stderr if talk else None)
     out = sys.stdout.buffer
@@ -291,18 +284,11 @@ def _run(engine: Engine, path: Path, request: CompletionRequest, options: Genera
         out.write((json.dumps(stats_json(done, done.text, done.stop_reason, path)) + "\n").encode())
     elif echo and request.suffix:
         out.write(request.raw[prompt_bytes:])
-    elif _isatty(out) and not text.endswith("\n"):
+    elif isatty(out) and not text.endswith("\n"):
         out.write(b"\n")  # keep the shell prompt off the completion's last line
     out.flush()
     if show_stats:
         click.echo(f"mtpcode: {done.stop_reason}: {done.stats.summary()}", err=True)
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
 
 
 def unescape(text: str) -> str:

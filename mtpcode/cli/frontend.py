@@ -1,5 +1,6 @@
 """What the front ends share: loading the engine with the built-in model's note,
-the stats as JSON, Ctrl-C as a clean cancel, and a quiet stdout after a broken pipe."""
+the stats as JSON, Ctrl-C as a clean cancel, a quiet stdout after a broken pipe,
+and asking whether a stream is a terminal."""
 
 from __future__ import annotations
 
@@ -79,6 +80,14 @@ def sigint_cancels(cancel: threading.Event) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def isatty(stream: Any) -> bool:
+    """Whether ``stream`` is a terminal; False for a closed stream or one without a file behind it."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def silence_stdout() -> None:

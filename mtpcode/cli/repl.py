@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from mtpcode.cli.frontend import isatty
 from mtpcode.cli.options import model_option, runtime_options, sampling_options
 from mtpcode.errors import UsageError
 
@@ -21,13 +22,6 @@ NOT_A_TERMINAL = (
     "mtpcode repl needs a terminal ({which} is not a tty); "
     "to complete piped or scripted input use `mtpcode complete`"
 )
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 @click.command("repl")
@@ -79,7 +73,7 @@ def repl(
     /set, /model, /stats, /quit. FILE, if given, is loaded first.
     """
     for name, stream in (("stdin", sys.stdin), ("stdout", sys.stdout)):
-        if not _isatty(stream):
+        if not isatty(stream):
             raise UsageError(NOT_A_TERMINAL.format(which=name))
     run_repl(
         file=file, model=model, language=language, stop=stop, suggest=suggest, suggest_tokens=suggest_tokens,
