@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from mtpcode.cli.frontend import isatty, load_engine, sigint_cancels, silence_stdout, stats_dict
-from mtpcode.cli.options import model_option, runtime_options, sampling_options
+from mtpcode.cli.options import heads_option, model_option, runtime_options, sampling_options
 from mtpcode.config import load_settings
 from mtpcode.errors import DataError, Interrupted, UsageError
 from mtpcode.files import read_file
@@ -164,7 +164,7 @@ def stream_completion(
 @sampling_options
 @click.option("-s", "--stop", "stop", multiple=True,
               help="Stop before this string (repeatable; \\n and \\t are understood).")
-@click.option("--heads", type=int, help="Draft heads to use (default: all the model has; 0 = no speculation).")
+@heads_option
 @click.option("--no-speculative", is_flag=True, help="Plain decoding, no draft heads (same as --heads 0).")
 @click.option("--no-context-draft", is_flag=True,
               help="Draft with the heads only, not from the context (the input, the suffix, the output so far).")

@@ -20,6 +20,13 @@ def model_option(f: F) -> F:
     return click.option("-m", "--model", help="Bundle directory or registered name (default: the configured model).")(f)
 
 
+def heads_option(f: F) -> F:
+    """--heads: how many draft heads a completion uses."""
+    return click.option(
+        "--heads", type=int, help="Draft heads to use (default: all the model has; 0 = no speculation)."
+    )(f)
+
+
 def sampling_options(f: F) -> F:
     """-t, --top-k, --top-p, --min-p, --seed."""
     return _apply(

@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from mtpcode.cli.frontend import isatty
-from mtpcode.cli.options import model_option, runtime_options, sampling_options
+from mtpcode.cli.options import heads_option, model_option, runtime_options, sampling_options
 from mtpcode.errors import UsageError
 
 NOT_A_TERMINAL = (
@@ -30,7 +30,7 @@ NOT_A_TERMINAL = (
 @click.option("-l", "--language", help="Highlighting language, a pygments name [default: python, or FILE's].")
 @click.option("-n", "--max-tokens", type=int, help="Most tokens per completion [default: 256].")
 @sampling_options
-@click.option("--heads", type=int, help="Draft heads to use (default: all the model has; 0 = no speculation).")
+@heads_option
 @runtime_options
 @click.option(
     "--stop",
