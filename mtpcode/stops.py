@@ -4,7 +4,7 @@ Each condition sees the whole generated text and returns where to cut it. They
 are used by ``mtpcode complete`` (``--lines``, ``--block``, ``--cursor``), by
 ``mtpcode serve`` and by the REPL.
 
-Where they cut, precisely (the README/docs/cli.md promise these):
+Where they cut, precisely (docs/cli.md promises these):
 
 * :class:`LineLimit` (``--lines N``): after the N-th non-blank line of the
   completion; the newline ending that line is not part of the output. Blank
