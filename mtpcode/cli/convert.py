@@ -51,11 +51,16 @@ class _Progress:
 
 @click.command()
 @click.argument("ckpt_dir", type=click.Path(path_type=Path))
-@click.option("--tokenizer", type=click.Path(path_type=Path), help="tokenizer.model (default: beside the checkpoint or in its parent).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Bundle directory (default: the models directory, registered by name).")
+@click.option("--tokenizer", type=click.Path(path_type=Path),
+              help="tokenizer.model (default: beside the checkpoint or in its parent).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path),
+              help="Bundle directory (default: the models directory, registered by name).")
 @click.option("--name", help="Name to register the bundle under (default: checkpoint directory name + quant).")
-@click.option("--quant", default="Q4_K_M", show_default=True, help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ...")
-@click.option("--verify", is_flag=True, help="Compare every head with a PyTorch reference forward; fail if out of tolerance.")
+@click.option("--quant", default="Q4_K_M", show_default=True,
+              help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ... "
+                   "(on a CPU, Q8_0 verifies drafts fastest, Q4_K_M slowest).")
+@click.option("--verify", is_flag=True,
+              help="Compare every head with a PyTorch reference forward; fail if out of tolerance.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--threads", type=click.IntRange(min=1), help="Threads for quantization and verification.")
 @click.option("--no-register", is_flag=True, help="Do not add the bundle to the model registry.")
@@ -77,8 +82,12 @@ def convert(ckpt_dir: Path, tokenizer: Path | None, out_dir: Path | None, name: 
         ) from None
     from mtpcode import models
     from mtpcode.config import load_settings
+    from mtpcode.costs import quant_note
 
     quant = normalize_quant(quant)
+    note = quant_note(quant)  # before the work starts, so that a user can still pick another type
+    if note:
+        click.echo(note, err=True)
     settings = load_settings()
     register = not no_register
     if name is not None:

@@ -1,0 +1,429 @@
+"""Forward-cost models: what a b-row forward costs at a context length, and what a
+forward costs on a machine with more cores or another memory bandwidth.
+
+Pure functions on numbers, no dependencies (the drafting policy imports this
+module on every engine start; the benchmarks fit these models from their
+measurements, docs/PERFORMANCE.md has the data and the commands).
+
+Two models:
+
+* :class:`ContextCosts`: the time of a forward of ``b`` rows after ``n`` tokens of
+  KV cache, ``T(b, n) = W[b] + n * A[b]`` with one intercept and one slope per row
+  count, fitted by least squares over several context lengths. The intercept is
+  the weights' part (matrix products, norms, graph overhead), the slope the
+  attention over the cache. One pair per row count, not a formula in ``b``,
+  because llama.cpp's kernels work 4 or 8 rows at a time, which makes some batch
+  sizes nearly free and others not. :func:`verify_cost_prior` gives the policy a
+  prior from the built-in model's measured table.
+* :class:`Roofline`: ``T(b, P) = overhead + max(bytes / BW, (weight_s + row_s * b) / P)``
+  for ``P`` cores and a memory bandwidth ``BW``. ``weight_s`` is the one-core time of
+  the work done once per weight whatever the batch (loading and unpacking blocks),
+  ``row_s`` the one-core time of each row's multiply-adds; both are divided among
+  the cores. ``bytes / BW`` is the time to stream the weights from memory, which
+  more cores cannot shorten. :func:`fit_roofline` fits it to forwards measured at
+  1 and 2 threads (the compute part, and the measuring machine's memory floor where
+  some forwards hit it), :func:`project_speedup` projects speculative decoding on
+  another machine.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+# The paper's Table S2 anchor (code, 7B, 4 heads = 3 drafts per step): tokens per forward.
+PAPER_TOKENS_PER_FORWARD = 3.50
+
+
+# ---------------------------------------------------------------------------
+# small least squares (a handful of parameters: normal equations suffice)
+
+
+def _solve(a: list[list[float]], y: list[float]) -> list[float] | None:
+    """Solve the square system ``a x = y`` by Gaussian elimination with pivoting; None if singular."""
+    n = len(y)
+    m = [row[:] + [y[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[pivot][col]) < 1e-300:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(n):
+            if r != col and m[r][col] != 0.0:
+                f = m[r][col] / m[col][col]
+                m[r] = [x - f * p for x, p in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+def least_squares(rows: Sequence[Sequence[float]], y: Sequence[float], *,
+                  weights: Sequence[float] | None = None) -> list[float]:
+    """Coefficients minimising sum w_i (rows_i . x - y_i)^2 (normal equations).
+
+    Raises ValueError when the features do not determine the coefficients."""
+    if not rows or len(rows) != len(y):
+        raise ValueError("least squares needs as many targets as feature rows, and at least one")
+    k = len(rows[0])
+    w = list(weights) if weights is not None else [1.0] * len(rows)
+    ata = [[sum(wi * r[i] * r[j] for r, wi in zip(rows, w)) for j in range(k)] for i in range(k)]
+    aty = [sum(wi * r[i] * yi for r, yi, wi in zip(rows, y, w)) for i in range(k)]
+    x = _solve(ata, aty)
+    if x is None:
+        raise ValueError("the measurements do not determine the model (too few distinct points)")
+    return x
+
+
+def nonnegative_least_squares(rows: Sequence[Sequence[float]], y: Sequence[float], *,
+                              weights: Sequence[float] | None = None) -> list[float]:
+    """Least squares with every coefficient >= 0, by trying each subset of free coefficients.
+
+    Meant for 2-4 coefficients (2^k subsets); a coefficient that the data would make
+    negative (a cost below zero) is pinned at 0 instead."""
+    k = len(rows[0]) if rows else 0
+    w = list(weights) if weights is not None else [1.0] * len(rows)
+    best: tuple[float, list[float]] | None = None
+    for n_free in range(k, 0, -1):
+        for free in itertools.combinations(range(k), n_free):
+            try:
+                sub = least_squares([[r[i] for i in free] for r in rows], y, weights=w)
+            except ValueError:
+                continue
+            if any(c < 0 for c in sub):
+                continue
+            x = [0.0] * k
+            for i, c in zip(free, sub):
+                x[i] = c
+            err = sum(wi * (sum(xi * ri for xi, ri in zip(x, r)) - yi) ** 2 for r, yi, wi in zip(rows, y, w))
+            if best is None or err < best[0] - 1e-18:
+                best = (err, x)
+    if best is None:
+        raise ValueError("no non-negative fit: the measurements do not determine the model")
+    return best[1]
+
+
+# ---------------------------------------------------------------------------
+# context length
+
+
+@dataclass(frozen=True)
+class ContextCosts:
+    """``T(b, n) = intercept[b] + n * slope[b]`` seconds for ``b`` rows after ``n`` cached tokens.
+
+    ``intercept`` and ``slope`` map row counts (1 and up) to seconds and seconds
+    per cached token. A row count between or beyond the measured ones is
+    interpolated or extrapolated linearly from its neighbours.
+    """
+
+    intercept: Mapping[int, float]
+    slope: Mapping[int, float]
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if 1 not in self.intercept or set(self.intercept) != set(self.slope):
+            raise ValueError("context costs need the same row counts in intercept and slope, including 1")
+
+    def _at(self, table: Mapping[int, float], rows: float) -> float:
+        keys = sorted(table)
+        if rows in table:
+            return table[int(rows)]
+        if len(keys) == 1:
+            return table[keys[0]] * rows
+        lo = max((k for k in keys if k <= rows), default=keys[0])
+        hi = min((k for k in keys if k > rows), default=keys[-1])
+        if lo == hi:  # beyond the table: continue the last segment
+            lo, hi = keys[-2], keys[-1]
+        return table[lo] + (rows - lo) * (table[hi] - table[lo]) / (hi - lo)
+
+    def seconds(self, rows: float, n_ctx_used: float) -> float:
+        """Modelled time of a forward of ``rows`` rows after ``n_ctx_used`` cached tokens."""
+        return self._at(self.intercept, rows) + max(0.0, n_ctx_used) * self._at(self.slope, rows)
+
+    def relative(self, rows: float, n_ctx_used: float) -> float:
+        """``T(rows, n) / T(1, n)``: the cost of the forward in 1-row forwards at the same context."""
+        one = self.seconds(1, n_ctx_used)
+        return self.seconds(rows, n_ctx_used) / one if one > 0 else float(rows)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"label": self.label,
+                "intercept_s": {str(b): round(v, 9) for b, v in sorted(self.intercept.items())},
+                "slope_s_per_token": {str(b): round(v, 12) for b, v in sorted(self.slope.items())}}
+
+
+def fit_context_costs(samples: Iterable[tuple[int, int, float]], label: str = "") -> ContextCosts:
+    """Fit :class:`ContextCosts` to ``(rows, n_ctx_used, seconds)`` samples.
+
+    Each row count needs samples at two or more context lengths. Intercept and slope
+    are fitted per row count, non-negative (a negative slope would be noise).
+    """
+    by_rows: dict[int, list[tuple[int, float]]] = {}
+    for rows, n, t in samples:
+        by_rows.setdefault(int(rows), []).append((int(n), float(t)))
+    intercept: dict[int, float] = {}
+    slope: dict[int, float] = {}
+    for rows, pts in sorted(by_rows.items()):
+        if len({n for n, _ in pts}) < 2:
+            raise ValueError(f"{rows}-row forwards were measured at one context length; need two or more")
+        c, s = nonnegative_least_squares([[1.0, float(n)] for n, _ in pts], [t for _, t in pts])
+        intercept[rows], slope[rows] = c, s
+    return ContextCosts(intercept, slope, label)
+
+
+# Prior for the drafting policy: the built-in model (mtpcode/builtin, F32, 1 thread as
+# the runtime runs models under 50 M parameters), measured on a 2-vCPU AMD EPYC with
+# ``python -m mtpcode.bench.synthetic --contexts`` (docs/results/costs-context-builtin.json,
+# docs/PERFORMANCE.md "Costs at the context lengths users have"). Times in seconds.
+BUILTIN_FLASH_OFF = ContextCosts(
+    intercept={1: 0.000847, 2: 0.00204, 3: 0.00241, 4: 0.00236, 5: 0.00258, 6: 0.00282, 7: 0.0031, 8: 0.00325},
+    slope={1: 6.72e-07, 2: 1.84e-06, 3: 1.87e-06, 4: 2.11e-06, 5: 2.48e-06, 6: 2.43e-06, 7: 2.57e-06, 8: 2.66e-06},
+    label="built-in model, flash attention off, 1 thread",
+)
+BUILTIN_FLASH_ON = ContextCosts(
+    intercept={1: 0.000829, 2: 0.00156, 3: 0.00134, 4: 0.00168, 5: 0.00204, 6: 0.00211, 7: 0.00269, 8: 0.00252},
+    slope={1: 7.22e-07, 2: 3.34e-06, 3: 4.91e-06, 4: 5.04e-06, 5: 5.03e-06, 6: 5.75e-06, 7: 6.37e-06, 8: 7.26e-06},
+    label="built-in model, flash attention on, 1 thread",
+)
+
+
+def verify_cost_prior(rows: int, n_ctx_used: int, *, flash_attn: bool = False) -> float:
+    """Prior cost of a ``rows``-row forward after ``n_ctx_used`` cached tokens, in units of
+    one 1-row forward at the same context (1.0 for one row).
+
+    From the built-in model's measured cost table (see :data:`BUILTIN_FLASH_OFF`); a
+    policy should replace it with its own measurements as they come in. With flash
+    attention on, every row walks the whole cache again, so long contexts make
+    verifying expensive; with it off the rows share one pass over K and V.
+    """
+    if rows < 1:
+        raise ValueError(f"a forward has at least one row, not {rows}")
+    return (BUILTIN_FLASH_ON if flash_attn else BUILTIN_FLASH_OFF).relative(rows, n_ctx_used)
+
+
+# ---------------------------------------------------------------------------
+# cores and memory bandwidth
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """``T(b, P) = overhead_s + max(bytes / BW, (weight_s + row_s * b) / P)`` seconds.
+
+    See the module docstring. ``bytes_per_forward`` is the weight bytes one forward
+    reads; ``head_bytes`` those of one head forward (a head costs its share of a
+    1-row forward, by bytes).
+    """
+
+    weight_s: float
+    row_s: float
+    overhead_s: float
+    bytes_per_forward: float
+    head_bytes: float = 0.0
+    label: str = ""
+
+    def compute_s(self, rows: float, cores: float) -> float:
+        return (self.weight_s + self.row_s * rows) / cores
+
+    def seconds(self, rows: float, cores: float, bandwidth_gb_s: float | None = None) -> float:
+        """Modelled forward time; ``bandwidth_gb_s=None`` leaves the memory bound out (compute only)."""
+        memory = self.bytes_per_forward / (bandwidth_gb_s * 1e9) if bandwidth_gb_s else 0.0
+        return self.overhead_s + max(memory, self.compute_s(rows, cores))
+
+    def head_seconds(self, cores: float, bandwidth_gb_s: float | None = None) -> float:
+        return self.seconds(1, cores, bandwidth_gb_s) * self.head_bytes / self.bytes_per_forward \
+            if self.bytes_per_forward else 0.0
+
+    def memory_bound_rows(self, cores: float, bandwidth_gb_s: float) -> float:
+        """Rows a forward can take before compute, not memory, sets its time (0 if compute-bound at 1 row)."""
+        memory = self.bytes_per_forward / (bandwidth_gb_s * 1e9)
+        return max(0.0, (memory * cores - self.weight_s) / self.row_s) if self.row_s > 0 else float("inf")
+
+    def to_dict(self) -> dict[str, object]:
+        return {"label": self.label, "weight_s": round(self.weight_s, 6), "row_s": round(self.row_s, 6),
+                "overhead_s": round(self.overhead_s, 6), "bytes_per_forward": int(self.bytes_per_forward),
+                "head_bytes": int(self.head_bytes)}
+
+
+@dataclass(frozen=True)
+class RooflineFit:
+    """A fitted :class:`Roofline` with its residuals on the samples it was fitted to.
+
+    ``memory_here_s`` is the fitted memory floor of the measuring machine (0 when none
+    of its samples was memory-bound), ``bandwidth_here_gb_s`` the read bandwidth it
+    implies (None without a floor).
+    """
+
+    model: Roofline
+    memory_here_s: float = 0.0
+    residuals: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def bandwidth_here_gb_s(self) -> float | None:
+        return self.model.bytes_per_forward / self.memory_here_s / 1e9 if self.memory_here_s > 0 else None
+
+    @property
+    def max_abs_error(self) -> float:
+        """Largest relative error of the fit on its own samples."""
+        return max((abs(r["rel_error"]) for r in self.residuals), default=0.0)
+
+
+def _fit_with_floor(pts: list[tuple[int, int, float]], floor: float) -> tuple[list[float], float]:
+    """(overhead, weight, row) for ``T = overhead + max(floor, (weight + row * b) / t)`` and its error.
+
+    Alternates between assigning each sample to the compute or the memory branch and
+    refitting the linear coefficients, until the assignment no longer changes.
+    """
+    weights = [1.0 / (s * s) for _, _, s in pts]
+    compute = set(range(len(pts)))
+    coef = [0.0, 0.0, 0.0]
+    for _ in range(20):
+        feats = [[1.0, 1.0 / t, b / t] if i in compute else [1.0, 0.0, 0.0] for i, (b, t, _) in enumerate(pts)]
+        ys = [s if i in compute else s - floor for i, (_, _, s) in enumerate(pts)]
+        coef = nonnegative_least_squares(feats, ys, weights=weights)
+        _, w, r = coef
+        now = {i for i, (b, t, _) in enumerate(pts) if (w + r * b) / t >= floor}
+        if now == compute:
+            break
+        compute = now
+    o, w, r = coef
+    err = sum(wi * (o + max(floor, (w + r * b) / t) - s) ** 2 for (b, t, s), wi in zip(pts, weights))
+    return coef, err
+
+
+def fit_roofline(samples: Iterable[tuple[int, int, float]], *, bytes_per_forward: float,
+                 head_bytes: float = 0.0, label: str = "", memory_floor: bool = True) -> RooflineFit:
+    """Fit a :class:`Roofline` to ``(rows, threads, seconds)`` samples of one machine.
+
+    ``seconds = overhead + max(floor, (weight + row * b) / t)``: the compute part is
+    linear in (1, 1/t, b/t) and fitted by non-negative least squares; ``floor`` is the
+    time to stream the weights on the measuring machine, found by a search over floors
+    (each with its own linear fit; ``memory_floor=False`` fixes it at 0, all compute).
+    Every sample is weighted by 1/seconds^2, so the relative error is minimised.
+    Needs two or more thread counts, or the overhead and the per-weight part cannot be
+    told apart.
+    """
+    pts = [(int(b), int(t), float(s)) for b, t, s in samples]
+    if len({t for _, t, _ in pts}) < 2:
+        raise ValueError("fitting cores needs forwards measured at two or more thread counts")
+    if len({b for b, _, _ in pts}) < 2:
+        raise ValueError("fitting rows needs forwards of two or more row counts")
+    if min(s for _, _, s in pts) <= 0:
+        raise ValueError("forward times must be positive")
+    best_coef, best_err = _fit_with_floor(pts, 0.0)
+    best_floor = 0.0
+    if memory_floor:
+        top = min(s for _, _, s in pts)
+        for i in range(1, 201):
+            floor = top * i / 200
+            coef, err = _fit_with_floor(pts, floor)
+            if err < best_err * (1 - 1e-9):
+                best_coef, best_err, best_floor = coef, err, floor
+    overhead, weight, row = best_coef
+    model = Roofline(weight_s=weight, row_s=row, overhead_s=overhead, bytes_per_forward=bytes_per_forward,
+                     head_bytes=head_bytes, label=label)
+    # a floor below every compute time changes nothing: report none
+    if best_floor and all(model.compute_s(b, t) >= best_floor for b, t, _ in pts):
+        best_floor = 0.0
+    residuals = []
+    for b, t, s in pts:
+        pred = overhead + max(best_floor, model.compute_s(b, t))
+        residuals.append({"rows": b, "threads": t, "measured_s": round(s, 6), "model_s": round(pred, 6),
+                          "rel_error": round(pred / s - 1.0, 4)})
+    return RooflineFit(model, best_floor, residuals)
+
+
+def geometric_acceptance(tokens_per_forward: float, n_drafts: int) -> float:
+    """The per-draft acceptance ``a`` with ``1 + a + ... + a^n = tokens_per_forward`` (an
+    assumption: each further draft is accepted with the same conditional probability)."""
+    lo, hi = 0.0, 1.0
+    target = min(tokens_per_forward, n_drafts + 1.0)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if sum(mid ** i for i in range(n_drafts + 1)) < target:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A target machine for a projection: cores used by llama.cpp and achievable read bandwidth."""
+
+    name: str
+    cores: int
+    bandwidth_gb_s: float
+    note: str = ""
+
+
+# Desktop targets for the projections (assumptions, stated in docs/PERFORMANCE.md): both
+# with two channels of DDR5, of which llama.cpp reads about 60 GB/s; cores as fast as the
+# measuring machine's (a desktop core at 5 GHz is faster, which would make verifying cheaper).
+DESKTOPS = (
+    Machine("8-core desktop", 8, 60.0, "e.g. Ryzen 7 7700 / Core i7 class, 2 x DDR5"),
+    Machine("16-core desktop", 16, 60.0, "e.g. Ryzen 9 7950X class, 2 x DDR5"),
+)
+
+
+def project_speedup(model: Roofline, cores: int, bandwidth_gb_s: float | None, *,
+                    tokens_per_forward: float = PAPER_TOKENS_PER_FORWARD, n_drafts: int = 3) -> dict[str, object]:
+    """PROJECTED speedup of self-speculative decoding over plain decoding on ``cores`` cores
+    with ``bandwidth_gb_s`` of memory bandwidth (None: compute only).
+
+    Plain: one 1-row forward per token. With ``k`` drafts: one (k+1)-row forward plus
+    ``k`` head forwards per step, yielding ``1 + a + ... + a^k`` tokens, ``a`` the
+    geometric per-draft acceptance that gives ``tokens_per_forward`` at ``n_drafts``.
+    Python overhead per step is not included.
+    """
+    a = geometric_acceptance(tokens_per_forward, n_drafts)
+    one = model.seconds(1, cores, bandwidth_gb_s)
+    head = model.head_seconds(cores, bandwidth_gb_s)
+    per_k = []
+    for k in range(n_drafts + 1):
+        tpf = sum(a ** i for i in range(k + 1))
+        step = model.seconds(k + 1, cores, bandwidth_gb_s) + k * head
+        per_k.append({"drafts": k, "tokens_per_forward": round(tpf, 3), "step_cost_rel": round(step / one, 3),
+                      "speedup": round(tpf * one / step, 3)})
+    best = max(per_k, key=lambda r: float(r["speedup"]))
+    return {
+        "label": "PROJECTION (fitted cost model x assumed acceptance), not a measured speedup",
+        "cores": cores,
+        "bandwidth_gb_s": bandwidth_gb_s,
+        "one_row_ms": round(1e3 * one, 2),
+        "plain_tokens_per_s": round(1.0 / one, 2) if one > 0 else None,
+        "memory_bound_rows": round(model.memory_bound_rows(cores, bandwidth_gb_s), 2) if bandwidth_gb_s else 0.0,
+        "per_draft_acceptance": round(a, 4),
+        "per_k": per_k,
+        "at_n": per_k[n_drafts],
+        "best": best,
+    }
+
+
+# ---------------------------------------------------------------------------
+# which quantization to verify with on a CPU
+
+
+@dataclass(frozen=True)
+class QuantAdvice:
+    """How a quantization type verifies on CPU, from the 7B-shape cost measurements."""
+
+    quant: str
+    four_rows_rel: tuple[float, float]  # time of a 4-row forward / a 1-row forward (range over runs)
+    verdict: str  # "best", "good" or "slow"
+
+
+# Measured on a 2-vCPU AMD EPYC (docs/PERFORMANCE.md, "Guidance: which quantization").
+QUANT_ADVICE: dict[str, QuantAdvice] = {
+    "Q8_0": QuantAdvice("Q8_0", (1.6, 1.8), "best"),
+    "Q4_0": QuantAdvice("Q4_0", (2.2, 2.5), "good"),
+    "Q4_K_M": QuantAdvice("Q4_K_M", (2.6, 3.3), "slow"),
+}
+
+
+def quant_note(quant: str) -> str | None:
+    """A one-line note when ``quant`` verifies badly on CPU (None when it does not, or is unmeasured)."""
+    advice = QUANT_ADVICE.get(quant.upper())
+    if advice is None or advice.verdict != "slow":
+        return None
+    lo, hi = advice.four_rows_rel
+    best = QUANT_ADVICE["Q8_0"].four_rows_rel
+    return (f"note: {advice.quant} verifies slowly on CPU (4 drafted tokens cost {lo:g}-{hi:g}x one token, "
+            f"Q8_0 {best[0]:g}-{best[1]:g}x): for speculative decoding on a CPU prefer --quant Q8_0, "
+            "or Q4_0 where memory is tight")
