@@ -131,9 +131,27 @@ class ContextDrafter:
                     continue
                 length = n + self._extend(seq, end - n, where == "text", n)
                 if best is None or length > best.length:
-                    best = Match(length, tuple(seq[end: end + self.max_draft]), where)
+                    tokens = self._continue(pending, end) if where == "text" else tuple(seq[end: end + self.max_draft])
+                    best = Match(length, tokens, where)
                 break
         return best
+
+    def _continue(self, pending: int, end: int) -> tuple[int, ...]:
+        """The ``max_draft`` tokens after a match in the text that ends at ``end``.
+
+        Where the continuation reaches the end of the text it goes on with the
+        pending token and then with itself: a match one period back in a
+        repeating stretch (a loop, a run of similar lines) drafts the repetition
+        in full, not only up to the text's end.
+        """
+        text = self._text
+        n_text = len(text)
+        out = text[end: end + self.max_draft]
+        if len(out) < self.max_draft:
+            out.append(pending)
+            while len(out) < self.max_draft:
+                out.append(out[end + len(out) - n_text - 1])
+        return tuple(out)
 
     def _extend(self, seq: list[int], start: int, same: bool, n: int) -> int:
         """How many more tokens before the matched n-gram agree with the text before its last n-1 tokens."""
@@ -314,6 +332,7 @@ class DraftPolicy:
         self.chain = [0.6 ** (k + 1) for k in range(max_heads)]  # optimistic prior (floats: called every step)
         self.seen = [0] * max_heads  # drafts of each head observed
         self.t_verify: dict[int, float] = {}
+        self._costs: list[float] | None = None  # _cost_table() of the current measurements
         self.t_head = 0.0
         self.k = max_heads
         self.steps = 0
@@ -366,12 +385,29 @@ class DraftPolicy:
     def _verify_time(self, rows: int) -> float:
         if not self.measured:
             return 0.7 + 0.3 * rows
-        if rows in self.t_verify:
-            return self.t_verify[rows]
-        # unmeasured size: scale the nearest measured one with a prior of ~30%
-        # extra per additional row (measured on CPUs: 1.2-2x for 2 rows, 1.4-3x for 4)
-        ref = min(self.t_verify, key=lambda b: abs(b - rows))
-        return self.t_verify[ref] * (0.7 + 0.3 * rows) / (0.7 + 0.3 * ref)
+        if self._costs is None:
+            self._costs = self._cost_table()
+        return self._costs[min(rows, len(self._costs) - 1)]
+
+    def _cost_table(self) -> list[float]:
+        """Verify time per row count (index = rows), from the measurements, never decreasing.
+
+        An unmeasured size scales the nearest measured one with a prior of ~30%
+        extra per additional row (measured on CPUs: 1.2-2.5x for 2 rows, 1.4-3x
+        for 4). A larger batch is never taken to cost less than a smaller one:
+        on a shared machine one noisy measurement could otherwise make drafts
+        look free.
+        """
+        table = [0.0]
+        sizes = sorted(self.t_verify)
+        for rows in range(1, self.max_draft + 2):
+            if rows in self.t_verify:
+                t = self.t_verify[rows]
+            else:
+                ref = min(sizes, key=lambda b: abs(b - rows))
+                t = self.t_verify[ref] * (0.7 + 0.3 * rows) / (0.7 + 0.3 * ref)
+            table.append(max(t, table[-1]))
+        return table
 
     def _head_time(self) -> float:
         return self.t_head if self.measured else 0.05
@@ -489,6 +525,7 @@ class DraftPolicy:
         a = self.alpha
         old = self.t_verify.get(rows)
         self.t_verify[rows] = verify_s if old is None else old + a * (verify_s - old)
+        self._costs = None
         if heads_run:
             per = head_s / heads_run
             self.t_head = per if self.t_head == 0.0 else self.t_head + a * (per - self.t_head)
@@ -537,6 +574,7 @@ class DraftPolicy:
             self.mix_q, self.mix_n = mq, [min(x, 5) for x in mn]
         self.chain, self.seen = chain, [min(n, 5) for n in seen]
         self.t_verify, self.t_head = t_verify, t_head
+        self._costs = None
         self.steps = self.warmup_steps
         self._next_probe = self.steps + self.probe_min
         return True

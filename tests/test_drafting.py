@@ -31,8 +31,9 @@ def test_longest_match_and_its_continuation() -> None:
     # text ends "... 6 7 3", pending 5: no n-gram ending in 5 except the 1-gram at 1
     m = d.draft(5)
     assert m == Match(length=1, tokens=(6, 7, 8, 9), where="text")
-    # pending 7 after "... 3": 2-gram (3, 7) unseen; 1-gram 7: latest occurrence is at 8, followed by 3
-    assert d.draft(7) == Match(1, (3,), "text")
+    # pending 7 after "... 3": 2-gram (3, 7) unseen; 1-gram 7: latest occurrence is at 8, followed by 3;
+    # the continuation reaches the text's end, then repeats what it copied ("3 7" again and again)
+    assert d.draft(7) == Match(1, (3, 7, 3, 7), "text")
     d.accept([5, 6])  # text ... 3 5 6
     # pending 7: the 3-gram (5, 6, 7) occurred at 1..3 and beats the later 2-gram (6, 7) at 7..8
     m = d.draft(7)
@@ -91,7 +92,7 @@ def test_empty_and_tiny_texts() -> None:
     d.accept([3])
     assert d.draft(3) is None  # a token with nothing after it yet
     d.accept([3])
-    assert d.draft(3) == Match(1, (3,), "text")  # "3 3" then 3: the run continues
+    assert d.draft(3) == Match(1, (3,) * d.max_draft, "text")  # "3 3" then 3: the run continues
 
 
 # ---------------------------------------------------------------------------
@@ -317,9 +318,10 @@ def test_a_suffix_the_model_retypes_is_drafted_and_accepted(builtin_bundle) -> N
             tokens, flags, done = generate(engine, ids, max_tokens=48, suffix=suffix + "\n# the rest\n", **opts)
             assert tokens == plain
             st = done.stats
-            assert st.accepted_by_source["context"] >= len(plain) // 2, opts
-            assert st.main_forwards < pd.stats.main_forwards // 2, opts
-            assert st.tokens_per_forward_by_source["context"] > 2.0
+            # (how far it drafts follows measured costs; how much is accepted is the model's)
+            assert st.accepted_by_source["context"] >= len(plain) // 3, opts
+            assert st.main_forwards < 0.75 * pd.stats.main_forwards, opts
+            assert st.tokens_per_forward_by_source["context"] > 1.5
             assert sum(flags) >= st.accepted_by_source["context"]
 
 
