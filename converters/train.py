@@ -24,8 +24,10 @@ resumable but repeats only to rounding.
 
 ``--time-budget S`` sizes the run to S seconds of training: after the first
 ``CALIBRATION_STEPS`` steps it measures the seconds per step and sets
-``--steps`` so that the loop ends within the budget. The step count it chose
-is in summary.json and the saved state, so ``--steps N`` repeats the run.
+``--steps`` so that the loop ends within the budget, and re-estimates it at
+every log step until the final decay starts (the learning rate does not
+depend on the step count before that). The step count it chose is in
+summary.json and the saved state, so ``--steps N`` repeats the run.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -245,9 +248,10 @@ def speculative_tokens_per_forward(model: MTPTransformer, prompts: list[list[int
         total_tokens += len(emitted)
         total_forwards += forwards
         per_prompt.append(len(emitted) / max(1, forwards))
-    result = {"prompts": len(prompts), "new_tokens": n_new, "tokens": total_tokens, "main_forwards": total_forwards,
-              "tokens_per_forward": total_tokens / max(1, total_forwards),
-              "per_prompt_median": float(np.median(per_prompt)) if per_prompt else 0.0}
+    result: dict[str, Any] = {
+        "prompts": len(prompts), "new_tokens": n_new, "tokens": total_tokens, "main_forwards": total_forwards,
+        "tokens_per_forward": total_tokens / max(1, total_forwards),
+        "per_prompt_median": float(np.median(per_prompt)) if per_prompt else 0.0}
     if keep_outputs:
         result["outputs"] = outputs
     return result
@@ -378,7 +382,9 @@ def train(cfg: TrainConfig, out: Path, *, work_dir: Path | None = None, resume: 
         raise UsageError(f"--time-budget needs --warmup >= {CALIBRATION_STEPS} (the steps it times before "
                          "choosing --steps must not depend on it)")
     if time_budget is not None:
-        cfg.steps = max(cfg.steps, CALIBRATION_STEPS + 1)
+        # the step count must leave the timed steps before the decay, whatever --steps said
+        while decay_start(cfg) <= CALIBRATION_STEPS:
+            cfg.steps += 1
     if dev.type == "cuda":
         # float32 matrix products (outside autocast) may use TF32 tensor cores
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -431,7 +437,7 @@ def train(cfg: TrainConfig, out: Path, *, work_dir: Path | None = None, resume: 
                    "train_files": corpus.n_train_files, "heldout_files": corpus.n_heldout_files,
                    "config": json.dumps(asdict(cfg))}, quiet)
     budget: dict = {}
-    t_start = time.time()
+    t_start = t_calib = time.time()
     t0, window_losses, grad_norm = time.time(), [], torch.zeros(())
     while step < cfg.steps:
         lr = lr_at(cfg, step)
@@ -446,19 +452,27 @@ def train(cfg: TrainConfig, out: Path, *, work_dir: Path | None = None, resume: 
         step += 1
         tokens_seen += cfg.batch_size * cfg.seq_len
         window_losses.append(losses)
-        if time_budget is not None and not budget and step in (CALIBRATION_SKIP, CALIBRATION_STEPS):
+        if time_budget is not None and step == CALIBRATION_SKIP:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
-            if step == CALIBRATION_SKIP:
-                t_calib = time.time()
-            else:
-                per_step = (time.time() - t_calib) / (CALIBRATION_STEPS - CALIBRATION_SKIP)
-                left = time_budget - (time.time() - t_start)
-                cfg.steps = steps_for_budget(cfg, step, per_step, left)
-                budget = {"time_budget_s": time_budget, "calibration_steps": CALIBRATION_STEPS,
+            t_calib = time.time()
+        elif time_budget is not None and step >= CALIBRATION_STEPS and step < decay_start(cfg) and (
+                step == CALIBRATION_STEPS or step % log_every == 0):
+            # Until the decay starts the learning rate does not depend on the step count, so the
+            # count may still change: re-estimated from all steps timed so far, it follows the
+            # machine's real rate (evaluations included) and the run ends within the budget.
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            per_step = (time.time() - t_calib) / (step - CALIBRATION_SKIP)
+            steps = steps_for_budget(cfg, step, per_step, time_budget - (time.time() - t_start))
+            steps = max(steps, next(n for n in range(step + 1, 10 * step + 100)
+                                    if decay_start(replace(cfg, steps=n)) > step))
+            if steps != cfg.steps or not budget:
+                cfg.steps = steps
+                budget = {"time_budget_s": time_budget, "timed_steps": step - CALIBRATION_SKIP,
                           "seconds_per_step": per_step,
                           "tokens_per_s": cfg.batch_size * cfg.seq_len / per_step, "steps": cfg.steps}
-                _log(out, {"event": "time_budget", **budget}, quiet)
+                _log(out, {"event": "time_budget", "step": step, **budget}, quiet)
         if step % log_every == 0 or step == cfg.steps:
             mean = [float(x) for x in torch.stack(window_losses).mean(0).tolist()]
             _log(out, {"step": step, "lr": lr, "grad_norm": float(grad_norm), "train_loss": mean,

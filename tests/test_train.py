@@ -160,13 +160,17 @@ PKG = TrainConfig(
 
 @pytest.fixture(scope="module")
 def package_run(tmp_path_factory) -> Path:
-    from converters.train import CALIBRATION_STEPS
+    from dataclasses import replace
+
+    from converters.train import CALIBRATION_STEPS, decay_start
 
     out = tmp_path_factory.mktemp("pkgrun") / "run"
-    # a one-second budget: the run stops at the end of the warmup, whatever this machine's speed
+    # a one-second budget: the shortest run whose decay starts after the timed steps,
+    # whatever this machine's speed
     summary = train(PKG, out, work_dir=tmp_path_factory.mktemp("pkgcache"), time_budget=1.0,
                     ckpt_dtype="bfloat16", spec_prompts=3, spec_tokens=16, **{**RUN, "eval_every": 100})
-    assert summary["steps"] == max(PKG.warmup, CALIBRATION_STEPS + 1)
+    shortest = next(n for n in range(1, 1000) if decay_start(replace(PKG, steps=n)) > CALIBRATION_STEPS)
+    assert summary["steps"] == shortest
     return out
 
 

@@ -73,7 +73,9 @@ def check_capture(model_dir: Path, gpu_layers: int, threads: int) -> dict[str, A
             trunk = np.zeros((64, model.n_embd), dtype=np.float32)
             cap = TrunkCapture(bundle.manifest.trunk_tensor, trunk)
             with Context(model, n_ctx=64, n_batch=64, n_threads=threads, capture=cap, flash_attn=True) as ctx:
-                ctx.batch.tokens[:len(ids)] = ids
+                tokens = ctx.batch.tokens
+                assert tokens is not None  # a context for token input
+                tokens[:len(ids)] = ids
                 ctx.decode(len(ids), 0, last_logits_only=True)
                 if cap.error:
                     raise SystemExit(f"capture error with {layers} GPU layers: {cap.error}")
@@ -108,7 +110,7 @@ def _run(engine: Any, ids: list[int], max_tokens: int, **opts: Any) -> tuple[lis
     return tokens, stats
 
 
-CONFIGS = {
+CONFIGS: dict[str, dict[str, Any]] = {
     "plain": dict(heads=0, context_draft=False),
     "all heads (adaptive off)": dict(heads=None, adaptive=False, context_draft=False),
     "default (adaptive, context)": dict(heads=None, adaptive=True),
@@ -191,16 +193,18 @@ def time_forwards(bundle_dir: Path, gpu_layers: int, threads: int, *, max_batch:
     cap = TrunkCapture(m.trunk_tensor, trunk)
     ctx = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, capture=cap, flash_attn=True)
     hctx = Context(head, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True, flash_attn=True)
+    tokens, embd = ctx.batch.tokens, hctx.batch.embd
+    assert tokens is not None and embd is not None  # token input for main, embeddings for the head
     try:
-        ctx.batch.tokens[:prefix] = rng.integers(3, m.n_vocab, prefix)
+        tokens[:prefix] = rng.integers(3, m.n_vocab, prefix)
         ctx.decode(prefix, 0, last_logits_only=True)
-        np.copyto(hctx.batch.embd[:prefix], trunk[:prefix])
+        np.copyto(embd[:prefix], trunk[:prefix])
         hctx.decode(prefix, 0, last_logits_only=True)
 
         def main_forward(b: int) -> float:
             dt = 0.0
             for _ in range(2):
-                ctx.batch.tokens[:b] = rng.integers(3, m.n_vocab, b)
+                tokens[:b] = rng.integers(3, m.n_vocab, b)
                 t = time.perf_counter()
                 ctx.decode(b, prefix, last_logits_only=False)
                 llama_cpp.llama_synchronize(ctx.ptr)
@@ -211,7 +215,7 @@ def time_forwards(bundle_dir: Path, gpu_layers: int, threads: int, *, max_batch:
         def head_forward() -> float:
             dt = 0.0
             for _ in range(2):
-                np.copyto(hctx.batch.embd[:1], trunk[prefix:prefix + 1])
+                np.copyto(embd[:1], trunk[prefix:prefix + 1])
                 t = time.perf_counter()
                 hctx.decode(1, prefix, last_logits_only=True)
                 llama_cpp.llama_synchronize(hctx.ptr)
