@@ -70,3 +70,13 @@ orig=$(stat -c %s "$SDIST")
     echo "slim copy: $packed bytes packed ($(awk "BEGIN{printf \"%.1f\", $packed/1048576}") MiB), $after bytes unpacked"
     echo "sha256 $(sha256sum "$OUT" | cut -d' ' -f1)  $(basename "$OUT")"
 } | tee "$DEV/slim-size.txt"
+
+# What travels with scripts/device/device-check.sh: the working tree (tracked and
+# untracked-but-not-ignored files) plus the carried slim sdist and wheels; the limit is 64 MiB.
+cd "$ROOT"
+tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 -r stat -c %s 2>/dev/null \
+        | awk '{s += $1} END {print s + 0}')
+wheels=$(du -cb "$DEV"/wheels/*.whl 2>/dev/null | tail -1 | cut -f1)
+total=$((tree + packed + ${wheels:-0}))
+echo "travels per device call: working tree $tree + slim sdist $packed + wheels ${wheels:-0} = $total bytes" \
+     "($(awk "BEGIN{printf \"%.1f\", $total/1048576}") MiB of 64 MiB)" | tee -a "$DEV/slim-size.txt"
