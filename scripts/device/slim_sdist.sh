@@ -61,8 +61,9 @@ for d in "$L/ggml/src/ggml-cpu" "$L/ggml/src/ggml-cuda" "$L/src/models" "$L/comm
     [ -e "$d" ] || { echo "slim_sdist: $d missing after slimming" >&2; exit 1; }
 done
 after=$(du -sb "$SRC" | cut -f1)
-# a reproducible archive: the same sdist gives the same bytes (sorted names, no times or owners)
-tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -cf - -C "$WORK" "$NAME" | gzip -n >"$OUT.tmp"
+# a reproducible archive: the same sdist gives the same bytes (sorted names, one fixed time
+# after 1980, as ZIP-based wheels need, no owners)
+tar --sort=name --mtime=@1704067200 --owner=0 --group=0 --numeric-owner -cf - -C "$WORK" "$NAME" | gzip -n >"$OUT.tmp"
 mv "$OUT.tmp" "$OUT"
 packed=$(stat -c %s "$OUT")
 orig=$(stat -c %s "$SDIST")
