@@ -12,7 +12,8 @@ Stages:
              the product default, and plain again (an A/A control), on the bench's
              default prompts; tokens per second (medians), tokens per forward, and
              whether every configuration's output equals plain decoding on the GPU
-             and plain decoding on the CPU (token for token).
+             and plain decoding on the CPU alone (a child process that sees no GPU),
+             token for token.
 ``costs``    the cost model: wall time of main forwards of 1..8 rows after a 64-token
              prefix, and of one head forward, with the weights offloaded
              (``--gpu-layers -1``) or on ``--threads`` CPU cores (``--gpu-layers 0``),
@@ -141,8 +142,7 @@ def check_engine(model_dir: Path, gpu_layers: int, threads: int, n_prompts: int,
                         results[name]["tokens"].append(tokens)
                     results[name]["tps"].append(st.generated_tokens / st.decode_s if st.decode_s else 0.0)
                     results[name]["tpf"].append(st.tokens_per_forward)
-    with Engine(model_dir, n_ctx=2048, n_threads=threads, n_gpu_layers=0) as cpu:
-        cpu_plain = [_run(cpu, prompt_ids, max_tokens, **CONFIGS["plain"])[0] for prompt_ids in ids]
+    cpu_plain, out["cpu_reference"] = cpu_plain_tokens(model_dir, ids, threads, max_tokens)
     plain = results["plain"]["tokens"]
     plain_tps = np.array(results["plain"]["tps"])
     table = {}
@@ -159,6 +159,38 @@ def check_engine(model_dir: Path, gpu_layers: int, threads: int, n_prompts: int,
     out["configs"] = table
     out["prompts_n"] = len(prompts)
     return out
+
+
+def cpu_plain_tokens(model_dir: Path, ids: list[list[int]], threads: int,
+                     max_tokens: int) -> tuple[list[list[int]], str]:
+    """Plain greedy outputs on the CPU alone, in a child process that sees no GPU, and how they were made.
+
+    In this process a CUDA build would still send large host-weight matrix products (a
+    prompt's prefill) to the GPU; with ``CUDA_VISIBLE_DEVICES`` empty it cannot. Should
+    the child fail, the outputs come from this process, and the label says so.
+    """
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "ids.json", Path(tmp) / "out.json"
+        src.write_text(json.dumps(ids))
+        cmd = [sys.executable, __file__, "plain", "--model", str(model_dir), "--ids", str(src), "--out", str(dst),
+               "--threads", str(threads), "--max-tokens", str(max_tokens), "--gpu-layers", "0"]
+        proc = subprocess.run(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
+        if proc.returncode == 0:
+            return json.loads(dst.read_text())["outputs"], "child process, no GPU visible"
+        print(f"CPU reference without a visible GPU failed ({proc.stderr.strip()[-300:]}); in-process instead")
+    return plain_tokens(model_dir, ids, threads, max_tokens), "in-process, GPU visible (prefill may use it)"
+
+
+def plain_tokens(model_dir: Path, ids: list[list[int]], threads: int, max_tokens: int) -> list[list[int]]:
+    """Plain greedy outputs of the engine with no layer offloaded."""
+    from mtpcode.runtime import Engine
+
+    with Engine(model_dir, n_ctx=2048, n_threads=threads, n_gpu_layers=0) as cpu:
+        return [_run(cpu, prompt_ids, max_tokens, **CONFIGS["plain"])[0] for prompt_ids in ids]
 
 
 def _first_diff(a: list[int], b: list[int]) -> int | None:
@@ -298,7 +330,8 @@ def _cost_line(name: str, c: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("stage", choices=("capture", "engine", "costs"))
+    ap.add_argument("stage", choices=("capture", "engine", "costs", "plain"))
+    ap.add_argument("--ids", type=Path, help="plain: JSON list of prompts' token ids")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--gpu-layers", type=int, default=-1)
     ap.add_argument("--threads", type=int, default=1)
@@ -316,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
         result = check_capture(model, args.gpu_layers, args.threads)
         print(f"capture: {'C' if result['native_capture'] else 'Python'} callback, max |diff| GPU vs CPU "
               f"{result['max_abs_diff']:.3g} of {result['max_abs_value']:.3g}: {'ok' if result['ok'] else 'DIFFERS'}")
+    elif args.stage == "plain":
+        result = {"outputs": plain_tokens(model, json.loads(args.ids.read_text()), args.threads, args.max_tokens)}
     elif args.stage == "engine":
         result = check_engine(model, args.gpu_layers, args.threads, args.n_prompts, args.max_tokens, args.repeat)
         for name, r in result["configs"].items():
