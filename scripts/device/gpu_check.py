@@ -178,7 +178,8 @@ def cpu_plain_tokens(model_dir: Path, ids: list[list[int]], threads: int,
         src.write_text(json.dumps(ids))
         cmd = [sys.executable, __file__, "plain", "--model", str(model_dir), "--ids", str(src), "--out", str(dst),
                "--threads", str(threads), "--max-tokens", str(max_tokens), "--gpu-layers", "0"]
-        proc = subprocess.run(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True)
+        proc = subprocess.run(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": "",
+                                                "GGML_OP_OFFLOAD_MIN_BATCH": "1000000"}, capture_output=True, text=True)
         if proc.returncode == 0:
             return json.loads(dst.read_text())["outputs"], "child process, no GPU visible"
         print(f"CPU reference without a visible GPU failed ({proc.stderr.strip()[-300:]}); in-process instead")
