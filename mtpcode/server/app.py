@@ -60,7 +60,7 @@ from mtpcode.server.protocol import (
     stop_type,
     timings,
 )
-from mtpcode.server.scheduler import Job, Outcome, Scheduler
+from mtpcode.server.scheduler import Job, Outcome, Scheduler, Started
 from mtpcode.stops import code_stops
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes: far more than editors send (llama.vim's ring is ~64 KiB)
@@ -192,18 +192,29 @@ def check_model(state: ServerState, body: dict[str, Any]) -> None:
 
 
 @dataclass
+class Spec:
+    """A parsed request: everything but what needs the engine's tokenizer (see :class:`Plan`)."""
+
+    params: Params
+    options: GenerationOptions
+    settings_json: dict[str, Any]
+    infill: bool  # complete at a cursor (before, suffix, chunks) rather than continue ``prompt``
+    prompt: str | list[int] = ""
+    before: str = ""
+    suffix: str = ""
+    chunks: list[Chunk] = field(default_factory=list)
+
+
+@dataclass
 class Plan:
-    """A request turned into what the engine runs."""
+    """A request turned into what the engine runs (built on the worker thread)."""
 
     prompt: str | list[int]
     prompt_text: str  # the prompt as text, for the response's "prompt" field
     n_prompt: int
     stops: list[StopCondition]
     word: WordStop
-    options: GenerationOptions
     truncated: bool
-    params: Params
-    settings_json: dict[str, Any]
 
 
 def _budget(state: ServerState, params: Params) -> int:
@@ -239,29 +250,34 @@ def _extra_stops(params: Params) -> tuple[WordStop, list[StopCondition]]:
     return word, stops
 
 
-def plan_infill(state: ServerState, before: str, suffix: str, chunks: list[Chunk], params: Params) -> Plan:
+def build_plan(state: ServerState, spec: Spec) -> Plan:
+    """Tokenize and fit ``spec`` into the context (uses the engine: worker thread only)."""
+    return _plan_infill(state, spec) if spec.infill else _plan_plain(state, spec)
+
+
+def _plan_infill(state: ServerState, spec: Spec) -> Plan:
     """Prompt and stops for a completion at the cursor: ``before`` it, ``suffix`` after it."""
     engine = state.engine
-    options, settings_json = _options(state, params)
 
     def count(text: str) -> int:
         return len(engine.tokenize(text))
 
     try:
-        built = build_infill_prompt(before, chunks, count, _budget(state, params))
+        built = build_infill_prompt(spec.before, spec.chunks, count, _budget(state, spec.params))
     except PromptTooLong as exc:
         raise ApiError(400, f"{exc}: shorten the line or start the server with a larger --ctx",
                        "exceed_context_size_error", n_ctx=state.n_ctx) from None
-    word, stops = _extra_stops(params)
-    stops.extend(code_stops(built.before_cursor, suffix=strip_markers(suffix)))
-    return Plan(prompt=built.text, prompt_text=built.text, n_prompt=count(built.text), stops=stops, word=word,
-                options=options, truncated=built.truncated, params=params, settings_json=settings_json)
+    ids = engine.tokenize(built.text)
+    word, stops = _extra_stops(spec.params)
+    stops.extend(code_stops(built.before_cursor, suffix=strip_markers(spec.suffix)))
+    return Plan(prompt=ids, prompt_text=built.text, n_prompt=len(ids), stops=stops, word=word,
+                truncated=built.truncated)
 
 
-def plan_plain(state: ServerState, prompt: str | list[int], params: Params) -> Plan:
+def _plan_plain(state: ServerState, spec: Spec) -> Plan:
     """Prompt and stops for a plain continuation of ``prompt`` (text, or token ids)."""
     engine = state.engine
-    options, settings_json = _options(state, params)
+    prompt = spec.prompt
     if isinstance(prompt, str):
         ids = engine.tokenize(prompt)
         keep_first = 1
@@ -271,13 +287,12 @@ def plan_plain(state: ServerState, prompt: str | list[int], params: Params) -> P
         bad = [t for t in ids if not 0 <= t < engine.n_vocab]
         if bad:
             raise bad_request(f"prompt token {bad[0]} is outside the vocabulary (0..{engine.n_vocab - 1})")
-    ids, truncated = truncate_tokens(ids, _budget(state, params), keep_first=keep_first)
+    ids, truncated = truncate_tokens(ids, _budget(state, spec.params), keep_first=keep_first)
     if not ids:
         raise bad_request("the prompt is empty")
     text = engine.detokenize(ids) if truncated or not isinstance(prompt, str) else prompt
-    word, stops = _extra_stops(params)
-    return Plan(prompt=ids, prompt_text=text, n_prompt=len(ids), stops=stops, word=word, options=options,
-                truncated=truncated, params=params, settings_json=settings_json)
+    word, stops = _extra_stops(spec.params)
+    return Plan(prompt=ids, prompt_text=text, n_prompt=len(ids), stops=stops, word=word, truncated=truncated)
 
 
 def parse_chunks(body: dict[str, Any]) -> list[Chunk]:
@@ -315,8 +330,8 @@ def parse_prompt(body: dict[str, Any], name: str = "prompt", *, tokens: bool = T
     raise bad_request(f'"{name}" must be a string' + (" or an array of token ids" if tokens else ""))
 
 
-async def prepare(state: ServerState, body: dict[str, Any], kind: str) -> Plan:
-    """Parse ``body`` for endpoint ``kind`` ("infill", "completion", "openai", "ollama") into a Plan."""
+def parse_request(state: ServerState, body: dict[str, Any], kind: str) -> Spec:
+    """Parse ``body`` for endpoint ``kind`` ("infill", "completion", "openai", "ollama")."""
     check_model(state, body)
     if kind == "ollama":
         options = body.get("options")
@@ -327,32 +342,37 @@ async def prepare(state: ServerState, body: dict[str, Any], kind: str) -> Plan:
     params = parse_params(body, state.n_ctx, state.settings.max_tokens, openai=(kind == "openai"))
     if params.stream and params.n_cmpl > 1:
         raise bad_request("streaming gives one completion: ask for n_cmpl (or n) 1")
+    gen, settings_json = _options(state, params)
+    spec = Spec(params=params, options=gen, settings_json=settings_json, infill=False)
     if kind == "infill":
         prefix, suffix, middle = get_str(body, "input_prefix"), get_str(body, "input_suffix"), get_str(body, "prompt")
-        chunks = parse_chunks(body)
-        return await asyncio.to_thread(plan_infill, state, prefix + middle, suffix, chunks, params)
+        return replace(spec, infill=True, before=prefix + middle, suffix=suffix, chunks=parse_chunks(body))
     prompt = parse_prompt(body, tokens=(kind != "ollama"))
     suffix = get_str(body, "suffix") if kind in ("openai", "ollama") else ""
     if isinstance(prompt, str):
         if suffix:
-            return await asyncio.to_thread(plan_infill, state, prompt, suffix, [], params)
+            return replace(spec, infill=True, before=prompt, suffix=suffix)
         split = split_fim(prompt) if has_markers(prompt) else None
         if split is not None:
             chunks = [Chunk("", split.context)] if split.context.strip() else []
-            return await asyncio.to_thread(plan_infill, state, split.prefix, split.suffix, chunks, params)
+            return replace(spec, infill=True, before=split.prefix, suffix=split.suffix, chunks=chunks)
         prompt = strip_markers(prompt)
-    return await asyncio.to_thread(plan_plain, state, prompt, params)
+    return replace(spec, prompt=prompt)
 
 
 # --- running ----------------------------------------------------------------------------------
 
 
-def make_job(state: ServerState, plan: Plan, *, pieces: bool, seed_offset: int = 0) -> Job:
-    options = plan.options
+def make_job(state: ServerState, spec: Spec, *, pieces: bool, seed_offset: int = 0) -> Job:
+    options = spec.options
     if seed_offset and options.sampling.seed is not None:
         options = replace(options, sampling=replace(options.sampling, seed=options.sampling.seed + seed_offset))
-    job = Job(prompt=plan.prompt, options=options, stops=list(plan.stops), supersedes=plan.params.n_predict > 0,
-              pieces=pieces)
+
+    def prepare() -> tuple[list[int] | str, list[StopCondition], Plan]:
+        plan = build_plan(state, spec)
+        return plan.prompt, plan.stops, plan
+
+    job = Job(prompt="", options=options, prepare=prepare, supersedes=spec.params.n_predict > 0, pieces=pieces)
     job.bind(asyncio.get_running_loop())
     return job
 
@@ -362,6 +382,8 @@ def outcome_error(outcome: Outcome) -> ApiError | None:
     exc = outcome.error
     if exc is None:
         return None
+    if isinstance(exc, ApiError):
+        return exc
     if isinstance(exc, ContextOverflowError):
         return ApiError(400, str(exc), "exceed_context_size_error")
     if isinstance(exc, (DataError, UsageError)):
@@ -369,76 +391,96 @@ def outcome_error(outcome: Outcome) -> ApiError | None:
     return ApiError(500, str(exc), "server_error")
 
 
-def to_result(plan: Plan, outcome: Outcome, index: int = 0) -> Result:
+def to_result(plan: Plan | None, outcome: Outcome, index: int = 0) -> Result:
     reason = "cancelled" if outcome.cancelled is not None else (outcome.stop_reason or "limit")
+    if plan is None:  # dropped before its turn came
+        return Result(content="", reason=reason, stats=None, prompt="", n_prompt=0, index=index)
     return Result(content=outcome.text, reason=reason, stats=outcome.stats, prompt=plan.prompt_text,
                   n_prompt=plan.n_prompt, stopping_word=plan.word.matched if reason == "word" else "",
                   truncated=plan.truncated, index=index)
 
 
-async def run_once(request: Request, scheduler: Scheduler, job: Job) -> Outcome | None:
-    """Submit ``job`` and wait for its Outcome; None if the client disconnected (the job is cancelled)."""
+async def next_event(request: Request, scheduler: Scheduler, job: Job) -> Piece | Outcome | Started | None:
+    """The job's next event; None if the client disconnected first (the job is then cancelled)."""
     assert job.events is not None
-    scheduler.submit(job)
+    get = asyncio.ensure_future(job.events.get())
     watch = asyncio.ensure_future(wait_disconnect(request.receive))
     try:
-        while True:
-            get = asyncio.ensure_future(job.events.get())
-            done, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if get in done:
-                item = get.result()
-                if isinstance(item, Outcome):
-                    return item
-                continue
-            get.cancel()
-            scheduler.abandon(job)
-            return None
+        done, _ = await asyncio.wait({get, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if get in done:
+            return get.result()
+        get.cancel()
+        scheduler.abandon(job)
+        return None
     finally:
         watch.cancel()
 
 
-async def run_all(request: Request, state: ServerState, plan: Plan) -> list[Result] | None:
-    """Run ``plan`` ``n_cmpl`` times (once when greedy: the answers would be the same)."""
+async def run_once(request: Request, scheduler: Scheduler, job: Job) -> Outcome | None:
+    """Submit ``job`` and wait for its Outcome; None if the client disconnected (the job is cancelled)."""
+    scheduler.submit(job)
+    while True:
+        item = await next_event(request, scheduler, job)
+        if item is None or isinstance(item, Outcome):
+            return item
+
+
+async def run_all(request: Request, state: ServerState, spec: Spec) -> list[Result] | None:
+    """Run ``spec`` ``n_cmpl`` times (once when greedy: the answers would be the same)."""
     scheduler = ready(state)
-    n = plan.params.n_cmpl
-    runs = 1 if plan.options.sampling.greedy else n
+    n = spec.params.n_cmpl
+    runs = 1 if spec.options.sampling.greedy else n
     results: list[Result] = []
     for i in range(runs):
-        outcome = await run_once(request, scheduler, make_job(state, plan, pieces=False, seed_offset=i))
+        job = make_job(state, spec, pieces=False, seed_offset=i)
+        outcome = await run_once(request, scheduler, job)
         if outcome is None:
             return None
         err = outcome_error(outcome)
         if err is not None:
             raise err
-        results.append(to_result(plan, outcome, index=i))
+        results.append(to_result(job.plan, outcome, index=i))
     while len(results) < n:
         results.append(replace(results[0], index=len(results)))
     return results
 
 
-def stream_job(state: ServerState, plan: Plan, render_piece: Callable[[Piece, int], bytes],
-               render_end: Callable[[Result], list[bytes]]) -> EventStream:
-    """Run ``plan`` once, streaming each piece and then the end through the renderers."""
+async def stream_job(request: Request, state: ServerState, spec: Spec,
+                     render_piece: Callable[[Piece, int, Plan], bytes],
+                     render_end: Callable[[Result], list[bytes]]) -> Any:
+    """Run ``spec`` once, streaming each piece and then the end through the renderers.
+
+    The response starts once the job's turn has come and its prompt was built,
+    so that a request that cannot run still gets its 4xx status.
+    """
     scheduler = ready(state)
-    job = make_job(state, plan, pieces=True)
+    job = make_job(state, spec, pieces=True)
+    scheduler.submit(job)
+    first = await next_event(request, scheduler, job)
+    if first is None:
+        return Response(status_code=204)
+    if isinstance(first, Outcome):
+        err = outcome_error(first)
+        if err is not None:
+            raise err
 
     async def chunks() -> AsyncIterator[bytes]:
         assert job.events is not None
-        scheduler.submit(job)
+        item = first
         n_decoded = 0
         while True:
-            item = await job.events.get()
             if isinstance(item, Piece):
                 n_decoded += len(item.token_ids)
-                yield render_piece(item, n_decoded)
-                continue
-            err = outcome_error(item)
-            if err is not None:
-                yield sse(err.body())
+                yield render_piece(item, n_decoded, job.plan)
+            elif isinstance(item, Outcome):
+                err = outcome_error(item)
+                if err is not None:
+                    yield sse(err.body())
+                    return
+                for chunk in render_end(to_result(job.plan, item)):
+                    yield chunk
                 return
-            for chunk in render_end(to_result(plan, item)):
-                yield chunk
-            return
+            item = await job.events.get()
 
     return EventStream(chunks(), lambda: scheduler.abandon(job))
 
@@ -459,18 +501,18 @@ def endpoints(state: ServerState) -> list[Route]:
     async def llama_endpoint(request: Request, kind: str) -> Any:
         body = await read_json(request, state.max_body)
         ready(state)
-        plan = await prepare(state, body, kind)
-        fields = plan.params.response_fields
-        if plan.params.stream:
-            return stream_job(
-                state, plan,
-                lambda piece, n: sse(llama_partial(piece.text, n, plan.n_prompt)),
-                lambda r: [sse(llama_final(r, state.model_id, plan.settings_json, stream=True, n_ctx=state.n_ctx))],
+        spec = parse_request(state, body, kind)
+        fields = spec.params.response_fields
+        if spec.params.stream:
+            return await stream_job(
+                request, state, spec,
+                lambda piece, n, plan: sse(llama_partial(piece.text, n, plan.n_prompt)),
+                lambda r: [sse(llama_final(r, state.model_id, spec.settings_json, stream=True, n_ctx=state.n_ctx))],
             )
-        results = await run_all(request, state, plan)
+        results = await run_all(request, state, spec)
         if results is None:
             return Response(status_code=204)
-        out = [llama_final(r, state.model_id, plan.settings_json, stream=False, n_ctx=state.n_ctx,
+        out = [llama_final(r, state.model_id, spec.settings_json, stream=False, n_ctx=state.n_ctx,
                            response_fields=fields) for r in results]
         return json_response(out[0] if len(out) == 1 else out)
 
@@ -483,15 +525,15 @@ def endpoints(state: ServerState) -> list[Route]:
     async def openai_completions(request: Request) -> Any:
         body = await read_json(request, state.max_body)
         ready(state)
-        plan = await prepare(state, body, "openai")
+        spec = parse_request(state, body, "openai")
         cmpl_id = "cmpl-" + uuid.uuid4().hex
-        if plan.params.stream:
-            return stream_job(
-                state, plan,
-                lambda piece, n: sse(openai_partial(piece.text, state.model_id, cmpl_id)),
+        if spec.params.stream:
+            return await stream_job(
+                request, state, spec,
+                lambda piece, n, plan: sse(openai_partial(piece.text, state.model_id, cmpl_id)),
                 lambda r: [sse(openai_final([r], state.model_id, cmpl_id, stream=True)), SSE_DONE],
             )
-        results = await run_all(request, state, plan)
+        results = await run_all(request, state, spec)
         if results is None:
             return Response(status_code=204)
         return json_response(openai_final(results, state.model_id, cmpl_id, stream=False))
@@ -499,7 +541,7 @@ def endpoints(state: ServerState) -> list[Route]:
     async def ollama_generate(request: Request) -> Any:
         body = await read_json(request, state.max_body)
         ready(state)
-        plan = await prepare(state, body, "ollama")
+        spec = parse_request(state, body, "ollama")
 
         def line(obj: dict[str, Any]) -> bytes:
             return dumps(obj) + b"\n"
@@ -510,18 +552,20 @@ def endpoints(state: ServerState) -> list[Route]:
         def end(r: Result) -> dict[str, Any]:
             stats = r.stats
             t = timings(stats)
-            return {**head(), "response": "" if plan.params.stream else r.content, "done": True,
+            return {**head(), "response": "" if spec.params.stream else r.content, "done": True,
                     "done_reason": "stop" if stop_type(r.reason) in ("eos", "word") else "length",
                     "total_duration": int((t["prompt_ms"] + t["predicted_ms"]) * 1e6), "load_duration": 0,
                     "prompt_eval_count": r.n_prompt, "prompt_eval_duration": int(t["prompt_ms"] * 1e6),
                     "eval_count": t["predicted_n"], "eval_duration": int(t["predicted_ms"] * 1e6)}
 
-        if plan.params.stream:
-            stream = stream_job(state, plan, lambda piece, n: line({**head(), "response": piece.text, "done": False}),
-                                lambda r: [line(end(r))])
-            stream.media_type = "application/x-ndjson"
+        if spec.params.stream:
+            stream = await stream_job(request, state, spec,
+                                      lambda piece, n, plan: line({**head(), "response": piece.text, "done": False}),
+                                      lambda r: [line(end(r))])
+            if isinstance(stream, EventStream):
+                stream.media_type = "application/x-ndjson"
             return stream
-        results = await run_all(request, state, plan)
+        results = await run_all(request, state, spec)
         if results is None:
             return Response(status_code=204)
         return json_response(end(results[0]))

@@ -10,8 +10,10 @@ way. Cache warm-up jobs (``n_predict`` 0) never cancel anything; any later job
 cancels them.
 
 Jobs talk to the asyncio side through an ``asyncio.Queue`` fed with
-``loop.call_soon_threadsafe``: :class:`~mtpcode.generation.Piece` events while
-generating (if the job wants them), then exactly one :class:`Outcome`.
+``loop.call_soon_threadsafe``: :class:`Started` when the job's turn comes,
+:class:`~mtpcode.generation.Piece` events while generating (if the job wants
+them), then exactly one :class:`Outcome`. Only the worker thread uses the
+engine (its tokenizer included: it is not thread-safe).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import threading
 import traceback
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,21 +42,36 @@ class Outcome:
     stop_reason: str = ""
     stats: Stats | None = None
     cancelled: str | None = None
-    error: MtpError | None = None
+    error: Exception | None = None  # an MtpError, or what the job's prepare() raised
     ran: bool = False  # False: dropped from the queue before it started
+
+
+@dataclass(frozen=True)
+class Started:
+    """Posted when a job's turn has come and its prepare() succeeded: the generation starts."""
+
+    plan: Any
 
 
 @dataclass
 class Job:
-    """One generation to run. ``prompt`` is text (tokenized with BOS) or token ids."""
+    """One generation to run. ``prompt`` is text (tokenized with BOS) or token ids.
+
+    ``prepare``, if given, runs on the worker thread when the job's turn comes and
+    returns ``(prompt, stops, plan)``: work that needs the engine's tokenizer,
+    which is not thread-safe, belongs there. What it raises ends the job
+    (``Outcome.error``); ``plan`` is posted in :class:`Started`.
+    """
 
     prompt: str | Sequence[int]
     options: GenerationOptions
     stops: Sequence[StopCondition] = ()
+    prepare: Callable[[], tuple[str | Sequence[int], Sequence[StopCondition], Any]] | None = None
+    plan: Any = None
     supersedes: bool = True  # a completion request: cancels what runs and what waits
     pieces: bool = True  # post the text pieces as they come (for streaming), not only the Outcome
     loop: asyncio.AbstractEventLoop | None = None
-    events: asyncio.Queue[Piece | Outcome] | None = None
+    events: asyncio.Queue[Piece | Outcome | Started] | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str | None = None
     finished: bool = False
@@ -70,7 +87,7 @@ class Job:
             self.cancel_reason = reason
         self.cancel.set()
 
-    def _post(self, item: Piece | Outcome) -> None:
+    def _post(self, item: Piece | Outcome | Started) -> None:
         if self.loop is None or self.events is None:
             return
         try:
@@ -234,6 +251,12 @@ class Scheduler:
                     self._current = None
 
     def _run(self, job: Job) -> Outcome:
+        if job.prepare is not None:
+            try:
+                job.prompt, job.stops, job.plan = job.prepare()
+            except Exception as exc:  # the request cannot run (e.g. too long): its client gets the error
+                return Outcome(error=exc)
+        job._post(Started(job.plan))
         try:
             for event in self.engine.generate(job.prompt, job.options, job.stops, cancel=job.cancel):
                 if isinstance(event, Piece):
