@@ -316,6 +316,7 @@ class DraftPolicy:
     """
 
     alpha = 0.1  # weight of a new observation in the running estimates
+    ctx_weight = 2  # observations the prior of a context position is worth
     probe_min = 16
     probe_max = 512
     probe_after_win = 4  # steps to the next probe after one that beat the choice
@@ -324,8 +325,11 @@ class DraftPolicy:
     # estimates say they would pay: the prior on heads not yet seen is optimistic.
     warmup = (0, 0, 1, 1, 1, 1)
 
-    def __init__(self, max_heads: int, adaptive: bool, measured: bool = True, max_draft: int = 16) -> None:
+    def __init__(self, max_heads: int, adaptive: bool, measured: bool = True, max_draft: int = 16,
+                 flash_attn: bool = False) -> None:
         self.max_heads = max_heads
+        self.flash_attn = flash_attn  # for the prior shape of unmeasured verify sizes
+        self.n_cached = 0  # tokens in the KV cache at the current step (verify costs grow with it)
         self.adaptive = adaptive and max_heads > 0
         self.measured = measured
         self.max_draft = max(max_draft, max_heads)
@@ -333,6 +337,9 @@ class DraftPolicy:
         self.seen = [0] * max_heads  # drafts of each head observed
         self.t_verify: dict[int, float] = {}
         self._costs: list[float] | None = None  # _cost_table() of the current measurements
+        self._costs_at = -1  # the context bucket (n_cached // 256) the table was made for
+        self._prior: list[float] = []
+        self._prior_key: tuple[int, bool] | None = None
         self.t_head = 0.0
         self.k = max_heads
         self.steps = 0
@@ -385,29 +392,51 @@ class DraftPolicy:
     def _verify_time(self, rows: int) -> float:
         if not self.measured:
             return 0.7 + 0.3 * rows
-        if self._costs is None:
-            self._costs = self._cost_table()
-        return self._costs[min(rows, len(self._costs) - 1)]
+        costs = self._costs
+        if costs is None or self._costs_at != self.n_cached >> 8:
+            costs = self._costs = self._cost_table()
+            self._costs_at = self.n_cached >> 8
+        return costs[rows] if rows <= self.max_draft + 1 else costs[-1]
 
     def _cost_table(self) -> list[float]:
         """Verify time per row count (index = rows), from the measurements, never decreasing.
 
-        An unmeasured size scales the nearest measured one with a prior of ~30%
-        extra per additional row (measured on CPUs: 1.2-2.5x for 2 rows, 1.4-3x
-        for 4). A larger batch is never taken to cost less than a smaller one:
-        on a shared machine one noisy measurement could otherwise make drafts
-        look free.
+        An unmeasured size scales the nearest measured one by the shape of a
+        measured CPU cost table at the current context length
+        (:func:`mtpcode.costs.verify_cost_prior`: on CPUs the second row is
+        dear, the next ones cheap, and with flash attention every row pays the
+        whole context again). A larger batch is never taken to cost less than a
+        smaller one: on a shared machine one noisy measurement could otherwise
+        make drafts look free.
         """
+        prior = self._prior_shape()
+        measured = self.t_verify
+        sizes = sorted(measured)
         table = [0.0]
-        sizes = sorted(self.t_verify)
+        j = 0  # sizes[j] is the nearest measured size at or below rows (or the smallest)
         for rows in range(1, self.max_draft + 2):
-            if rows in self.t_verify:
-                t = self.t_verify[rows]
-            else:
-                ref = min(sizes, key=lambda b: abs(b - rows))
-                t = self.t_verify[ref] * (0.7 + 0.3 * rows) / (0.7 + 0.3 * ref)
+            t = measured.get(rows)
+            if t is None:
+                while j + 1 < len(sizes) and sizes[j + 1] <= rows:
+                    j += 1
+                ref = sizes[j]
+                if j + 1 < len(sizes) and sizes[j + 1] - rows < abs(rows - ref):
+                    ref = sizes[j + 1]
+                t = measured[ref] * prior[rows] / prior[ref]
             table.append(max(t, table[-1]))
         return table
+
+    def _prior_shape(self) -> list[float]:
+        """The prior relative cost of 1..max_draft+1 rows at the current context length (index = rows)."""
+        key = (self.n_cached // 256, self.flash_attn)
+        if self._prior_key != key:
+            from mtpcode.costs import verify_cost_prior
+
+            n = key[0] * 256 + 128
+            self._prior = [1.0] + [verify_cost_prior(r, n, flash_attn=self.flash_attn)
+                                   for r in range(1, self.max_draft + 2)]
+            self._prior_key = key
+        return self._prior
 
     def _head_time(self) -> float:
         return self.t_head if self.measured else 0.05
@@ -418,10 +447,12 @@ class DraftPolicy:
 
     # -- context ----------------------------------------------------------
 
-    def plan(self, match: Match | None, room: int, context: bool = True) -> Plan:
+    def plan(self, match: Match | None, room: int, context: bool = True, n_cached: int | None = None) -> Plan:
         """This step's plan: the heads' choice (:meth:`choose`), replaced by a context draft
         (extended by heads when its continuation is short) when that is expected to pay more.
-        ``room`` caps the drafts (context and output limits)."""
+        ``room`` caps the drafts (context and output limits); ``n_cached`` is the context length."""
+        if n_cached is not None:
+            self.n_cached = n_cached
         k = min(self.choose(), room)
         in_warmup = self.steps <= self.warmup_steps or (self.measured and not self.t_verify)
         if match is None or not context or room < 1 or in_warmup or not match.tokens:
@@ -513,8 +544,11 @@ class DraftPolicy:
         bucket = match_bucket(match_length)
         qs, ns = self.ctx_q[bucket], self.ctx_n[bucket]
         for i in range(min(accepted + 1, plan.context)):  # position i was tested: all before it were accepted
+            if not ns[i] and i:  # first test of this position: start from the estimate it had (the one before's)
+                qs[i] = next((qs[j] for j in range(i - 1, -1, -1) if ns[j]), qs[0])
             ns[i] += 1
-            qs[i] += max(self.alpha, 1.0 / ns[i]) * (float(accepted > i) - qs[i])
+            # the estimate so far counts as ``ctx_weight`` observations: one miss does not rule a position out
+            qs[i] += max(self.alpha, 1.0 / (ns[i] + self.ctx_weight)) * (float(accepted > i) - qs[i])
         for i in range(plan.context, min(accepted + 1, plan.heads)):
             self.mix_n[i] += 1
             prior = self._mixed_q(i) if self.mix_n[i] == 1 else self.mix_q[i]
@@ -524,8 +558,10 @@ class DraftPolicy:
     def _observe_costs(self, rows: int, verify_s: float, head_s: float, heads_run: int) -> None:
         a = self.alpha
         old = self.t_verify.get(rows)
-        self.t_verify[rows] = verify_s if old is None else old + a * (verify_s - old)
-        self._costs = None
+        new = verify_s if old is None else old + a * (verify_s - old)
+        self.t_verify[rows] = new
+        if old is None or abs(new - old) > 0.02 * old:  # the table is rebuilt when an estimate moved
+            self._costs = None
         if heads_run:
             per = head_s / heads_run
             self.t_head = per if self.t_head == 0.0 else self.t_head + a * (per - self.t_head)

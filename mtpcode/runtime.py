@@ -296,10 +296,10 @@ class Engine:
         """
         reproducible = seeded and not greedy
         if not (adaptive and (heads or context)) or reproducible:
-            return DraftPolicy(heads, adaptive, measured=not reproducible)
+            return DraftPolicy(heads, adaptive, measured=not reproducible, flash_attn=self.flash_attn)
         key = (heads, greedy)
         if key not in self._policies:
-            policy = DraftPolicy(heads, adaptive=True)
+            policy = DraftPolicy(heads, adaptive=True, flash_attn=self.flash_attn)
             saved = self._saved_policies.get(self._policy_key(key))
             if saved is not None and not policy.restore(saved):
                 log.debug("ignoring an invalid saved drafting policy for %s heads", heads)
@@ -577,6 +577,10 @@ class _Step:
             self.scratch = self.warper.new_buffer()
             self.one_hot = np.zeros(engine.n_vocab, dtype=np.float64)  # q of a deterministic (context) draft
         self.head_drafter = HeadDrafter(kv, heads, self.warper, self.rng) if heads else None
+        # The policy's costs: with one llama.cpp thread (which computes in this thread) the thread's
+        # CPU time, which leaves out the time other programs held the CPU; a shared machine would
+        # otherwise make the longer, multi-row forwards look dearer than they are. Wall-clock else.
+        self.cost_clock = _cpu if engine.n_threads == 1 else _perf
 
     def pick(self, logits: np.ndarray) -> int:
         """The main model's token from one row of logits."""
@@ -630,22 +634,24 @@ class _Step:
         match: Match | None = None
         if self.context is not None and room > 0:
             match = self.context.draft(self.pending)
-        plan: Plan = self.policy.plan(match, room, context=self.context is not None)
+        plan: Plan = self.policy.plan(match, room, context=self.context is not None, n_cached=self.kv.n_main)
         n_context = plan.context
         if n_context and match is not None:
             self.drafts[:n_context] = match.tokens[:n_context]
-        native_heads = t_heads = 0.0
+        native_heads = 0.0
         typical = True
+        clock = self.cost_clock
+        c0 = clock()
         if plan.heads > n_context and self.head_drafter is not None:
-            t = _perf()
             native_heads, typical = self.head_drafter.draft(n_context, plan.heads, self.drafts)
-            t_heads = _perf() - t
+        c1 = clock()
         n = plan.drafts
         verify_s = self.kv.verify(self.pending, self.drafts[:n])
+        c2 = clock()
         accepted, nxt = self._accept(n, n_context)
         self.kv.commit(1 + accepted, n + 1)
         self._count(stats, plan, accepted)
-        self.policy.observe_plan(plan, match.length if match is not None else 0, accepted, verify_s, t_heads,
+        self.policy.observe_plan(plan, match.length if match is not None else 0, accepted, c2 - c1, c1 - c0,
                                  plan.head_forwards if typical else 0)
         kept = [int(t) for t in self.drafts[:accepted]]
         if self.context is not None:
