@@ -11,6 +11,7 @@ within a dozen tokens between extra buffer types on and off).
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -30,6 +31,9 @@ PROMPTS = [
 ]
 N_NEW = 40
 CTX = 256
+# Layers to offload in the equality tests: set MTPCODE_TEST_GPU_LAYERS=-1 on a GPU build of llama.cpp
+# (scripts/device/device-check.sh does). Read at import: the autouse fixture clears MTPCODE_* at test time.
+GPU_LAYERS = int(os.environ.get("MTPCODE_TEST_GPU_LAYERS", "0"))
 
 
 def run(engine: Engine, prompt, **opts) -> tuple[list[int], list[bool], str, Done]:
@@ -70,7 +74,7 @@ def llama_cpp_greedy(main_gguf: Path, ids: list[int], n: int, flash_attn: bool =
     its weight buffers under ``mode`` (an extra_bufts policy)."""
     repack = repack_pattern(main_gguf) if mode == "repack" else ""
     llm = reference_llama(main_gguf, extra_bufts=use_extra_bufts(mode), repack=repack, n_ctx=CTX, n_threads=1,
-                          verbose=False, flash_attn=flash_attn)
+                          verbose=False, flash_attn=flash_attn, n_gpu_layers=GPU_LAYERS)
     try:
         out: list[int] = []
         for tok in llm.generate(ids, temp=0.0, repeat_penalty=1.0):
@@ -86,7 +90,8 @@ def _check_greedy_equality(bundle: Path, flash_attn: bool = True, mode: str = "a
     """Every prompt and head count vs llama-cpp-python under the same buffer ``mode``;
     returns (drafted, accepted, forwards) over all runs."""
     drafted = accepted = forwards = 0
-    with Engine(bundle, n_ctx=CTX, n_threads=1, flash_attn=flash_attn, extra_bufts=mode) as engine:
+    with Engine(bundle, n_ctx=CTX, n_threads=1, flash_attn=flash_attn, extra_bufts=mode,
+                n_gpu_layers=GPU_LAYERS) as engine:
         assert engine.n_heads == 3
         for prompt in PROMPTS:
             ids = engine.tokenize(prompt)
@@ -140,7 +145,7 @@ def test_plain_quantized_decoding_equals_llama_cpp_per_buffer_mode(make_bundle, 
     and one-row quantized kernels round differently; test_runtime_quant measures that)."""
     bundle = make_bundle(quant=quant)
     for mode in buffer_modes(quant):
-        with Engine(bundle, n_ctx=CTX, n_threads=1, extra_bufts=mode) as engine:
+        with Engine(bundle, n_ctx=CTX, n_threads=1, extra_bufts=mode, n_gpu_layers=GPU_LAYERS) as engine:
             for prompt in PROMPTS[:2]:
                 ids = engine.tokenize(prompt)
                 tokens = run(engine, ids, max_tokens=N_NEW, heads=0)[0]
@@ -150,7 +155,7 @@ def test_plain_quantized_decoding_equals_llama_cpp_per_buffer_mode(make_bundle, 
 @pytest.mark.parametrize("n_future", [1, 2])
 def test_bundles_with_fewer_heads(make_bundle, n_future) -> None:
     bundle = make_bundle(n_future_tokens=n_future)
-    with Engine(bundle, n_ctx=CTX, n_threads=1) as engine:
+    with Engine(bundle, n_ctx=CTX, n_threads=1, n_gpu_layers=GPU_LAYERS) as engine:
         assert engine.n_heads == n_future - 1
         ids = engine.tokenize(PROMPTS[0])
         ref = llama_cpp_greedy(bundle / "main.gguf", ids, N_NEW)
