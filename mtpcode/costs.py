@@ -15,12 +15,12 @@ Two models:
   because llama.cpp's kernels work 4 or 8 rows at a time, which makes some batch
   sizes nearly free and others not. :func:`verify_cost_prior` gives the policy a
   prior from the built-in model's measured table.
-* :class:`Roofline`: ``T(b, P) = overhead + max(bytes / BW, (weight_s + row_s * b) / P)``
-  for ``P`` cores and a memory bandwidth ``BW``. ``weight_s`` is the one-core time of
-  the work done once per weight whatever the batch (loading and unpacking blocks),
-  ``row_s`` the one-core time of each row's multiply-adds; both are divided among
-  the cores. ``bytes / BW`` is the time to stream the weights from memory, which
-  more cores cannot shorten. :func:`fit_roofline` fits it to forwards measured at
+* :class:`Roofline`: ``T(b, P) = overhead + max(bytes / BW, compute_1core[b] / P)``
+  for ``P`` cores and a memory bandwidth ``BW``: ``compute_1core[b]`` is the one-core
+  time of the work that cores share (the matrix products and unpacking of quantized
+  blocks for ``b`` rows), ``overhead`` the part that does not shrink with cores, and
+  ``bytes / BW`` the time to stream the weights from memory, which more cores cannot
+  shorten. :func:`fit_roofline` fits it to forwards measured at
   1 and 2 threads (the compute part, and the measuring machine's memory floor where
   some forwards hit it), :func:`project_speedup` projects speculative decoding on
   another machine.
@@ -202,24 +202,41 @@ def verify_cost_prior(rows: int, n_ctx_used: int, *, flash_attn: bool = False) -
 # cores and memory bandwidth
 
 
+def _interpolate(table: Mapping[int, float], x: float) -> float:
+    """``table`` at ``x``: exact at its keys, linear between them, the last segment continued beyond."""
+    keys = sorted(table)
+    if x in table:
+        return table[int(x)]
+    if len(keys) == 1:
+        return table[keys[0]] * x / keys[0]
+    lo = max((k for k in keys if k <= x), default=keys[0])
+    hi = min((k for k in keys if k > x), default=keys[-1])
+    if lo == hi:
+        lo, hi = (keys[0], keys[1]) if x < keys[0] else (keys[-2], keys[-1])
+    return table[lo] + (x - lo) * (table[hi] - table[lo]) / (hi - lo)
+
+
 @dataclass(frozen=True)
 class Roofline:
-    """``T(b, P) = overhead_s + max(bytes / BW, (weight_s + row_s * b) / P)`` seconds.
+    """``T(b, P) = overhead_s + max(bytes / BW, compute_1core[b] / P)`` seconds.
 
-    See the module docstring. ``bytes_per_forward`` is the weight bytes one forward
+    ``compute_1core`` maps a row count to the one-core time of the work that more
+    cores share (matrix products, unpacking quantized blocks); a table, not a line
+    in ``b``, because llama.cpp's kernels work 4 or 8 rows at a time (a 4-row
+    forward can cost less than a 3-row one). ``overhead_s`` is the part that does
+    not shrink with cores. ``bytes_per_forward`` is the weight bytes one forward
     reads; ``head_bytes`` those of one head forward (a head costs its share of a
     1-row forward, by bytes).
     """
 
-    weight_s: float
-    row_s: float
+    compute_1core: Mapping[int, float]
     overhead_s: float
     bytes_per_forward: float
     head_bytes: float = 0.0
     label: str = ""
 
     def compute_s(self, rows: float, cores: float) -> float:
-        return (self.weight_s + self.row_s * rows) / cores
+        return _interpolate(self.compute_1core, rows) / cores
 
     def seconds(self, rows: float, cores: float, bandwidth_gb_s: float | None = None) -> float:
         """Modelled forward time; ``bandwidth_gb_s=None`` leaves the memory bound out (compute only)."""
@@ -227,32 +244,40 @@ class Roofline:
         return self.overhead_s + max(memory, self.compute_s(rows, cores))
 
     def head_seconds(self, cores: float, bandwidth_gb_s: float | None = None) -> float:
-        return self.seconds(1, cores, bandwidth_gb_s) * self.head_bytes / self.bytes_per_forward \
-            if self.bytes_per_forward else 0.0
+        if not self.bytes_per_forward:
+            return 0.0
+        return self.seconds(1, cores, bandwidth_gb_s) * self.head_bytes / self.bytes_per_forward
 
-    def memory_bound_rows(self, cores: float, bandwidth_gb_s: float) -> float:
-        """Rows a forward can take before compute, not memory, sets its time (0 if compute-bound at 1 row)."""
+    def memory_bound_rows(self, cores: float, bandwidth_gb_s: float) -> int:
+        """The most rows (of the table's) a forward takes while memory, not compute, sets its time."""
         memory = self.bytes_per_forward / (bandwidth_gb_s * 1e9)
-        return max(0.0, (memory * cores - self.weight_s) / self.row_s) if self.row_s > 0 else float("inf")
+        return max((b for b in self.compute_1core if self.compute_s(b, cores) <= memory), default=0)
 
     def to_dict(self) -> dict[str, object]:
-        return {"label": self.label, "weight_s": round(self.weight_s, 6), "row_s": round(self.row_s, 6),
+        return {"label": self.label,
+                "compute_1core_s": {str(b): round(v, 6) for b, v in sorted(self.compute_1core.items())},
                 "overhead_s": round(self.overhead_s, 6), "bytes_per_forward": int(self.bytes_per_forward),
                 "head_bytes": int(self.head_bytes)}
 
 
 @dataclass(frozen=True)
 class RooflineFit:
-    """A fitted :class:`Roofline` with its residuals on the samples it was fitted to.
+    """A fitted :class:`Roofline`, with its residuals and what the fit could not use.
 
     ``memory_here_s`` is the fitted memory floor of the measuring machine (0 when none
-    of its samples was memory-bound), ``bandwidth_here_gb_s`` the read bandwidth it
-    implies (None without a floor).
+    of its forwards was memory-bound), ``bandwidth_here_gb_s`` the read bandwidth it
+    implies (None without a floor). ``dropped``: multi-thread samples slower than the
+    same forward on one thread (an oversubscribed machine: llama.cpp's threads wait for
+    each other at every graph node, so one descheduled thread stalls all), left out.
+    ``overhead_fitted`` is False when no multi-thread sample was usable: the overhead is
+    then assumed to be 0 (all work shared by the cores).
     """
 
     model: Roofline
     memory_here_s: float = 0.0
     residuals: list[dict[str, float]] = field(default_factory=list)
+    dropped: list[dict[str, float]] = field(default_factory=list)
+    overhead_fitted: bool = True
 
     @property
     def bandwidth_here_gb_s(self) -> float | None:
@@ -260,73 +285,77 @@ class RooflineFit:
 
     @property
     def max_abs_error(self) -> float:
-        """Largest relative error of the fit on its own samples."""
+        """Largest relative error of the fit on the samples it used."""
         return max((abs(r["rel_error"]) for r in self.residuals), default=0.0)
 
 
-def _fit_with_floor(pts: list[tuple[int, int, float]], floor: float) -> tuple[list[float], float]:
-    """(overhead, weight, row) for ``T = overhead + max(floor, (weight + row * b) / t)`` and its error.
-
-    Alternates between assigning each sample to the compute or the memory branch and
-    refitting the linear coefficients, until the assignment no longer changes.
-    """
-    weights = [1.0 / (s * s) for _, _, s in pts]
-    compute = set(range(len(pts)))
-    coef = [0.0, 0.0, 0.0]
-    for _ in range(20):
-        feats = [[1.0, 1.0 / t, b / t] if i in compute else [1.0, 0.0, 0.0] for i, (b, t, _) in enumerate(pts)]
-        ys = [s if i in compute else s - floor for i, (_, _, s) in enumerate(pts)]
-        coef = nonnegative_least_squares(feats, ys, weights=weights)
-        _, w, r = coef
-        now = {i for i, (b, t, _) in enumerate(pts) if (w + r * b) / t >= floor}
-        if now == compute:
-            break
-        compute = now
-    o, w, r = coef
-    err = sum(wi * (o + max(floor, (w + r * b) / t) - s) ** 2 for (b, t, s), wi in zip(pts, weights))
-    return coef, err
+def _error(one: Mapping[int, float], multi: Sequence[tuple[int, int, float]], overhead: float, floor: float) -> float:
+    """Sum of squared relative errors of ``T_t(b) = overhead + max(floor, (T_1(b) - overhead) / t)``."""
+    return sum((overhead + max(floor, (one[b] - overhead) / t) - s) ** 2 / (s * s) for b, t, s in multi)
 
 
 def fit_roofline(samples: Iterable[tuple[int, int, float]], *, bytes_per_forward: float,
                  head_bytes: float = 0.0, label: str = "", memory_floor: bool = True) -> RooflineFit:
     """Fit a :class:`Roofline` to ``(rows, threads, seconds)`` samples of one machine.
 
-    ``seconds = overhead + max(floor, (weight + row * b) / t)``: the compute part is
-    linear in (1, 1/t, b/t) and fitted by non-negative least squares; ``floor`` is the
-    time to stream the weights on the measuring machine, found by a search over floors
-    (each with its own linear fit; ``memory_floor=False`` fixes it at 0, all compute).
-    Every sample is weighted by 1/seconds^2, so the relative error is minimised.
-    Needs two or more thread counts, or the overhead and the per-weight part cannot be
-    told apart.
+    One-thread samples give ``T_1(b) = overhead + compute_1core[b]`` for every row count
+    (required). Samples at more threads ``t`` fix the split between the two and the
+    machine's memory floor: ``T_t(b) = overhead + max(floor, compute_1core[b] / t)``, fitted
+    by a search over (overhead, floor) that minimises the squared relative error
+    (``memory_floor=False`` fixes the floor at 0). Several samples of one cell are
+    averaged first.
     """
-    pts = [(int(b), int(t), float(s)) for b, t, s in samples]
-    if len({t for _, t, _ in pts}) < 2:
-        raise ValueError("fitting cores needs forwards measured at two or more thread counts")
-    if len({b for b, _, _ in pts}) < 2:
-        raise ValueError("fitting rows needs forwards of two or more row counts")
-    if min(s for _, _, s in pts) <= 0:
-        raise ValueError("forward times must be positive")
-    best_coef, best_err = _fit_with_floor(pts, 0.0)
-    best_floor = 0.0
-    if memory_floor:
-        top = min(s for _, _, s in pts)
-        for i in range(1, 201):
-            floor = top * i / 200
-            coef, err = _fit_with_floor(pts, floor)
-            if err < best_err * (1 - 1e-9):
-                best_coef, best_err, best_floor = coef, err, floor
-    overhead, weight, row = best_coef
-    model = Roofline(weight_s=weight, row_s=row, overhead_s=overhead, bytes_per_forward=bytes_per_forward,
+    cells: dict[tuple[int, int], list[float]] = {}
+    for b, t, s in samples:
+        if s <= 0:
+            raise ValueError("forward times must be positive")
+        cells.setdefault((int(b), int(t)), []).append(float(s))
+    pts = [(b, t, sum(v) / len(v)) for (b, t), v in sorted(cells.items())]
+    one = {b: s for b, t, s in pts if t == 1}
+    if not one:
+        raise ValueError("fitting cores needs forwards measured with one thread")
+    if any(t > 1 and b not in one for b, t, _ in pts):
+        raise ValueError("every row count measured with several threads needs its one-thread time too")
+    multi = [(b, t, s) for b, t, s in pts if t > 1 and s < one[b]]
+    dropped = [{"rows": b, "threads": t, "measured_s": round(s, 6), "one_thread_s": round(one[b], 6)}
+               for b, t, s in pts if t > 1 and s >= one[b]]
+    overhead = floor = 0.0
+    if multi:
+        best = (_error(one, multi, 0.0, 0.0), 0.0, 0.0)
+        top_o = min(one.values())
+        floors = [0.0] + ([min(s for _, _, s in multi) * i / 100 for i in range(1, 101)] if memory_floor else [])
+        for i in range(200):  # coarse grid, then a finer one around the best overhead
+            o = top_o * i / 200
+            for f in floors:
+                err = _error(one, multi, o, f)
+                if err < best[0]:
+                    best = (err, o, f)
+        step_o = top_o / 200
+        step_f = floors[1] if len(floors) > 1 else 0.0
+        for _ in range(3):  # finer grids around the best point
+            _, o0, f0 = best
+            for i in range(-10, 11):
+                o = min(max(0.0, o0 + step_o * i / 10), top_o * 0.999)
+                for j in range(-10, 11) if step_f else (0,):
+                    f = max(0.0, f0 + step_f * j / 10) if f0 or j > 0 else 0.0
+                    err = _error(one, multi, o, f)
+                    if err < best[0]:
+                        best = (err, o, f)
+            step_o, step_f = step_o / 10, step_f / 10
+        _, overhead, floor = best
+    compute = {b: s - overhead for b, s in one.items()}
+    if floor and all(compute[b] / t >= floor for b, t, _ in multi):
+        floor = 0.0  # a floor below every compute time changes nothing: report none
+    model = Roofline(compute_1core=compute, overhead_s=overhead, bytes_per_forward=bytes_per_forward,
                      head_bytes=head_bytes, label=label)
-    # a floor below every compute time changes nothing: report none
-    if best_floor and all(model.compute_s(b, t) >= best_floor for b, t, _ in pts):
-        best_floor = 0.0
     residuals = []
     for b, t, s in pts:
-        pred = overhead + max(best_floor, model.compute_s(b, t))
+        if t > 1 and s >= one[b]:
+            continue
+        pred = overhead + max(floor, model.compute_s(b, t))
         residuals.append({"rows": b, "threads": t, "measured_s": round(s, 6), "model_s": round(pred, 6),
                           "rel_error": round(pred / s - 1.0, 4)})
-    return RooflineFit(model, best_floor, residuals)
+    return RooflineFit(model, floor, residuals, dropped, overhead_fitted=bool(multi))
 
 
 def geometric_acceptance(tokens_per_forward: float, n_drafts: int) -> float:

@@ -73,38 +73,50 @@ def test_verify_cost_prior():
 # --- cores and bandwidth ------------------------------------------------------------------------
 
 
+COMPUTE = {1: 0.250, 2: 0.300, 3: 0.450, 4: 0.400}  # one-core seconds; 4 rows cheaper than 3 (a 4-row kernel)
+
+
 def test_fit_roofline_recovers_a_known_model():
-    overhead, weight, row = 0.002, 0.200, 0.050
-    samples = [(b, t, overhead + (weight + row * b) / t) for b in range(1, 9) for t in (1, 2)]
+    overhead = 0.002
+    samples = [(b, t, overhead + c / t) for b, c in COMPUTE.items() for t in (1, 2)]
     fit = C.fit_roofline(samples, bytes_per_forward=4e9, head_bytes=2e8)
     m = fit.model
-    assert (m.overhead_s, m.weight_s, m.row_s) == pytest.approx((overhead, weight, row), rel=1e-6)
-    assert fit.max_abs_error < 1e-9
-    assert len(fit.residuals) == 16
-    # 8 cores, 40 GB/s: memory takes 0.1 s, compute (0.2 + 0.05 b) / 8: memory-bound up to 12 rows
-    assert m.memory_bound_rows(8, 40.0) == pytest.approx(12.0)
-    assert m.seconds(4, 8, 40.0) == pytest.approx(0.102)
-    assert m.head_seconds(8, 40.0) == pytest.approx(0.102 * 0.05)
-    with pytest.raises(ValueError, match="thread counts"):
+    assert fit.overhead_fitted and fit.dropped == []
+    assert m.overhead_s == pytest.approx(overhead, abs=1e-4)
+    for b, c in COMPUTE.items():
+        assert m.compute_1core[b] == pytest.approx(c, abs=1e-4)
+    assert fit.memory_here_s == 0.0 and fit.bandwidth_here_gb_s is None
+    assert fit.max_abs_error < 1e-3 and len(fit.residuals) == 8
+    # 8 cores, 40 GB/s: memory takes 0.1 s, compute at most 0.45 / 8: memory-bound at every row count
+    assert m.memory_bound_rows(8, 40.0) == 4
+    assert m.seconds(3, 8, 40.0) == pytest.approx(overhead + 0.1, abs=1e-4)
+    assert m.head_seconds(8, 40.0) == pytest.approx((overhead + 0.1) * 0.05, abs=1e-5)
+    # 2 cores: compute-bound; 3.5 rows lie between the 3- and 4-row entries
+    assert m.seconds(3.5, 2, 40.0) == pytest.approx(m.overhead_s + (m.compute_1core[3] + m.compute_1core[4]) / 4)
+    with pytest.raises(ValueError, match="one thread"):
         C.fit_roofline([(b, 2, 0.1 * b) for b in range(1, 5)], bytes_per_forward=1e9)
 
 
 def test_fit_roofline_finds_the_memory_floor():
-    # 2 threads at one row hit a floor of 0.14 s (weights streamed from memory); the rest is compute
-    overhead, weight, row, floor = 0.002, 0.200, 0.050, 0.140
-    samples = [(b, t, overhead + max(floor, (weight + row * b) / t)) for b in range(1, 5) for t in (1, 2)]
+    # with 2 threads one row hits a floor of 0.14 s (weights streamed from memory); the rest is compute
+    overhead, floor = 0.002, 0.140
+    samples = [(b, t, overhead + max(floor if t > 1 else 0.0, c / t)) for b, c in COMPUTE.items() for t in (1, 2)]
     fit = C.fit_roofline(samples, bytes_per_forward=7e9)
-    m = fit.model
-    assert (m.weight_s, m.row_s) == pytest.approx((weight, row), rel=0.01)
-    assert m.overhead_s == pytest.approx(overhead, abs=5e-4)
+    assert fit.model.overhead_s == pytest.approx(overhead, abs=2e-4)
     assert fit.memory_here_s == pytest.approx(floor, rel=0.02)
     assert fit.bandwidth_here_gb_s == pytest.approx(50.0, rel=0.02)
     assert fit.max_abs_error < 0.02
     # without the floor the same samples fit worse
-    assert C.fit_roofline(samples, bytes_per_forward=7e9, memory_floor=False).max_abs_error > fit.max_abs_error
-    # a compute-only machine reports no floor
-    compute = [(b, t, overhead + (weight + row * b) / t) for b in range(1, 5) for t in (1, 2)]
-    assert C.fit_roofline(compute, bytes_per_forward=7e9).memory_here_s == 0.0
+    assert C.fit_roofline(samples, bytes_per_forward=7e9, memory_floor=False).max_abs_error > 0.05
+
+
+def test_fit_roofline_drops_oversubscribed_samples():
+    # on a loaded machine 2 threads ran slower than 1: those samples say nothing about cores
+    samples = [(b, 1, c) for b, c in COMPUTE.items()] + [(b, 2, 10 * c) for b, c in COMPUTE.items()]
+    fit = C.fit_roofline(samples, bytes_per_forward=4e9)
+    assert len(fit.dropped) == 4 and not fit.overhead_fitted
+    assert fit.model.overhead_s == 0.0 and fit.model.compute_1core == COMPUTE
+    assert len(fit.residuals) == 4 and fit.max_abs_error == pytest.approx(0.0, abs=1e-9)
 
 
 def test_geometric_acceptance_matches_the_paper_anchor():
@@ -115,7 +127,7 @@ def test_geometric_acceptance_matches_the_paper_anchor():
 
 def test_project_speedup_memory_bound_and_compute_bound():
     # memory-bound at every verified row count and free heads: the speedup is the tokens per forward
-    m = C.Roofline(weight_s=0.0, row_s=0.01, overhead_s=0.0, bytes_per_forward=1e9)
+    m = C.Roofline(compute_1core={1: 0.01, 2: 0.02, 3: 0.03, 4: 0.04}, overhead_s=0.0, bytes_per_forward=1e9)
     pj = C.project_speedup(m, 1, 10.0, tokens_per_forward=3.5, n_drafts=3)
     assert pj["at_n"]["speedup"] == pytest.approx(3.5, abs=1e-3)
     assert pj["best"]["drafts"] == 3

@@ -667,6 +667,7 @@ def measure_context_costs(model_path: Path, *, contexts: Sequence[int] = (64, 51
                     "min_s": {str(b): round(min(samples[(fa, t, n, b)]), 7) for b in rows},
                     "rel": {str(b): (1.0 if b == 1 else round(median(ratios[(fa, t, n, b)]), 4)) for b in rows},
                     "cpu_seconds": {str(b): round(median(cpu[(fa, t, n, b)]), 7) for b in rows},
+                    "cpu_min_s": {str(b): round(min(cpu[(fa, t, n, b)]), 7) for b in rows},
                     "cpu_rel": {str(b): (1.0 if b == 1 else round(median(cpu_ratios[(fa, t, n, b)]), 4))
                                 for b in rows},
                     "n_samples": {str(b): len(samples[(fa, t, n, b)]) for b in rows},
@@ -797,16 +798,26 @@ def run_projection(shape: str, quants: Sequence[str], *, max_batch: int = 8, thr
                 crashed = m["error"]
                 break
             raw[str(depth + 1)] = m["cells"]
-            # the least disturbed estimate of each cell on a shared machine: with one thread the
-            # median CPU time (it leaves out the time other programs held the core), with more
-            # the fastest run (a thread descheduled at a barrier stalls all of them)
-            shallow[depth + 1] = {(int(b), c["threads"]): float(c["cpu_seconds"][b] if c["threads"] == 1
+            # the least disturbed estimate of each cell on a shared machine, the fastest run: with
+            # one thread of CPU time (it leaves out the time other programs held the core), with more
+            # of wall-clock time (a thread descheduled at a barrier stalls all of them)
+            shallow[depth + 1] = {(int(b), c["threads"]): float(c["cpu_min_s"][b] if c["threads"] == 1
                                                                  else c["min_s"][b])
                                   for c in m["cells"] for b in c["seconds"]}
         if crashed:
             results.append({"quantization": quant, "crashed": True, "error": crashed})
             continue
-        scaled = scale_depth(shallow, full_blocks)
+        scaled_all = scale_depth(shallow, full_blocks)
+        # a cell whose deeper model did not take longer than the shallower one was disturbed
+        # (a shared machine): its per-block cost is noise, so it is left out and reported
+        d1, d2 = sorted(shallow)
+        unusable = sorted(cell for cell in scaled_all if shallow[d2][cell] <= shallow[d1][cell])
+        scaled = {cell: v for cell, v in scaled_all.items() if cell not in unusable}
+        if any(b <= drafts + 1 and (b, 1) not in scaled for b in rows):
+            results.append({"quantization": quant, "crashed": True, "measured": raw,
+                            "error": "one-thread forwards were too disturbed to scale (a deeper model measured "
+                                     "faster than a shallower one); measure again on a quieter machine"})
+            continue
         main_bytes, head_bytes = forward_bytes(shape, quant)
         # fitted to the row counts the projection uses (kernels that work 4 rows at a time
         # make 5-8 rows dearer than a line through 1-4 rows would say)
@@ -827,16 +838,20 @@ def run_projection(shape: str, quants: Sequence[str], *, max_batch: int = 8, thr
             "head_bytes_per_forward": head_bytes,
             "full_depth_blocks": full_blocks,
             "measured_depth_blocks": [d + 1 for d in PROJECTION_DEPTHS],
-            "statistic": "one thread: median CPU time of the calling thread; more threads: fastest wall-clock run",
+            "statistic": "fastest run: one thread, CPU time of the calling thread; more threads, wall-clock",
             "scaled_seconds": {f"{b}x{t}": round(s, 6) for (b, t), s in sorted(scaled.items())},
-            "scaled_rel": {f"t{t}": {str(b): round(scaled[(b, t)] / scaled[(1, t)], 3) for b in rows}
-                           for t in sorted(set(threads))},
+            "unusable_cells": [f"{b}x{t}" for b, t in unusable],
+            "scaled_rel": {f"t{t}": {str(b): round(scaled[(b, t)] / scaled[(1, t)], 3) for b in rows
+                                     if (b, t) in scaled}
+                           for t in sorted(set(threads)) if (1, t) in scaled},
             "measured": raw,
             "fit": fit.model.to_dict(),
             "fit_rows": list(range(1, drafts + 2)),
             "fit_memory_floor_here_s": round(fit.memory_here_s, 6),
             "fit_bandwidth_here_gb_s": round(fit.bandwidth_here_gb_s, 2) if fit.bandwidth_here_gb_s else None,
             "fit_residuals": fit.residuals,
+            "fit_dropped": fit.dropped,
+            "overhead_fitted": fit.overhead_fitted,
             "fit_max_abs_error": round(fit.max_abs_error, 4),
             "memory_bound_here_s": round(main_bytes / (bw["best_gb_s"] * 1e9), 4),
             "projections": projections,
@@ -857,9 +872,11 @@ def run_projection(shape: str, quants: Sequence[str], *, max_batch: int = 8, thr
         "n_drafts": drafts,
         "memory_bandwidth": bw,
         "assumptions": [
-            "time(b rows, P cores) = overhead + max(weight bytes / bandwidth, (weight_s + row_s * b) / P), "
-            "weight_s, row_s and overhead fitted to this machine's forwards of 1 to n_drafts + 1 rows at each "
-            "thread count, with this machine's memory floor fitted alongside",
+            "time(b rows, P cores) = overhead + max(weight bytes / bandwidth, compute_1core(b) / P): "
+            "compute_1core(b) + overhead is the one-thread time measured here for each row count (the fastest "
+            "run's CPU time, which leaves out other programs' load); the overhead (and this machine's memory "
+            "floor) is fitted to the forwards with more threads, except those slower than on one thread (an "
+            "oversubscribed machine), and taken as 0 when none is left",
             "target cores are as fast as this machine's and scale perfectly; bandwidth is what llama.cpp reads "
             "at (about 60 GB/s for two channels of DDR5)",
             f"the full depth ({full_blocks} blocks) is scaled from models of "
@@ -885,11 +902,17 @@ def format_projection(doc: dict[str, Any]) -> str:
             continue
         f = r["fit"]
         lines.append(f"{r['quantization']}: {r['main_bytes_per_forward'] / 1e9:.2f} GB per forward; fitted "
-                     f"weight {1e3 * f['weight_s']:.0f} ms + {1e3 * f['row_s']:.0f} ms per row on one core, "
-                     f"overhead {1e3 * f['overhead_s']:.1f} ms (fit within {r['fit_max_abs_error']:.0%}); "
+                     "one-core compute " + " ".join(f"{b}:{1e3 * v:.0f}" for b, v in f["compute_1core_s"].items())
+                     + f" ms, overhead {1e3 * f['overhead_s']:.1f} ms"
+                     + ("" if r["overhead_fitted"] else " (assumed: no usable multi-thread forward)")
+                     + f" (fit within {r['fit_max_abs_error']:.0%}); "
                      + (f"memory floor here {1e3 * r['fit_memory_floor_here_s']:.0f} ms "
                         f"({r['fit_bandwidth_here_gb_s']:g} GB/s)" if r["fit_bandwidth_here_gb_s"]
                         else "no memory floor reached here"))
+        if r.get("fit_dropped") or r.get("unusable_cells"):
+            lines.append(f"  left out of the fit (disturbed by other programs): {len(r['fit_dropped'])} "
+                         f"multi-thread forwards slower than on one thread, {len(r['unusable_cells'])} cells "
+                         "whose deeper model was not slower")
         for t, rel in r["scaled_rel"].items():
             one = r["scaled_seconds"][f"1x{t[1:]}"]
             lines.append(f"  measured, {t[1:]} thread(s): 1 row {1e3 * one:.0f} ms; b rows / 1 row: "
