@@ -215,7 +215,7 @@ def test_measure_context_costs_on_the_tiny_bundle(tiny_bundle):
 
 def test_bench_project_cli_on_the_tiny_shape(tmp_path):
     proc = run_cli("bench", "--synthetic", "tiny", "--project", "--quant", "Q8_0", "--max-batch", "3",
-                   "--repeat", "1", "--threads", "2", "--buffers", "off", "--json", "-", "-q",
+                   "--repeat", "3", "--threads", "2", "--buffers", "off", "--json", "-", "-q",
                    env={"MTPCODE_CACHE_DIR": str(tmp_path)})
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
@@ -223,9 +223,13 @@ def test_bench_project_cli_on_the_tiny_shape(tmp_path):
     assert doc["threads"] == [1, 2] and doc["mode"] == "off"
     (r,) = doc["results"]
     assert not r.get("crashed"), r
-    assert set(r["scaled_seconds"]) == {f"{b}x{t}" for b in (1, 2, 3) for t in (1, 2)}
+    # cells disturbed by other programs are left out and listed, never silently lost
+    cells = {f"{b}x{t}" for b in (1, 2, 3) for t in (1, 2)}
+    assert set(r["scaled_seconds"]) | set(r["unusable_cells"]) == cells
+    assert {"1x1", "2x1", "3x1"} <= set(r["scaled_seconds"])
     assert r["measured_depth_blocks"] == [2, 6] and r["full_depth_blocks"] == 3
-    assert len(r["fit_residuals"]) == 6
+    assert len(r["fit_residuals"]) + len(r["fit_dropped"]) == len(r["scaled_seconds"])
+    assert set(r["fit"]["compute_1core_s"]) == {"1", "2", "3"}
     names = [p["machine"]["name"] for p in r["projections"]]
     assert names[1:] == ["8-core desktop", "16-core desktop"]
     for pj in r["projections"]:
