@@ -427,9 +427,64 @@ def test_disconnect_cancels(server: HttpServer, long_prompt: str) -> None:
     assert server.get("/health").status_code == 200
 
 
+# --- the scheduler, in process ---------------------------------------------------------------------
+
+
+class Gate:
+    """A stop condition that holds the worker thread inside a generation step until released."""
+
+    reason = "gate"
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def check(self, text: str) -> int | None:
+        self.entered.set()
+        assert self.release.wait(60)
+        return None
+
+    def holdback(self, text: str) -> int:
+        return 0
+
+
+def test_scheduler_supersedes_and_drops_stale_jobs(engine) -> None:
+    from mtpcode.server.scheduler import Job, Outcome, Scheduler
+
+    expected = greedy(engine, PROMPT, 50).text
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sched = Scheduler(engine)
+        gate = Gate()
+        jobs = {name: Job(prompt=PROMPT, options=GenerationOptions(max_tokens=50)) for name in "abc"}
+        jobs["a"].stops = [gate]
+        for job in jobs.values():
+            job.bind(loop)
+        sched.submit(jobs["a"])
+        assert await asyncio.to_thread(gate.entered.wait, 60)  # a is running, held in its first step
+        sched.submit(jobs["b"])  # cancels a, waits in the queue
+        sched.submit(jobs["c"])  # drops b, which never runs
+        gate.release.set()
+        outcomes = {}
+        for name, job in jobs.items():
+            while not isinstance(item := await job.events.get(), Outcome):
+                pass
+            outcomes[name] = item
+        a, b, c = outcomes["a"], outcomes["b"], outcomes["c"]
+        assert a.ran and a.cancelled == "superseded" and a.stats.generated_tokens < 50
+        assert not b.ran and b.cancelled == "superseded" and b.stats is None
+        assert c.ran and c.cancelled is None and c.stop_reason == "max_tokens" and c.text == expected
+        assert (sched.counters.cancelled, sched.counters.dropped, sched.counters.finished) == (1, 1, 1)
+        sched.close()
+
+    asyncio.run(main())
+
+
 # --- load -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_load_500_requests_8_clients(server: HttpServer) -> None:
     """500 requests from 8 concurrent clients, a quarter abandoned mid-stream: every other one gets a
     complete answer (possibly cut short by a newer request) or a clean error; memory stays flat."""
@@ -516,15 +571,17 @@ def test_api_key_truncation_and_sigint(tiny_bundle: Path) -> None:
 
 
 def test_loading_then_port_in_use(tiny_bundle: Path) -> None:
-    s = HttpServer(bundle=tiny_bundle, wait_ready=False)
+    s = HttpServer("--host", "0.0.0.0", bundle=tiny_bundle, wait_ready=False)
     try:
+        assert "reachable from other machines, WITHOUT an API key" in "".join(s.stderr)
         first = httpx.get(s.url + "/health", timeout=10)
         assert first.status_code in (200, 503)
         if first.status_code == 503:
             assert first.json()["error"]["message"] == "Loading model"
         s.wait_ready()
         port = s.url.rsplit(":", 1)[1]
-        taken = subprocess.run([sys.executable, "-m", "mtpcode", "serve", "--http", "--port", port, "-m",
+        taken = subprocess.run([sys.executable, "-m", "mtpcode", "serve", "--http", "--host", "0.0.0.0", "--port", port,
+                                "-m",
                                 str(tiny_bundle)], capture_output=True, text=True, env=env(), timeout=60)
         assert taken.returncode == 2 and "in use" in taken.stderr and "Traceback" not in taken.stderr
     finally:
@@ -550,6 +607,7 @@ def builtin() -> HttpServer:
     assert s.stop() == 0
 
 
+@pytest.mark.slow
 def test_builtin_model_infill_equals_complete_cursor(builtin: HttpServer, tmp_path: Path) -> None:
     assert builtin.get("/v1/models").json()["data"][0]["id"] == "builtin"
     request = llama_vim_fim_request(PREFIX, MIDDLE, SUFFIX, [], 4) | {"t_max_predict_ms": 0, "n_indent": 0,
@@ -565,6 +623,7 @@ def test_builtin_model_infill_equals_complete_cursor(builtin: HttpServer, tmp_pa
     assert body["content"] == cli.stdout
 
 
+@pytest.mark.slow
 def test_builtin_infill_stops_at_the_suffix(builtin: HttpServer) -> None:
     # Make the suffix's next line exactly what the model would write: the completion must stop before it.
     free = builtin.post("/completion", {"prompt": PREFIX, "n_predict": 64}).json()["content"]
