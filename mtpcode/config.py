@@ -73,6 +73,7 @@ class Settings:
     batch: int = 512
     extra_bufts: str = "auto"
     flash_attn: bool = True
+    api_key: str | None = None  # `mtpcode serve --http`: require `Authorization: Bearer KEY`
     # Where things live (not settable from the config file itself).
     config_dir: Path = field(default_factory=lambda: config_dir())
     data_dir: Path = field(default_factory=lambda: data_dir())
@@ -124,6 +125,7 @@ _KEYS: dict[str, str] = {
     "batch": "int",
     "extra_bufts": "str",
     "flash_attn": "bool",
+    "api_key": "str?",
 }
 SETTING_KEYS: tuple[str, ...] = tuple(_KEYS)
 
