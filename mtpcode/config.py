@@ -72,7 +72,9 @@ class Settings:
     ctx: int = 4096
     batch: int = 512
     extra_bufts: str = "auto"
-    flash_attn: bool = True
+    # Off: llama.cpp's CPU flash-attention kernel walks the KV cache once per query row, so a verify of
+    # b rows costs nearly b steps at editor-sized contexts (docs/PERFORMANCE.md); on a GPU it pays.
+    flash_attn: bool = False
     api_key: str | None = None  # `mtpcode serve --http`: require `Authorization: Bearer KEY`
     # Where things live (not settable from the config file itself).
     config_dir: Path = field(default_factory=lambda: config_dir())
