@@ -438,7 +438,9 @@ class QuantAdvice:
     verdict: str  # "best", "good" or "slow"
 
 
-# Measured on a 2-vCPU AMD EPYC (docs/PERFORMANCE.md, "Guidance: which quantization").
+# The 7B shape at 2 threads on a 2-vCPU AMD EPYC, four weight-buffer modes (docs/results/bench-synthetic-7b.json;
+# docs/PERFORMANCE.md, "Guidance: which quantization"). In tokens per second Q4_0 is the fastest of the three
+# with drafting (half Q8_0's bytes), Q8_0 gains the most from it.
 QUANT_ADVICE: dict[str, QuantAdvice] = {
     "Q8_0": QuantAdvice("Q8_0", (1.6, 1.8), "best"),
     "Q4_0": QuantAdvice("Q4_0", (2.2, 2.5), "good"),
@@ -452,7 +454,7 @@ def quant_note(quant: str) -> str | None:
     if advice is None or advice.verdict != "slow":
         return None
     lo, hi = advice.four_rows_rel
-    best = QUANT_ADVICE["Q8_0"].four_rows_rel
-    return (f"note: {advice.quant} verifies slowly on CPU (4 drafted tokens cost {lo:g}-{hi:g}x one token, "
-            f"Q8_0 {best[0]:g}-{best[1]:g}x): for speculative decoding on a CPU prefer --quant Q8_0, "
-            "or Q4_0 where memory is tight")
+    q4, q8 = QUANT_ADVICE["Q4_0"].four_rows_rel, QUANT_ADVICE["Q8_0"].four_rows_rel
+    return (f"note: {advice.quant} verifies drafts slowly on CPU (4 tokens cost {lo:g}-{hi:g}x one; "
+            f"Q4_0 {q4[0]:g}-{q4[1]:g}x, Q8_0 {q8[0]:g}-{q8[1]:g}x): for speculative decoding on a CPU "
+            "prefer --quant Q4_0 (fastest) or --quant Q8_0 (largest speedup, twice the memory)")

@@ -344,9 +344,9 @@ def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: 
 
 
 def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, repeat: int = 3,
-                  threads: int = 2, prefix: int = 64, flash_attn: bool = True) -> dict[str, Any]:
+                  threads: int = 2, prefix: int = 64, flash_attn: bool = False) -> dict[str, Any]:
     """Time main forwards of 1..max_batch rows (after a ``prefix``-token KV) and one head forward,
-    with flash attention as the runtime's default (``flash_attn``).
+    with flash attention as the runtime's default (``flash_attn``, off).
 
     ``mode``: "off" (extra buffer types off, the AMX-safe default), "on"
     (llama.cpp's default extra buffer types: crashes on AMX CPUs with quantized
