@@ -325,7 +325,7 @@ BAD = [
     ("/completion", b"[1, 2]", 400, "JSON object"),
     ("/completion", b"\xff\xfe", 400, "not UTF-8"),
     ("/completion", b'{"prompt": "x", "n_predict": -2}', 400, "n_predict"),
-    ("/completion", b'{"prompt": "x", "n_predict": 99999999}', 400, "more than the context"),
+    ("/completion", b'{"prompt": "x", "n_predict": 99999999}', 400, "more than any context"),
     ("/completion", b'{"prompt": "x", "n_predict": "12"}', 400, "must be an integer"),
     ("/completion", b'{"prompt": "x", "stream": "yes"}', 400, "true or false"),
     ("/completion", b'{"prompt": "x", "stop": 5}', 400, "stop"),
@@ -562,6 +562,11 @@ def test_api_key_truncation_and_sigint(tiny_bundle: Path) -> None:
         assert long_prefix.endswith(body["prompt"]) and body["prompt"].startswith("x")
         plain = s.post("/completion", {"prompt": long_prefix, "n_predict": 8}, headers=auth).json()
         assert plain["truncated"] is True and plain["tokens_evaluated"] <= 128 - 8
+        # More tokens than the context holds: generation runs until the context is full, as llama-server's.
+        full = s.post("/completion", {"prompt": "x = 1\n", "n_predict": 5000}, headers=auth).json()
+        assert full["stop_type"] in ("limit", "eos") and full["tokens_predicted"] + full["tokens_evaluated"] <= 128
+        if full["stop_type"] == "limit":
+            assert full["truncated"] is True and full["stop_reason"] == "context"
         # Only a line at the cursor longer than the context is refused.
         r = s.post("/infill", {"input_prefix": "y = [" + "1, " * 400, "n_predict": 8}, headers=auth)
         assert r.status_code == 400 and r.json()["error"]["type"] == "exceed_context_size_error"

@@ -20,6 +20,7 @@ from mtpcode.generation import Stats
 
 SYSTEM_FINGERPRINT = f"mtpcode-{__version__}"
 MAX_COMPLETIONS = 8  # n_cmpl / n: completions per request
+MAX_PREDICT = 1 << 20  # n_predict above this is refused as nonsense; up to it, the context is the limit
 
 
 def dumps(obj: Any) -> bytes:
@@ -153,10 +154,11 @@ def parse_params(body: dict[str, Any], n_ctx: int, default_n_predict: int, *, op
         n = get_int(body, "n_predict", n, lo=-1)
     if n is None:
         n = default_n_predict
-    if n > n_ctx:
-        raise bad_request(f"n_predict {n} is more than the context holds ({n_ctx} tokens); "
+    if n > MAX_PREDICT:
+        raise bad_request(f"n_predict {n} is more than any context holds (at most {MAX_PREDICT}); "
                           "ask for fewer tokens, or -1 for as many as fit")
-    n_predict = n_ctx if n < 0 else n
+    # Like llama-server: more than the context allows means "until the context is full".
+    n_predict = n_ctx if n < 0 or n > n_ctx else n
     sampling: dict[str, Any] = {}
     temperature = get_float(body, "temperature", None)
     if temperature is not None:
