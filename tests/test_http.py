@@ -264,6 +264,24 @@ def test_llama_vscode_bodies(server: HttpServer, engine) -> None:
     assert server.get("/health").json() == {"status": "ok"}
 
 
+def continue_llama_cpp_request(prompt: str) -> dict:
+    """Continue's llama.cpp provider (core/llm/llms/LlamaCpp.ts, _streamComplete): POST {apiBase}completion."""
+    return {"prompt": prompt, "stream": True, "n_predict": 48, "frequency_penalty": 0, "presence_penalty": 0,
+            "min_p": 0.05, "mirostat": 0, "stop": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|endoftext|>"],
+            "top_k": 40, "top_p": 0.9, "temperature": 0.0}
+
+
+def test_continue_llama_cpp_body(server: HttpServer, engine) -> None:
+    # Continue's autocomplete wraps prefix and suffix in a FIM template, and sends "Bearer undefined"
+    # when no API key is configured.
+    before = PREFIX + MIDDLE
+    prompt = f"<fim_prefix>{before}<fim_suffix>{SUFFIX}<fim_middle>"
+    r = server.post("/completion", continue_llama_cpp_request(prompt), headers={"Authorization": "Bearer undefined"})
+    assert r.status_code == 200
+    text = "".join(e["content"] for e in sse_events(r.content) if not e["stop"])
+    assert text == greedy(engine, before, 48, code_stops(before, suffix=SUFFIX)).text
+
+
 # --- OpenAI --------------------------------------------------------------------------------------
 
 
