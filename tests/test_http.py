@@ -317,13 +317,33 @@ def test_openai_stream_framing(server: HttpServer) -> None:
 def test_fim_markers_become_prefix_and_suffix(server: HttpServer) -> None:
     plain = server.post("/v1/completions", {"prompt": PREFIX + MIDDLE, "suffix": SUFFIX, "max_tokens": 48}).json()
     want = plain["choices"][0]["text"]
-    for template in ("<PRE> {p} <SUF>{s} <MID>", "<fim_prefix>{p}<fim_suffix>{s}<fim_middle>",
+    for template in ("<PRE> {p} <SUF>{s} <MID>", "<fim_prefix>{p}<fim_suffix>{s}<fim_middle>", "{p}<|FIM|>{s}",
                      "<|fim_prefix|>{p}<|fim_suffix|>{s}<|fim_middle|>", "<SUF>{s}<PRE> {p} <MID>"):
         prompt = template.format(p=PREFIX + MIDDLE, s=SUFFIX)
         got = server.post("/v1/completions", {"prompt": prompt, "max_tokens": 48}).json()
         assert got["choices"][0]["text"] == want, template
         raw = server.post("/completion", {"prompt": prompt, "n_predict": 1}).json()
         assert raw["prompt"] == PREFIX + MIDDLE  # the markers never reach the model
+
+
+def test_tabby_bodies(server: HttpServer, tiny_bundle: Path) -> None:
+    """Tabby's backends (crates/http-api-bindings/src/completion): llama.cpp/completion posts to /completion
+    with a 64-bit seed; openai/completion posts to /v1/completions with the prompt and a separate suffix."""
+    before = PREFIX + MIDDLE
+    want = server.post("/v1/completions", {"prompt": before, "suffix": SUFFIX, "max_tokens": 32}).json()
+    llama = server.post("/completion", {"seed": 18446744073709551615 // 3, "prompt": f"{before}<|FIM|>{SUFFIX}",
+                                        "n_predict": 32, "temperature": 0.0, "stream": True, "penalty_last_n": 0,
+                                        "presence_penalty": 0.0})
+    events = sse_events(llama.content)
+    assert "".join(e["content"] for e in events) == want["choices"][0]["text"] and events[-1]["stop"] is True
+    openai = server.post("/v1/completions", {"model": tiny_bundle.name, "prompt": before, "suffix": SUFFIX,
+                                             "max_tokens": 32, "temperature": 0.0, "stream": True,
+                                             "presence_penalty": 0.0})
+    chunks = sse_events(openai.content)
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == want["choices"][0]["text"]
+    no_suffix = server.post("/v1/completions", {"model": tiny_bundle.name, "prompt": PROMPT, "suffix": None,
+                                                "max_tokens": 4, "temperature": 0.0, "stream": False})
+    assert no_suffix.status_code == 200
 
 
 def test_ollama_generate(server: HttpServer, engine) -> None:

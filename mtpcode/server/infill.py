@@ -68,7 +68,11 @@ FIM_FAMILIES: tuple[FimFamily, ...] = (
 
 # Other special strings of those formats (repository and file separators, end markers):
 # removed from prompts, since to this model they are only noise.
+# Tabby's separator: its openai/completion backend renders "{prefix}<|FIM|>{suffix}".
+TABBY_FIM = "<|FIM|>"
+
 OTHER_MARKERS: tuple[str, ...] = (
+    TABBY_FIM,
     "<fim_pad>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<file_sep>", "<reponame>", "<filename>",
     "<gh_stars>", "<EOT>", "<|endoftext|>", "<｜end▁of▁sentence｜>", "<|file_separator|>",
 )
@@ -104,8 +108,12 @@ def split_fim(text: str) -> FimSplit | None:
 
     Both orders are understood: prefix-suffix-middle (``<PRE>p<SUF>s<MID>m``)
     and suffix-prefix-middle (``<SUF>s<PRE>p<MID>m``, and the
-    ``<fim_prefix><fim_suffix>s<fim_middle>p`` variant of it).
+    ``<fim_prefix><fim_suffix>s<fim_middle>p`` variant of it); so is Tabby's
+    ``p<|FIM|>s``.
     """
+    if TABBY_FIM in text:
+        prefix, _, suffix = text.partition(TABBY_FIM)
+        return FimSplit("tabby", "", strip_markers(prefix), strip_markers(suffix))
     for fam in FIM_FAMILIES:
         i_pre, i_suf = text.find(fam.prefix), text.find(fam.suffix)
         if i_pre < 0 or i_suf < 0:

@@ -170,9 +170,9 @@ def parse_params(body: dict[str, Any], n_ctx: int, default_n_predict: int, *, op
         value = get_float(body, name, None)
         if value is not None:
             sampling[name] = value
-    seed = get_int(body, "seed", None, lo=-1, hi=2**32 - 1)
+    seed = get_int(body, "seed", None, lo=-1)
     if seed is not None and seed >= 0 and seed != 0xFFFFFFFF:  # -1 (and its unsigned 0xFFFFFFFF): random
-        sampling["seed"] = seed
+        sampling["seed"] = seed % 2**32  # llama.cpp's seeds are 32-bit; Tabby sends 64-bit ones
     n_cmpl = get_int(body, "n_cmpl", None, lo=1, hi=MAX_COMPLETIONS)
     n_cmpl = get_int(body, "n", n_cmpl, lo=1, hi=MAX_COMPLETIONS)
     fields = body.get("response_fields") or []
