@@ -15,6 +15,7 @@ every configuration starts from a clean address space.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -170,7 +171,7 @@ def _block_tensors(p, prefix: str, layer: int, n_layers: int, quant: str, tied: 
     for short, rows, cols in mats:
         name = f"{prefix}{short}.weight"
         kind = tensor_types(quant, name, layer, n_layers, tied)
-        yield name, (lambda kind=kind, rows=rows, cols=cols: random_tensor(kind, rows, cols, cols ** -0.5, rnd)), kind
+        yield name, functools.partial(random_tensor, kind, rows, cols, cols ** -0.5, rnd), kind
 
 
 def _write_gguf(path: Path, p, quant: str, *, role: str, head_index: int, fingerprint: str,
@@ -343,6 +344,22 @@ def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: 
 # measuring (in a child process)
 
 
+def _tokens(c) -> np.ndarray:
+    """The token buffer of a context's batch (a context fed token ids has one)."""
+    buf = c.batch.tokens
+    if buf is None:
+        raise MtpError("this context is fed embeddings, not token ids")
+    return buf
+
+
+def _embd(c) -> np.ndarray:
+    """The embedding buffer of a context's batch (a head context has one)."""
+    buf = c.batch.embd
+    if buf is None:
+        raise MtpError("this context is fed token ids, not embeddings")
+    return buf
+
+
 def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, repeat: int = 3,
                   threads: int = 2, prefix: int = 64, flash_attn: bool = False) -> dict[str, Any]:
     """Time main forwards of 1..max_batch rows (after a ``prefix``-token KV) and one head forward,
@@ -383,17 +400,17 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
     rng = np.random.default_rng(0)
     try:
         ctx = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, capture=capture, flash_attn=flash_attn)
-        ctx.batch.tokens[:prefix] = rng.integers(3, m.n_vocab, prefix)
+        _tokens(ctx)[:prefix] = rng.integers(3, m.n_vocab, prefix)
         ctx.decode(prefix, 0, last_logits_only=True)
         # the same model without the trunk capture: what the eval callback costs per forward
         bare = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, flash_attn=flash_attn)
-        bare.batch.tokens[:prefix] = ctx.batch.tokens[:prefix]
+        _tokens(bare)[:prefix] = _tokens(ctx)[:prefix]
         bare.decode(prefix, 0, last_logits_only=True)
         hctx = None
         if head is not None:
             hctx = Context(head, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True,
                            flash_attn=flash_attn)
-            np.copyto(hctx.batch.embd[:prefix], trunk[:prefix])
+            np.copyto(_embd(hctx)[:prefix], trunk[:prefix])
             hctx.decode(prefix, 0, last_logits_only=True)
         sizes = list(range(1, max_batch + 1))
         times: dict[int, list[float]] = {b: [] for b in sizes}
@@ -409,21 +426,21 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
         def main_forward(c: Context, b: int) -> float:
             dt = 0.0
             for _ in range(2):
-                c.batch.tokens[:b] = rng.integers(3, m.n_vocab, b)
+                _tokens(c)[:b] = rng.integers(3, m.n_vocab, b)
                 t = time.perf_counter()
                 c.decode(b, prefix, last_logits_only=False)
                 dt = time.perf_counter() - t
                 c.trim(prefix)
             return dt
 
-        def head_forward() -> float:
+        def head_forward(hc: Context) -> float:
             dt = 0.0
             for _ in range(2):
-                np.copyto(hctx.batch.embd[:1], trunk[prefix: prefix + 1])
+                np.copyto(_embd(hc)[:1], trunk[prefix: prefix + 1])
                 t = time.perf_counter()
-                hctx.decode(1, prefix, last_logits_only=True)
+                hc.decode(1, prefix, last_logits_only=True)
                 dt = time.perf_counter() - t
-                hctx.trim(prefix)
+                hc.trim(prefix)
             return dt
 
         # one warm-up pass (page faults of the mmapped weights, thread pool start)
@@ -444,7 +461,7 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
             t1 = main_forward(ctx, 1)
             capture_diffs.append(t1 - main_forward(bare, 1))
             if hctx is not None:
-                th = head_forward()
+                th = head_forward(hctx)
                 head_times.append(th)
                 head_ratios.append(th / t1)
         ratios[1] = [1.0]
@@ -605,9 +622,7 @@ def measure_context_costs(model_path: Path, *, contexts: Sequence[int] = (64, 51
     cpu_ratios: dict[tuple[bool, int, int, int], list[float]] = {}
 
     def fill(c: Context, start: int, n: int) -> None:
-        buf = c.batch.tokens
-        assert buf is not None  # a context for token input
-        buf[:n] = tokens[start: start + n]
+        _tokens(c)[:n] = tokens[start: start + n]
 
     def forward(c: Context, start: int, b: int) -> tuple[float, float]:
         """Wall-clock and calling-thread CPU seconds of one forward (with one llama.cpp thread,
