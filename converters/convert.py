@@ -164,7 +164,8 @@ def convert_checkpoint(
     return ConversionResult(
         out_dir=out,
         quant=quant,
-        files={e.file: e.size for e in (manifest.main, *manifest.heads)} | {B.MANIFEST_NAME: (out / B.MANIFEST_NAME).stat().st_size},
+        files={e.file: e.size for e in (manifest.main, *manifest.heads)}
+        | {B.MANIFEST_NAME: (out / B.MANIFEST_NAME).stat().st_size},
         parameters=parameters,
         seconds=time.monotonic() - start,
         manifest=manifest,

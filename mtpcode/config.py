@@ -151,7 +151,8 @@ def config_dir() -> Path:
 
 
 def data_dir() -> Path:
-    """Directory of the model registry and the converted bundles (MTPCODE_DATA_DIR, MTPCODE_HOME, else the platform's)."""
+    """Directory of the model registry and the converted bundles
+    (MTPCODE_DATA_DIR, MTPCODE_HOME, else the platform's)."""
     explicit = _env_path("MTPCODE_DATA_DIR") or _env_path("MTPCODE_HOME")
     if explicit is not None:
         return explicit

@@ -83,7 +83,8 @@ def test_params_errors(bad, fragment):
 SHAPES = {
     "n1": dict(n_future_tokens=1, n_layers=4),
     "n2-gqa": dict(n_future_tokens=2, n_heads=8, n_kv_heads=2),
-    "n4-ffnmult-theta": dict(n_future_tokens=4, ffn_dim_multiplier=1.3, rope_theta=1e6, dim=192, n_heads=6, n_kv_heads=6),
+    "n4-ffnmult-theta": dict(n_future_tokens=4, ffn_dim_multiplier=1.3, rope_theta=1e6, dim=192, n_heads=6,
+                             n_kv_heads=6),
 }
 
 
@@ -216,7 +217,8 @@ def test_bad_inputs_give_one_line_and_write_nothing(make_checkpoint, tmp_path):
         "layers.1.attention.wq.weight", torch.zeros(128, 96, dtype=torch.bfloat16)))
     cases.append((d, [], 65, "layers.1.attention.wq.weight has shape [128, 96]"))
 
-    d = _bad_state(src, tmp_path / "missing-head", lambda s: [s.pop(k) for k in list(s) if k.startswith("extra_heads.2.")])
+    d = _bad_state(src, tmp_path / "missing-head",
+                   lambda s: [s.pop(k) for k in list(s) if k.startswith("extra_heads.2.")])
     cases.append((d, [], 65, "n_future_tokens=4"))
 
     def add_head(s):

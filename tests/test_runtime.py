@@ -212,7 +212,8 @@ def test_prompt_longer_than_context_raises_before_any_event(tiny_bundle) -> None
     with Engine(tiny_bundle, n_ctx=32, n_threads=1) as engine:
         ids = engine.tokenize("x = 1\n" * 40)
         assert len(ids) > 32
-        with pytest.raises(ContextOverflowError, match=rf"prompt is {len(ids)} tokens but the context holds 32; use --ctx"):
+        message = rf"prompt is {len(ids)} tokens but the context holds 32; use --ctx"
+        with pytest.raises(ContextOverflowError, match=message):
             engine.generate(ids)
         # still usable afterwards
         assert run(engine, "x = 1\n", max_tokens=4)[3].stats.generated_tokens == 4
@@ -240,7 +241,7 @@ def test_stop_string_cuts_output_and_is_not_emitted(tiny_bundle) -> None:
         _, _, full, _ = run(engine, PROMPTS[0], max_tokens=N_NEW, heads=3)
         stop = full[12:15]
         cut = full.find(stop)
-        tokens, _, text, done = run(engine, PROMPTS[0], max_tokens=N_NEW, heads=3, stop=(stop,))
+        _, _, text, done = run(engine, PROMPTS[0], max_tokens=N_NEW, heads=3, stop=(stop,))
     assert done.stop_reason == "stop"
     assert text == done.text == full[:cut]
     assert stop not in text
@@ -361,7 +362,7 @@ def test_sampling_is_reproducible_with_a_seed(tiny_bundle) -> None:
     with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as engine:
         a, _, _, da = run(engine, PROMPTS[0], max_tokens=20, heads=3, sampling=sampling)
         b, _, _, db = run(engine, PROMPTS[0], max_tokens=20, heads=3, sampling=sampling)
-        c, _, _, dc = run(engine, PROMPTS[0], max_tokens=20, heads=3,
+        _, _, _, dc = run(engine, PROMPTS[0], max_tokens=20, heads=3,
                           sampling=SamplingOptions(temperature=0.9, seed=None))
     with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as fresh:
         d = run(fresh, PROMPTS[0], max_tokens=20, heads=3, sampling=sampling)[0]
@@ -370,9 +371,9 @@ def test_sampling_is_reproducible_with_a_seed(tiny_bundle) -> None:
 
 
 def test_invalid_head_count_is_a_usage_error(tiny_bundle) -> None:
-    with Engine(tiny_bundle, n_ctx=64, n_threads=1) as engine:
-        with pytest.raises(UsageError, match="heads must be between 0 and 3"):
-            engine.generate("x", GenerationOptions(heads=4))
+    with Engine(tiny_bundle, n_ctx=64, n_threads=1) as engine, \
+            pytest.raises(UsageError, match="heads must be between 0 and 3"):
+        engine.generate("x", GenerationOptions(heads=4))
 
 
 def test_head_from_another_model_is_rejected(make_bundle, tmp_path) -> None:
@@ -431,7 +432,7 @@ def test_ctrl_c_during_prefill_propagates_and_engine_recovers(tiny_bundle, capfd
         assert 600 < len(ids) < 2000
         ref = run(cold, ids, max_tokens=8, heads=3)[0]
     with Engine(tiny_bundle, n_ctx=2048, n_batch=64, n_threads=1) as engine:
-        for attempt in range(4):  # a signal lost in the callback fails the attempt; repeat to catch it
+        for _attempt in range(4):  # a signal lost in the callback fails the attempt; repeat to catch it
             timer = threading.Timer(0.03, os.kill, (os.getpid(), signal.SIGINT))
             timer.start()
             with pytest.raises(KeyboardInterrupt):

@@ -191,7 +191,7 @@ def test_interleaved_malformed_and_cancelled(client: Client) -> None:
     # Cancel A once it has produced text; B then runs.
     client.until(lambda m: m.get("id") == "A" and m.get("text"))
     client.send({"cancel": "A"})
-    text_a, done_a = client.result("A")
+    _, done_a = client.result("A")
     assert done_a["stop_reason"] == "cancelled" and done_a["stats"]["generated_tokens"] < 3000
     a_deltas = "".join(m["text"] for m in client.log if m.get("id") == "A" and "done" not in m and "text" in m)
     assert done_a["text"] == a_deltas

@@ -54,7 +54,8 @@ def test_line_limit(n: int, text: str, expected: str) -> None:
         # Cursor at the end of the opener line: the body starts after a newline.
         ("def f(x):", "\n    return x\nprint(f(1))\n", "\n    return x"),
         # Cursor inside a body (last line not an opener): stay at that level or deeper.
-        ("def f(x):\n    y = 1\n", "    if y:\n        y += 1\n    return y\nclass A:\n", "    if y:\n        y += 1\n    return y"),
+        ("def f(x):\n    y = 1\n", "    if y:\n        y += 1\n    return y\nclass A:\n",
+         "    if y:\n        y += 1\n    return y"),
         # Nested opener: the inner body only.
         ("def f(x):\n    if x:\n", "        return 1\n    return 2\n", "        return 1"),
         # Braces: the closing brace at the opener's level ends the body.
@@ -107,7 +108,7 @@ def test_streaming_never_shows_text_that_is_cut_later() -> None:
     rng = random.Random(1234)
     alphabet = ["a", "b", " ", "  ", "\t", "\n", "\n    ", "}", ":", "x = 1", "\n\n", "def g():"]
     prompts = ["def f():\n", "    x = 1\n", "int f() {\n", "if x:", "print(", ""]
-    for trial in range(300):
+    for _trial in range(300):
         prompt = rng.choice(prompts)
         suffix = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
         text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 20)))
@@ -116,7 +117,7 @@ def test_streaming_never_shows_text_that_is_cut_later() -> None:
         final, reason, shown = stream(text, stops)
         assert final.startswith(shown)
         if reason is not None:
-            expected, expected_reason = apply_stops(text, stops)
+            expected, _ = apply_stops(text, stops)
             # The stream stops at the first prefix where any stop fires; apply_stops on
             # the whole text may find an earlier cut only by looking ahead, never a later one.
             assert len(expected) <= len(final)

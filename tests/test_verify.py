@@ -20,7 +20,8 @@ SHAPES = {
     "n1": dict(n_future_tokens=1, n_layers=4),
     "n2-gqa": dict(n_future_tokens=2, n_heads=8, n_kv_heads=2),
     "n4": dict(),
-    "n4-ffnmult-theta": dict(n_future_tokens=4, ffn_dim_multiplier=1.3, rope_theta=1e6, dim=192, n_heads=6, n_kv_heads=6),
+    "n4-ffnmult-theta": dict(n_future_tokens=4, ffn_dim_multiplier=1.3, rope_theta=1e6, dim=192, n_heads=6,
+                             n_kv_heads=6),
 }
 
 
@@ -69,7 +70,8 @@ def test_verify_catches_a_wrong_bundle(make_checkpoint, make_bundle, tmp_path):
 def test_cli_verify_prints_per_head_report(make_checkpoint, tmp_path):
     ckpt_dir, _ = make_checkpoint()
     proc = subprocess.run([sys.executable, "-m", "mtpcode", "convert", str(ckpt_dir), "--out", str(tmp_path / "b"),
-                           "--quant", "Q8_0", "--verify", "--threads", "2"], capture_output=True, text=True, timeout=300)
+                           "--quant", "Q8_0", "--verify", "--threads", "2"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for k in range(4):
         assert f"head {k}: max |Δlogit|" in proc.stderr

@@ -98,7 +98,8 @@ def _panel(p: Panel, ox: float, oy: float, w: float, h: float) -> str:
     for t in (p.xticks if p.xticks is not None else _nice_ticks(x0, x1)):
         x = sx(t)
         g.append(f'<text x="{x:.1f}" y="{oy + top + ph + 16}" text-anchor="middle">{_fmt(t)}</text>')
-    g.append(f'<text x="{ox + left + pw / 2}" y="{oy + top + ph + 34}" text-anchor="middle">{html.escape(p.xlabel)}</text>')
+    g.append(f'<text x="{ox + left + pw / 2}" y="{oy + top + ph + 34}" text-anchor="middle">'
+             f'{html.escape(p.xlabel)}</text>')
     cy = oy + top + ph / 2
     g.append(f'<text x="{ox + 14}" y="{cy}" text-anchor="middle" transform="rotate(-90 {ox + 14} {cy})">'
              f'{html.escape(p.ylabel)}</text>')
