@@ -266,17 +266,26 @@ class Plan:
         return HEADS if self.heads else PLAIN
 
 
-def match_bucket(length: int) -> int:
-    """Acceptance-estimate bucket of a context match of ``length`` tokens (0..6)."""
+def match_bucket(length: int, where: str = "text", hit: bool = False) -> int:
+    """Acceptance-estimate bucket of a context match of ``length`` tokens found in the text or the
+    suffix, after a step where the context's prediction was right (``hit``) or not: 0..6 by length
+    (1, 2, 3, 4, 5-7, 8-15, 16+), plus 7 for the suffix (a copy of the text after the cursor and a
+    repetition of the text before it are accepted at different rates), plus 14 after a hit (copying
+    goes on in runs: a prediction that was just right is likelier to be right again)."""
     if length <= 4:
-        return max(length, 1) - 1
-    return 4 if length < 8 else 5 if length < 16 else 6
+        bucket = max(length, 1) - 1
+    else:
+        bucket = 4 if length < 8 else 5 if length < 16 else 6
+    return bucket + (len(CONTEXT_PRIOR) if where == "suffix" else 0) + (N_BUCKETS // 2 if hit else 0)
 
 
 # Prior probability that the first token of a context draft is accepted, per
 # match bucket (1, 2, 3, 4, 5-7, 8-15, 16+ tokens): optimistic enough that
 # each bucket gets tried, so that measurements replace it.
 CONTEXT_PRIOR = (0.3, 0.45, 0.55, 0.65, 0.75, 0.85, 0.9)
+N_BUCKETS = 4 * len(CONTEXT_PRIOR)  # lengths x (text, suffix) x (after a miss, after a hit)
+# after a miss the prior is lower
+BUCKET_PRIOR = tuple(p * 0.6 for p in CONTEXT_PRIOR) * 2 + CONTEXT_PRIOR * 2
 
 
 class DraftPolicy:
@@ -317,6 +326,12 @@ class DraftPolicy:
 
     alpha = 0.1  # weight of a new observation in the running estimates
     ctx_weight = 2  # observations the prior of a context position is worth
+    ctx_memory = 4  # observations of earlier generations a context estimate keeps at a new one
+    # A context draft must promise this much more than the heads' choice: what the cost table leaves
+    # out (the Python of a longer step, llama.cpp rebuilding its graph for the new batch shape and
+    # back) and the optimism of choosing by estimates (the best-looking option is the likeliest to
+    # be overestimated) are paid by every draft.
+    switch_margin = 1.15
     probe_min = 16
     probe_max = 512
     probe_after_win = 4  # steps to the next probe after one that beat the choice
@@ -349,15 +364,13 @@ class DraftPolicy:
         self._next_probe = self.warmup_steps + self.probe_min
         self._confirm: int | None = None  # a probe that won, to repeat at the next probe
         # context drafts: conditional acceptance per match bucket and position, and how often seen
-        self.ctx_q = [[p] * self.max_draft for p in CONTEXT_PRIOR]
-        self.ctx_n = [[0] * self.max_draft for _ in CONTEXT_PRIOR]
+        n_buckets = N_BUCKETS
+        self.ctx_q = [[p] * self.max_draft for p in BUCKET_PRIOR]
+        self.ctx_n = [[0] * self.max_draft for _ in range(n_buckets)]
+        self.recent_hit = False  # whether the context's last prediction was right
         # heads after a context continuation: conditional acceptance per position (prior: the heads' own)
         self.mix_q = [0.0] * self.max_draft
         self.mix_n = [0] * self.max_draft
-        # probes of a bucket whose drafts are not chosen: a one-token draft now and then, so an
-        # estimate that an unlucky start pushed down is measured again (interval doubling as for heads)
-        self.ctx_probe_at = [0] * len(CONTEXT_PRIOR)
-        self.ctx_probe_gap = [self.probe_min] * len(CONTEXT_PRIOR)
 
     # -- heads ------------------------------------------------------------
 
@@ -459,24 +472,38 @@ class DraftPolicy:
             return Plan(heads=k)
         if self.adaptive and k != self.k:  # a heads probe: let it run, its estimates need it
             return Plan(heads=k)
-        bucket = match_bucket(match.length)
+        bucket = match_bucket(match.length, match.where, self.recent_hit)
         available = min(len(match.tokens), room, self.max_draft)
         best_l, best_rate = self._best_context(bucket, available)
         plan, rate = Plan(heads=k), self._rate(k)
-        if best_rate > rate:
+        if best_rate > self.switch_margin * rate:
             plan, rate = Plan(context=best_l), best_rate
-            self.ctx_probe_gap[bucket] = self.probe_min
-        elif self.steps >= self.ctx_probe_at[bucket]:  # not worth it, says the estimate: check now and then
-            self.ctx_probe_at[bucket] = self.steps + self.ctx_probe_gap[bucket]
-            self.ctx_probe_gap[bucket] = min(2 * self.ctx_probe_gap[bucket], self.probe_max)
-            return Plan(context=1)
+        elif self.measured:
+            size = self._unmeasured_size(bucket, available)
+            if size:  # the cost of that size is only a prior: measure it once
+                return Plan(context=size)
         # context extended by heads: the continuation ran out before the heads' reach
         if self.max_heads and available < min(self.max_heads, room) and best_l == available:
             for heads in range(available + 1, min(self.max_heads, room) + 1):
                 mixed = self._mixed_rate(bucket, available, heads)
-                if mixed > rate:
+                if mixed > self.switch_margin * rate:
                     plan, rate = Plan(context=available, heads=heads), mixed
         return plan
+
+    def _unmeasured_size(self, bucket: int, available: int) -> int:
+        """A draft length worth measuring: the best one if each extra row cost only a tenth of a
+        1-row forward, when its size was never measured and it is expected to yield at least one
+        more token. (Costs of unmeasured sizes come from another machine's table; where rows are
+        cheaper than there, drafts would otherwise never be tried, hence never measured.)"""
+        best_l, best_rate, tokens = 0, 1.0, 1.0
+        for i, c in enumerate(self._ctx_chain(bucket, available)):
+            tokens += c
+            rate = tokens / (1.0 + 0.1 * (i + 1))
+            if rate > best_rate:
+                best_l, best_rate = i + 1, rate
+        if best_l and best_l + 1 not in self.t_verify and tokens >= 2.0:
+            return best_l
+        return 0
 
     def _ctx_chain(self, bucket: int, n: int) -> list[float]:
         """P(context drafts 1..i all accepted), i = 1..n, for a match in ``bucket``."""
@@ -535,13 +562,39 @@ class DraftPolicy:
             self.chain[i] += max(self.alpha, 1.0 / self.seen[i]) * (float(accepted > i) - self.chain[i])
         self._observe_costs(k + 1, verify_s, head_s, heads_run)
 
-    def observe_plan(self, plan: Plan, match_length: int, accepted: int, verify_s: float, head_s: float,
+    def begin(self) -> None:
+        """A new generation: what was learned of context drafts on earlier prompts counts as at most
+        ``ctx_memory`` observations per position, so this prompt's own outcomes take over quickly
+        (how much a text repeats itself is a property of the text; costs and heads carry over)."""
+        for ns in self.ctx_n:
+            for i, n in enumerate(ns):
+                if n > self.ctx_memory:
+                    ns[i] = self.ctx_memory
+        self.recent_hit = False
+
+    def after_step(self, match: Match | None, plan: Plan, first: int) -> None:
+        """What the step produced after the pending token (``first``: the first accepted draft, or
+        the main model's own token): whether the context predicted it. A step that did not draft
+        from the context still tells, for free, whether the first token of a context draft would
+        have been accepted; that observation goes to the estimates too."""
+        if match is None or not match.tokens:
+            self.recent_hit = False
+            return
+        hit = match.tokens[0] == first
+        if not plan.context:
+            bucket = match_bucket(match.length, match.where, self.recent_hit)
+            qs, ns = self.ctx_q[bucket], self.ctx_n[bucket]
+            ns[0] += 1
+            qs[0] += max(self.alpha, 1.0 / (ns[0] + self.ctx_weight)) * (float(hit) - qs[0])
+        self.recent_hit = hit
+
+    def observe_plan(self, plan: Plan, match: Match | None, accepted: int, verify_s: float, head_s: float,
                      heads_run: int) -> None:
         """One step's outcome, for any plan (heads-only plans go to :meth:`observe`)."""
-        if not plan.context:
+        if not plan.context or match is None:
             self.observe(plan.heads, accepted, verify_s, head_s, heads_run)
             return
-        bucket = match_bucket(match_length)
+        bucket = match_bucket(match.length, match.where, self.recent_hit)
         qs, ns = self.ctx_q[bucket], self.ctx_n[bucket]
         for i in range(min(accepted + 1, plan.context)):  # position i was tested: all before it were accepted
             if not ns[i] and i:  # first test of this position: start from the estimate it had (the one before's)
@@ -599,7 +652,7 @@ class DraftPolicy:
                 or not 0.0 <= t_head < 60.0):
             return False
         if ctx is not None:
-            shape_ok = (len(cq) == len(CONTEXT_PRIOR) == len(cn)
+            shape_ok = (len(cq) == N_BUCKETS == len(cn)
                         and all(len(q) == self.max_draft for q in cq) and all(len(n) == self.max_draft for n in cn)
                         and len(mq) == self.max_draft == len(mn))
             values_ok = shape_ok and all(0.0 <= x <= 1.0 for q in cq for x in q) and all(0.0 <= x <= 1.0 for x in mq)

@@ -594,6 +594,7 @@ class _Step:
             self.head_drafter.begin()
         if self.context is not None:
             self.context.begin(prompt, suffix)
+            self.policy.begin()
         self.pending = self.pick(logits)
 
     def _accept(self, n: int, n_context: int) -> tuple[int, int]:
@@ -651,9 +652,10 @@ class _Step:
         accepted, nxt = self._accept(n, n_context)
         self.kv.commit(1 + accepted, n + 1)
         self._count(stats, plan, accepted)
-        self.policy.observe_plan(plan, match.length if match is not None else 0, accepted, c2 - c1, c1 - c0,
+        self.policy.observe_plan(plan, match, accepted, c2 - c1, c1 - c0,
                                  plan.head_forwards if typical else 0)
         kept = [int(t) for t in self.drafts[:accepted]]
+        self.policy.after_step(match, plan, kept[0] if kept else nxt)
         if self.context is not None:
             self.context.accept([self.pending, *kept])
         self.new_tokens = [*kept, nxt]
