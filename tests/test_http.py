@@ -402,7 +402,7 @@ def test_bad_input_size_method_path(server: HttpServer) -> None:
 
 # --- cancellation ----------------------------------------------------------------------------------
 
-LONG = 600
+LONG = 800
 
 
 @pytest.fixture(scope="module")
@@ -452,7 +452,9 @@ def test_disconnect_cancels(server: HttpServer, long_prompt: str) -> None:
             body = json.dumps({"prompt": long_prompt, "n_predict": LONG, "stream": stream}).encode()
             sock.sendall(b"POST /completion HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-            time.sleep(0.3)
+            deadline = time.monotonic() + 30
+            while not server.metrics()["llamacpp:requests_processing"] and time.monotonic() < deadline:
+                time.sleep(0.01)  # hang up once the generation runs
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             after = server.metrics()
