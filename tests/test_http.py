@@ -524,7 +524,6 @@ def test_scheduler_supersedes_and_drops_stale_jobs(engine) -> None:
 # --- load -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
 def test_load_500_requests_8_clients(server: HttpServer) -> None:
     """500 requests from 8 concurrent clients, a quarter abandoned mid-stream: every other one gets a
     complete answer (possibly cut short by a newer request) or a clean error; memory stays flat."""
@@ -652,7 +651,6 @@ def builtin() -> HttpServer:
     assert s.stop() == 0
 
 
-@pytest.mark.slow
 def test_builtin_model_infill_equals_complete_cursor(builtin: HttpServer, tmp_path: Path) -> None:
     assert builtin.get("/v1/models").json()["data"][0]["id"] == "builtin"
     request = llama_vim_fim_request(PREFIX, MIDDLE, SUFFIX, [], 4) | {"t_max_predict_ms": 0, "n_indent": 0,
@@ -668,7 +666,6 @@ def test_builtin_model_infill_equals_complete_cursor(builtin: HttpServer, tmp_pa
     assert body["content"] == cli.stdout
 
 
-@pytest.mark.slow
 def test_builtin_infill_stops_at_the_suffix(builtin: HttpServer) -> None:
     # Make the suffix's next line exactly what the model would write: the completion must stop before it.
     free = builtin.post("/completion", {"prompt": PREFIX, "n_predict": 64}).json()["content"]
