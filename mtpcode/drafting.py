@@ -304,22 +304,24 @@ class DraftPolicy:
     changes or a probe yields more tokens per second than the choice is
     expected to.
 
-    Context: for a match of a given length (bucketed by :func:`match_bucket`)
-    it keeps, per draft position i, the running probability that the i-th
-    context token is accepted when the ones before it were; positions never
-    tried take the estimate of the position before them. The draft length L
-    maximises (1 + expected accepted) / (verify time of L + 1 rows). A
-    context draft whose continuation ends before the heads' best draft length
-    is extended by the heads, with its own acceptance estimates for those
-    positions. The step takes the context plan when its expected rate beats
-    the heads' choice.
+    Context: for a match in a given bucket (:func:`match_bucket`: its length,
+    its source, whether the context's last prediction was right) it keeps,
+    per draft position i, the running probability that the i-th context token
+    is accepted when the ones before it were; positions never tried take the
+    estimate of the position before them. Every step with a match updates the
+    first position's estimate, drafted or not (:meth:`after_step`). The draft
+    length L maximises (1 + expected accepted) / (verify time of L + 1 rows).
+    A context draft whose continuation ends before the heads' best draft
+    length is extended by the heads, with its own acceptance estimates for
+    those positions. The step takes the context plan when its expected rate
+    beats the heads' choice by ``switch_margin``.
 
     It never changes *which* tokens come out under greedy decoding (only how
     many are verified per forward).
 
     ``measured=False`` replaces the measured timings by a fixed cost model (a
     forward of b rows costs 0.7 + 0.3 b, a head 0.05, in units of a one-row
-    forward, no per-step overhead). Seeded sampling uses it: with measured
+    forward). Seeded sampling uses it: with measured
     timings the number of drafts, hence the random draws, would depend on
     machine noise and the same seed would not give the same text.
     """
@@ -512,8 +514,7 @@ class DraftPolicy:
         chain = 1.0
         q = qs[0]
         for i in range(n):
-            if ns[i]:
-                q = qs[i]
+            q = qs[i] if ns[i] else q  # an untried position: the one before's estimate
             chain *= q
             out.append(chain)
         return out
