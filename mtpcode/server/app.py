@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -486,9 +486,6 @@ async def stream_job(request: Request, state: ServerState, spec: Spec,
 
 
 # --- endpoints ---------------------------------------------------------------------------------
-
-Endpoint = Callable[[Request], Awaitable[Any]]
-
 
 def endpoints(state: ServerState) -> list[Route]:
     """The routes of the server, bound to ``state``."""
