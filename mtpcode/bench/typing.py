@@ -10,7 +10,7 @@ request (closes its connection), as llama.vim and llama.vscode do. At the end
 of each line the typist pauses until the completion has arrived.
 
 Servers measured, one after the other on the same machine, the same
-``main.gguf``, threads and context:
+``main.gguf``, threads and context, flash attention off in both:
 
 * ``mtpcode`` - ``mtpcode serve --http``, OpenAI ``/v1/completions``;
 * ``mtpcode-infill`` - the same server's ``/infill`` with the text after the
@@ -232,7 +232,7 @@ def run_mtpcode(doc: Typing, bundle: str | None, endpoint: str, args: argparse.N
            "--ctx", str(args.ctx)]
     if bundle:
         cmd += ["-m", bundle]
-    server = Server(cmd, port, env={**os.environ, "PYTHONPATH": str(REPO)})
+    server = Server(cmd, port, env={**os.environ, "PYTHONPATH": str(REPO), "MTPCODE_FLASH_ATTN": "false"})
     try:
         server.wait_ready("/health")
         _warm(server.url, doc, endpoint, args)
@@ -254,7 +254,7 @@ def run_llama_cpp(doc: Typing, main_gguf: str, args: argparse.Namespace) -> RunR
     port = _free_port()
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", main_gguf, "--port", str(port), "--host",
            "127.0.0.1", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx",
-           str(args.ctx), "--verbose", "True", "--interrupt_requests", "True"]
+           str(args.ctx), "--flash_attn", "False", "--verbose", "True", "--interrupt_requests", "True"]
     server = Server(cmd, port)
     try:
         server.wait_ready("/v1/models")
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> None:
             "model": "builtin" if args.model is None else args.model, "file": file_label,
             "start": args.start, "lines": args.lines, "keystrokes": len(doc.keys), "interval_ms": args.interval_ms,
             "rounds": args.rounds,
-            "max_tokens": args.max_tokens, "threads": args.threads, "ctx": args.ctx,
+            "max_tokens": args.max_tokens, "threads": args.threads, "ctx": args.ctx, "flash_attn": False,
             "summary": summaries,
             "runs": [{**asdict(r), "round": i // len(wanted) + 1, "keystrokes": [asdict(k) for k in r.keystrokes]}
                      for i, r in enumerate(runs)],
