@@ -115,7 +115,7 @@ class Engine:
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, n_gpu_layers: int = 0, head_gpu_layers: int | None = None,
-                 extra_bufts: str = "auto", flash_attn: bool = True,
+                 extra_bufts: str = "auto", flash_attn: bool = False,
                  policy_dir: str | os.PathLike[str] | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         self.manifest: Manifest = self.bundle.manifest

@@ -454,7 +454,7 @@ class Anchor:
 def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[int] | None = None,
               max_tokens: int = 128, repeat: int = 3, threads: int | None = None, n_ctx: int = 4096,
               adaptive: bool = True, anchor: bool = True, context: bool = True, extra_bufts: str = "auto",
-              flash_attn: bool = True, costs: bool = True,
+              flash_attn: bool = False, costs: bool = True,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every configuration on every prompt ``repeat`` times; return the results document (see SCHEMA).
 
@@ -544,18 +544,32 @@ def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int) -> dict[
     small = doc["anchors"]["main_bytes_per_forward"] < 200e6
     costs = measure_costs(model_path, mode=mode, max_batch=max(n, 8), repeat=40 if small else 5, threads=threads)
     costs.pop("verify_all_s", None)
-    # predicted speedup from the measured tokens/forward and these costs (no Python overhead)
+    # predicted speedup from the measured tokens/forward and these costs (no Python overhead): each kind of
+    # step at its mean number of rows (plain 1; heads and context steps 1 + their mean drafts)
     pred = {}
-    rel = costs["verify_rel"]
-    top = max(int(b) for b in rel)
+    rel = {int(b): float(v) for b, v in costs["verify_rel"].items()}
+    top = max(rel)
+
+    def rel_at(rows: float) -> float:
+        if rows >= top:  # beyond the table: continue its last segment
+            return rel[top] + (rows - top) * (rel[top] - rel[top - 1])
+        lo = int(np.floor(rows))
+        return rel[lo] + (rows - lo) * (rel[lo + 1] - rel[lo])
+
+    head_rel = float(costs["head_rel"] or 0.0)
     for key, s in doc["summary"].items():
-        if not _spec(doc, key).speculative or "drafts_per_step" not in s:
+        if not _spec(doc, key).speculative or not s.get("forwards_by_source"):
             continue
-        k = min(s["drafts_per_step"], top - 1)  # adaptive: the mean number of drafts verified per step
-        lo, hi = int(np.floor(k)), int(np.ceil(k))
-        verify = float(rel[str(lo + 1)]) + (k - lo) * (float(rel[str(hi + 1)]) - float(rel[str(lo + 1)]))
-        heads_per_step = s.get("head_drafts_per_step", 0.0)
-        pred[key] = round(s["tokens_per_forward"] / (verify + heads_per_step * float(costs["head_rel"] or 0.0)), 3)
+        fwd, drafted = s["forwards_by_source"], s["drafted_by_source"]
+        with_heads = fwd.get("heads", 0) + fwd.get("context+heads", 0)
+        with_context = fwd.get("context", 0) + fwd.get("context+heads", 0)
+        heads_rows = drafted.get("heads", 0) / with_heads if with_heads else 0.0
+        context_rows = drafted.get("context", 0) / with_context if with_context else 0.0
+        cost = (fwd.get("plain", 0) + fwd.get("heads", 0) * (rel_at(1 + heads_rows) + heads_rows * head_rel)
+                + fwd.get("context", 0) * rel_at(1 + context_rows)
+                + fwd.get("context+heads", 0) * (rel_at(1 + context_rows + heads_rows) + heads_rows * head_rel))
+        total = sum(fwd.values())
+        pred[key] = round(s["tokens_per_forward"] * total / cost, 3) if cost else 0.0
     costs["predicted_speedup_without_python"] = pred
     return costs
 
