@@ -330,3 +330,16 @@ def test_one_setting_is_checked_alone_as_the_repl_set_needs():
     assert [config.parse_bool(t) for t in ("on", "YES", "1", "off", "False", "0")] == [True] * 3 + [False] * 3
     with pytest.raises(ValueError):
         config.parse_bool("maybe")
+
+
+def test_config_show_never_prints_the_api_key(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from mtpcode.cli import main
+
+    monkeypatch.setenv("MTPCODE_API_KEY", "sekrit-123")
+    for args in (["config"], ["config", "show", "--json"]):
+        out = CliRunner().invoke(main, args, catch_exceptions=False).stdout
+        assert "sekrit" not in out and "(set)" in out
+    monkeypatch.delenv("MTPCODE_API_KEY")
+    assert "api_key = (unset)" in CliRunner().invoke(main, ["config"], catch_exceptions=False).stdout

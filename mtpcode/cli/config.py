@@ -21,14 +21,22 @@ def config(ctx: click.Context) -> None:
         ctx.invoke(show)
 
 
+# Settings whose values `config show` never prints.
+SECRET_KEYS = ("api_key",)
+
+
 @config.command("show")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def show(as_json: bool) -> None:
     """Every setting, its value and where the value comes from."""
     s = load_settings()
+    values = {k: getattr(s, k) for k in SETTING_KEYS}
+    for key in SECRET_KEYS:  # shown as set or not: a terminal or a pasted log must not leak it
+        if values.get(key) is not None:
+            values[key] = "(set)"
     if as_json:
         data = {
-            "settings": {k: getattr(s, k) for k in SETTING_KEYS},
+            "settings": values,
             "sources": dict(s.sources),
             "config_file": str(s.config_file),
             "data_dir": str(s.data_dir),
@@ -38,8 +46,8 @@ def show(as_json: bool) -> None:
     click.echo(f"# config file: {s.config_file}{'' if s.config_file.exists() else ' (not created yet)'}")
     click.echo(f"# data dir:    {s.data_dir}")
     for key in SETTING_KEYS:
-        value = getattr(s, key)
-        shown = "(unset)" if value is None else toml_value(value)
+        value = values[key]
+        shown = "(unset)" if value is None else value if key in SECRET_KEYS else toml_value(value)
         click.echo(f"{key} = {shown}  # {s.sources[key]}")
 
 
