@@ -922,7 +922,8 @@ def format_mismatches(doc: dict[str, Any]) -> str:
     lines = [f"MISMATCH: prompt {m['prompt']}, {m['config']}, repeat {m['repeat'] + 1}: greedy output differs "
              f"from plain decoding at token {m['first_difference_at']}" for m in doc["mismatches"]]
     for g in doc.get("mismatch_margins", []):
-        lines.append(f"  at {g['prompt']} token {g['at_token']}: logit({g['plain_token']}) - logit({g['speculative_token']}) "
+        lines.append(f"  at {g['prompt']} token {g['at_token']}: "
+                     f"logit({g['plain_token']}) - logit({g['speculative_token']}) "
                      f"= {g['logit_gap']:+.2e} (logits' std {g['logit_std']:.2f}): "
                      f"{'a near-tie' if abs(g['logit_gap']) < 0.01 * g['logit_std'] else 'NOT a near-tie'}")
     return "\n".join(lines)
@@ -988,7 +989,8 @@ def check_plot_path(out: Path | None) -> None:
 
 
 def run_synthetic(shape: str, quants: Sequence[str], *, max_batch: int = 8, repeat: int = 3, threads: int = 2,
-                  repack: bool = True, modes: Sequence[str] = ("off", "on", "repack"), tokens_per_forward: float | None = None, n_drafts: int | None = None,
+                  repack: bool = True, modes: Sequence[str] = ("off", "on", "repack"),
+                  tokens_per_forward: float | None = None, n_drafts: int | None = None,
                   cache: Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build (or reuse) the synthetic bundles, measure each in a child process, and project speedups."""
     from mtpcode.bench import synthetic as S
@@ -1051,7 +1053,8 @@ def format_synthetic(doc: dict[str, Any]) -> str:
             continue
         t1 = m["verify_s"]["1"]
         rel = " ".join(f"{b}:{v:.2f}" for b, v in m["verify_rel"].items())
-        lines.append(f"{label}: 1-row forward {1e3 * t1:.0f} ms (bandwidth bound {1e3 * m['bandwidth_bound_s']:.0f} ms), "
+        lines.append(f"{label}: 1-row forward {1e3 * t1:.0f} ms "
+                     f"(bandwidth bound {1e3 * m['bandwidth_bound_s']:.0f} ms), "
                      f"head {1e3 * m['head_s']:.1f} ms = {m['head_rel']:.1%} of it")
         lines.append(f"  time of b rows / 1 row: {rel}")
         rel_min = " ".join(f"{b}:{v:.2f}" for b, v in m["verify_min_rel"].items())
@@ -1061,7 +1064,9 @@ def format_synthetic(doc: dict[str, Any]) -> str:
             pj = m[key]
             at, best = pj["at_n"], pj["best"]
             lines.append(f"  PROJECTED speedup ({what}) at {pj['tokens_per_forward_at_n']} tokens/forward with "
-                         f"{pj['n_drafts']} drafts: {at['speedup']:.2f}x (best: {best['drafts']} drafts, {best['speedup']:.2f}x)")
-    lines.append(f"paper Table S2 (code, 4 heads, measured on their hardware): {doc['paper_table_s2_code_4_heads']['speedup']}x "
+                         f"{pj['n_drafts']} drafts: {at['speedup']:.2f}x "
+                         f"(best: {best['drafts']} drafts, {best['speedup']:.2f}x)")
+    lines.append("paper Table S2 (code, 4 heads, measured on their hardware): "
+                 f"{doc['paper_table_s2_code_4_heads']['speedup']}x "
                  f"at {doc['paper_table_s2_code_4_heads']['tokens_per_forward']} tokens/forward")
     return "\n".join(lines)

@@ -39,17 +39,21 @@ def _parse_heads(value: str | None) -> list[int] | None:
 
 
 @click.command("bench")
-@click.option("-m", "--model", help="Bundle directory or registered name (default: the configured model, else the built-in one).")
+@click.option("-m", "--model",
+              help="Bundle directory or registered name (default: the configured model, else the built-in one).")
 @click.option("--prompts", "prompts_path", metavar="SET|FILE|DIR", default="general", show_default=True,
               help="Prompts: 'general' (held-out Python standard-library snippets: write a function body), "
                    "'editing' (third-party code installed here, where the completion repeats text of the file "
                    "or of the text after the cursor), a directory (one file per prompt), a .jsonl file "
                    "(objects with prompt, optional name and suffix), or one text file.")
 @click.option("-n", "--max-tokens", type=int, default=128, show_default=True, help="Tokens to generate per run.")
-@click.option("--heads", "heads_list", metavar="LIST", help="Head counts to compare with plain decoding, e.g. 1,2,3 [default: all].")
-@click.option("--repeat", type=int, default=3, show_default=True, help="Repetitions of every configuration (medians are reported).")
+@click.option("--heads", "heads_list", metavar="LIST",
+              help="Head counts to compare with plain decoding, e.g. 1,2,3 [default: all].")
+@click.option("--repeat", type=int, default=3, show_default=True,
+              help="Repetitions of every configuration (medians are reported).")
 @click.option("--n-prompts", type=int, default=8, show_default=True, help="Number of prompts of a built-in set.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the results as JSON here ('-' = stdout).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the results as JSON here ('-' = stdout).")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a plot (SVG) here.")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp [default: the runtime's choice].")
 @click.option("--ctx", type=int, default=2048, show_default=True, help="Context size in tokens.")
@@ -58,13 +62,16 @@ def _parse_heads(value: str | None) -> list[int] | None:
 @click.option("--no-context-draft", is_flag=True,
               help="Skip the configurations that draft from the context (context only, heads + context).")
 @click.option("--no-costs", is_flag=True, help="Skip measuring the bundle's forward costs after the runs.")
-@click.option("--synthetic", metavar="SHAPE", help="Cost model at a real size instead: random-weight bundle of SHAPE (7b, 1b, tiny).")
-@click.option("--quant", "quants", default="Q4_0,Q4_K_M", show_default=True, help="Synthetic: quantization types to measure.")
+@click.option("--synthetic", metavar="SHAPE",
+              help="Cost model at a real size instead: random-weight bundle of SHAPE (7b, 1b, tiny).")
+@click.option("--quant", "quants", default="Q4_0,Q4_K_M", show_default=True,
+              help="Synthetic: quantization types to measure.")
 @click.option("--max-batch", type=int, default=8, show_default=True, help="Synthetic: largest verify batch measured.")
 @click.option("--no-repack", is_flag=True, help="Synthetic: skip the CPU_REPACK comparison.")
 @click.option("--buffers", default="off,on,repack", show_default=True,
               help="Synthetic: weight buffer modes to measure (off, on, repack), each in its own process.")
-@click.option("--tokens-per-forward", type=float, help="Synthetic: acceptance to project with [default: the paper's 3.50].")
+@click.option("--tokens-per-forward", type=float,
+              help="Synthetic: acceptance to project with [default: the paper's 3.50].")
 @click.option("--project", is_flag=True,
               help="Synthetic: measure 1..N-thread forwards, fit a compute-vs-bandwidth model and PROJECT the "
                    "speedup on 8- and 16-core desktops.")
