@@ -685,3 +685,19 @@ def test_builtin_infill_stops_at_the_suffix(builtin: HttpServer) -> None:
     body = builtin.post("/infill", {"input_prefix": PREFIX, "n_predict": 64, "n_indent": 4}).json()
     assert free2.startswith(body["content"])
     assert all(ln.startswith(("    ", "\t")) or not ln.strip() for ln in body["content"].split("\n")[1:])
+
+
+def test_builtin_timings_report_drafts_per_source(builtin: HttpServer) -> None:
+    """The built-in model loops on `import os` (import sys, import sys, ...): drafts from the context are accepted,
+    reported per source in `timings`, and the text is plain greedy decoding's (`complete --heads 0
+    --no-context-draft`)."""
+    body = builtin.post("/infill", {"input_prefix": "import os\n", "input_suffix": "", "n_predict": 48,
+                                    "t_max_predict_ms": 0, "n_indent": 0}).json()
+    t = body["timings"]
+    assert t["accepted_by_source"]["context"] > 0 and t["tokens_per_forward"] > 1.5
+    assert t["draft_n"] == sum(t["drafted_by_source"].values()) >= t["draft_n_accepted"]
+    plain = subprocess.run([sys.executable, "-m", "mtpcode", "complete", "-n", "48", "--heads", "0",
+                            "--no-context-draft"], input="import os\n", capture_output=True, text=True, env=env(),
+                           timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    assert body["content"] == plain.stdout

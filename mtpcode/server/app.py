@@ -365,6 +365,8 @@ def parse_request(state: ServerState, body: dict[str, Any], kind: str) -> Spec:
 
 def make_job(state: ServerState, spec: Spec, *, pieces: bool, seed_offset: int = 0) -> Job:
     options = spec.options
+    if spec.infill and spec.suffix:  # the text after the cursor: a source of context drafts, never generated from
+        options = replace(options, suffix=strip_markers(spec.suffix))
     if seed_offset and options.sampling.seed is not None:
         options = replace(options, sampling=replace(options.sampling, seed=options.sampling.seed + seed_offset))
 

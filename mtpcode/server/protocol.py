@@ -233,14 +233,18 @@ def timings(stats: Stats | None) -> dict[str, Any]:
         "predicted_per_token_ms": predicted_ms / predicted_n if predicted_n else 0.0,
         "predicted_per_second": predicted_n * 1000.0 / predicted_ms if predicted_ms > 0 else 0.0,
     }
-    drafted, accepted = sum(stats.drafted_tokens), sum(stats.accepted_tokens)
+    # llama-server's draft counts cover every drafted token, whatever drafted it
+    drafted, accepted = sum(stats.drafted_by_source.values()), sum(stats.accepted_by_source.values())
     if drafted > 0:
         out["draft_n"] = drafted
         out["draft_n_accepted"] = accepted
     out["heads"] = stats.heads_used
     out["main_forwards"] = stats.main_forwards
     out["tokens_per_forward"] = round(stats.tokens_per_forward, 4)
-    out["draft_acceptance"] = [round(a, 4) for a in stats.acceptance]
+    out["draft_acceptance"] = [round(a, 4) for a in stats.acceptance]  # per head
+    out["drafted_by_source"] = dict(stats.drafted_by_source)  # "heads", "context"
+    out["accepted_by_source"] = dict(stats.accepted_by_source)
+    out["tokens_per_forward_by_source"] = {k: round(v, 4) for k, v in stats.tokens_per_forward_by_source.items()}
     return out
 
 
