@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from converters.quantize import FLOAT_QUANTS, normalize_quant, quantize_file
 from converters.tensor_map import NORM, OUTPUT
 from mtpcode import bundle as B
 from mtpcode.errors import OutputError
+
+if TYPE_CHECKING:
+    from converters.verify import VerifyReport
 
 # Called as progress(stage, done, total): stage is a short label, done/total in bytes (total 0: unknown).
 ProgressFn = Callable[[str, int, int], None]
@@ -34,7 +38,7 @@ class ConversionResult:
     parameters: dict[str, int]  # "main" / "head-k" -> parameter count
     seconds: float
     manifest: B.Manifest
-    verify_report: object | None = None
+    verify_report: VerifyReport | None = None
     notes: list[str] = field(default_factory=list)
 
 

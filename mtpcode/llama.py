@@ -241,6 +241,18 @@ def reference_llama(path: str | os.PathLike[str], *, extra_bufts: bool, repack: 
     return llm
 
 
+def backend_info(n_gpu_layers: int = 0) -> dict[str, object]:
+    """What llama.cpp computes on, for benchmark records: offload support, the layers asked to offload,
+    and llama.cpp's system line (CPU features; the GPU backend when built with one)."""
+    init_backend()
+    info = llama_cpp.llama_print_system_info()
+    return {
+        "gpu_offload_supported": bool(llama_cpp.llama_supports_gpu_offload()),
+        "gpu_layers": int(n_gpu_layers),
+        "system_info": info.decode("utf-8", "replace").strip() if isinstance(info, bytes) else str(info),
+    }
+
+
 # Below this many parameters one llama.cpp thread is the default: a graph node
 # does microseconds of work, less than the threads' synchronisation at every
 # node costs, and a second thread that the OS deschedules stalls all others
@@ -325,6 +337,7 @@ class Model(_Handle):
         self.path = Path(path)
         params, self._overrides = model_params(n_gpu_layers=n_gpu_layers, extra_bufts=extra_bufts, repack=repack)
         self.repacked = self._overrides is not None
+        self.n_gpu_layers = int(n_gpu_layers)
         _LOG_TAIL.clear()
         ptr = llama_cpp.llama_model_load_from_file(str(self.path).encode(), params)
         if not ptr:
@@ -433,6 +446,20 @@ class Batch(_Handle):
     @property
     def struct(self) -> llama_cpp.llama_batch:
         return self._batch
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        """The token-id rows of a batch of tokens (MtpError for a batch of embeddings)."""
+        if self.tokens is None:
+            raise MtpError("internal: this batch is fed embeddings, not token ids")
+        return self.tokens
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """The embedding rows of a batch of embeddings (MtpError for a batch of token ids)."""
+        if self.embd is None:
+            raise MtpError("internal: this batch is fed token ids, not embeddings")
+        return self.embd
 
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
@@ -683,6 +710,10 @@ class Context(_Handle):
             capture.raise_pending()
         else:
             rc = llama_cpp.llama_decode(self.ptr, self.batch.struct)
+        if rc == 0 and self.model.n_gpu_layers:
+            # an offloaded decode returns before the device finishes: wait, so that every caller's
+            # clock (the policy's costs, the bench) sees the forward, as on a CPU
+            llama_cpp.llama_synchronize(self.ptr)
         if rc != 0:
             what = {1: "no free KV slot (context full)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
             raise MtpError(f"llama_decode on {self.model.path.name} failed: {what} (rc={rc}, {n} rows at {start_pos})")

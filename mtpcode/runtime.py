@@ -129,6 +129,7 @@ class Engine:
         head_layers = n_gpu_layers if head_gpu_layers is None else head_gpu_layers
         self.extra_bufts = extra
         self.flash_attn = flash_attn
+        self.n_gpu_layers = n_gpu_layers
         self._main_model: Model | None = None
         self._head_models: list[Model] = []
         self._main: Context | None = None
@@ -263,13 +264,18 @@ class Engine:
             self._policies = {}
         for ctx in getattr(self, "_heads", []):
             ctx.close()
-        if getattr(self, "_main", None) is not None:
-            self._main.close()
+        if (main := getattr(self, "_main", None)) is not None:
+            main.close()
         for model in getattr(self, "_head_models", []):
             model.close()
-        if getattr(self, "_main_model", None) is not None:
-            self._main_model.close()
+        if (main_model := getattr(self, "_main_model", None)) is not None:
+            main_model.close()
         self._heads, self._main, self._head_models, self._main_model = [], None, [], None
+
+    @property
+    def native_capture(self) -> bool:
+        """Whether the trunk is captured by the C callback (else by the slower Python one)."""
+        return self._capture.native
 
     def __enter__(self) -> Engine:
         return self
@@ -485,7 +491,7 @@ class KVState:
         pos = common
         while pos < len(ids) and not (cancel is not None and cancel.is_set()):
             n_rows = min(self.n_batch, len(ids) - pos)
-            main.batch.tokens[:n_rows] = self.tokens[pos: pos + n_rows]
+            main.batch.token_ids[:n_rows] = self.tokens[pos: pos + n_rows]
             main.decode(n_rows, pos, last_logits_only=True)
             pos += n_rows
             self.n_main = pos
@@ -511,7 +517,7 @@ class KVState:
         native = 0.0
         while start < end:
             n_rows = min(self.n_batch, end - start)
-            np.copyto(ctx.batch.embd[:n_rows], self.trunk[start: start + n_rows])
+            np.copyto(ctx.batch.embeddings[:n_rows], self.trunk[start: start + n_rows])
             t = _perf()
             ctx.decode(n_rows, start, last_logits_only=True)
             native += _perf() - t
@@ -532,9 +538,9 @@ class KVState:
         m = self.n_main
         k = len(drafts)
         batch = self.main.batch
-        batch.tokens[0] = pending
-        batch.tokens[1: k + 1] = drafts
-        self.tokens[m: m + k + 1] = batch.tokens[: k + 1]
+        batch.token_ids[0] = pending
+        batch.token_ids[1: k + 1] = drafts
+        self.tokens[m: m + k + 1] = batch.token_ids[: k + 1]
         t = _perf()
         self.main.decode(k + 1, m, last_logits_only=False)
         return _perf() - t

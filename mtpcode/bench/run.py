@@ -414,12 +414,12 @@ class Anchor:
     engine's weight buffers (``repack``: the engine's CPU_REPACK pattern, "" for none)."""
 
     def __init__(self, main_path: Path, *, n_ctx: int, n_threads: int, extra_bufts: bool, flash_attn: bool,
-                 repack: str = "") -> None:
+                 repack: str = "", gpu_layers: int = 0) -> None:
         from mtpcode.llama import reference_llama
 
         self.llm = reference_llama(main_path, extra_bufts=extra_bufts, repack=repack, n_ctx=n_ctx,
                                    n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
-                                   flash_attn=flash_attn)
+                                   flash_attn=flash_attn, n_gpu_layers=gpu_layers)
 
     def run(self, ids: list[int], max_tokens: int) -> tuple[list[int], Stats]:
         llm = self.llm
@@ -454,18 +454,20 @@ class Anchor:
 def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[int] | None = None,
               max_tokens: int = 128, repeat: int = 3, threads: int | None = None, n_ctx: int = 4096,
               adaptive: bool = True, anchor: bool = True, context: bool = True, extra_bufts: str = "auto",
-              flash_attn: bool = False, costs: bool = True,
+              flash_attn: bool = False, costs: bool = True, gpu_layers: int = 0,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every configuration on every prompt ``repeat`` times; return the results document (see SCHEMA).
 
     ``context`` adds the configurations that draft from the context (context only, and every
-    requested head with the context)."""
+    requested head with the context). ``gpu_layers`` offloads the engine, the anchor and the cost
+    measurement alike."""
     from mtpcode.runtime import Engine
 
     say = progress or (lambda _msg: None)
     rss0 = rss_mb()
     t_load = time.perf_counter()
-    engine = Engine(model_path, n_ctx=n_ctx, n_threads=threads, extra_bufts=extra_bufts, flash_attn=flash_attn)
+    engine = Engine(model_path, n_ctx=n_ctx, n_threads=threads, extra_bufts=extra_bufts, flash_attn=flash_attn,
+                    n_gpu_layers=gpu_layers)
     load_s = time.perf_counter() - t_load
     n_threads = engine.n_threads  # the runtime's default when threads is None (1 for small models)
     rss_engine = rss_mb()
@@ -477,7 +479,8 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
 
             repack = repack_pattern(engine.bundle.main_path) if extra_bufts == "repack" else ""
             anchor_obj = Anchor(engine.bundle.main_path, n_ctx=n_ctx, n_threads=n_threads,
-                                extra_bufts=engine.extra_bufts, flash_attn=engine.flash_attn, repack=repack)
+                                extra_bufts=engine.extra_bufts, flash_attn=engine.flash_attn, repack=repack,
+                                gpu_layers=gpu_layers)
         rss_all = rss_mb()
         prompt_ids = []
         for q in prompts:
@@ -510,6 +513,9 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
         doc = _summarize(engine, prompts, prompt_ids, configs, runs)
         doc["conditions"] = _conditions(engine, model_path, n_threads, n_ctx, max_tokens, repeat, adaptive,
                                         load_s=load_s)
+        from mtpcode.llama import backend_info
+
+        doc["conditions"]["backend"] = backend_info(gpu_layers)
         doc["memory"] = {
             "rss_before_load_mb": round(rss0, 1),
             "rss_after_engine_load_mb": round(rss_engine, 1),
@@ -525,7 +531,7 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
     doc["anchors"] = _anchors(engine, doc)
     if costs:
         say("measuring forward costs (1..n rows, one head, eval-callback overhead)")
-        doc["forward_costs"] = _forward_costs(model_path, doc, n_threads)
+        doc["forward_costs"] = _forward_costs(model_path, doc, n_threads, gpu_layers)
     return doc
 
 
@@ -534,15 +540,21 @@ def _spec(doc: dict[str, Any], key: str) -> BenchConfig:
     return BenchConfig(**doc["config_specs"][key])
 
 
-def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int) -> dict[str, Any]:
-    """The bundle's own cost profile (as in the synthetic cost model) and what it predicts."""
+def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int, gpu_layers: int = 0) -> dict[str, Any]:
+    """The bundle's own cost profile (as in the synthetic cost model) and what it predicts, measured
+    after a KV cache as long as the median prompt (attention over the context is much of a small
+    model's step) and with the engine's flash-attention setting."""
     from mtpcode.bench.synthetic import measure_costs
 
-    mode = "on" if doc["conditions"]["extra_bufts"] else "off"
-    n = int(doc["conditions"]["n_heads"]) + 1
+    cond = doc["conditions"]
+    mode = "on" if cond["extra_bufts"] else "off"
+    n = int(cond["n_heads"]) + 1
+    prefix = max(16, int(median([p["prompt_tokens"] for p in doc["prompts"]])))
     # small models: many cheap repeats (their forwards take a millisecond and are noisy); large: a few
     small = doc["anchors"]["main_bytes_per_forward"] < 200e6
-    costs = measure_costs(model_path, mode=mode, max_batch=max(n, 8), repeat=40 if small else 5, threads=threads)
+    costs = measure_costs(model_path, mode=mode, max_batch=max(n, 8), repeat=40 if small else 5, threads=threads,
+                          prefix=prefix, flash_attn=bool(cond["flash_attn"]), n_gpu_layers=gpu_layers)
+    costs["context_tokens"] = prefix
     costs.pop("verify_all_s", None)
     # predicted speedup from the measured tokens/forward and these costs (no Python overhead): each kind of
     # step at its mean number of rows (plain 1; heads and context steps 1 + their mean drafts)
@@ -590,7 +602,7 @@ def _conditions(engine, model_path: Path, threads: int, n_ctx: int, max_tokens: 
         "n_embd": m.n_embd, "n_vocab": m.n_vocab, "n_trunk": m.n_trunk, "n_heads": engine.n_heads,
         "threads": threads, "n_ctx": n_ctx, "max_tokens": max_tokens, "repeat": repeat,
         "adaptive": adaptive, "extra_bufts": engine.extra_bufts, "flash_attn": engine.flash_attn,
-        "native_capture": engine._capture.native,
+        "native_capture": engine.native_capture,
         "load_s": round(load_s, 3),
         "cpu": _cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in load],
         "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
@@ -901,7 +913,7 @@ def divergence_margins(doc: dict[str, Any], threads: int | None = None) -> list[
             pos = 0
             while pos < len(ids):
                 n = min(ctx.batch.capacity, len(ids) - pos)
-                ctx.batch.tokens[:n] = ids[pos: pos + n]
+                ctx.batch.token_ids[:n] = ids[pos: pos + n]
                 ctx.decode(n, pos, last_logits_only=True)
                 pos += n
             logits = np.asarray(ctx.logits(1)[0], dtype=np.float64)

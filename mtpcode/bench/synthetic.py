@@ -344,26 +344,12 @@ def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: 
 # measuring (in a child process)
 
 
-def _tokens(c) -> np.ndarray:
-    """The token buffer of a context's batch (a context fed token ids has one)."""
-    buf = c.batch.tokens
-    if buf is None:
-        raise MtpError("this context is fed embeddings, not token ids")
-    return buf
-
-
-def _embd(c) -> np.ndarray:
-    """The embedding buffer of a context's batch (a head context has one)."""
-    buf = c.batch.embd
-    if buf is None:
-        raise MtpError("this context is fed token ids, not embeddings")
-    return buf
-
-
 def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, repeat: int = 3,
-                  threads: int = 2, prefix: int = 64, flash_attn: bool = False) -> dict[str, Any]:
+                  threads: int = 2, prefix: int = 64, flash_attn: bool = False,
+                  n_gpu_layers: int = 0) -> dict[str, Any]:
     """Time main forwards of 1..max_batch rows (after a ``prefix``-token KV) and one head forward,
-    with flash attention as the runtime's default (``flash_attn``, off).
+    with flash attention as the runtime's default (``flash_attn``, off) and ``n_gpu_layers``
+    offloaded (the head too, as the engine does).
 
     ``mode``: "off" (extra buffer types off, the AMX-safe default), "on"
     (llama.cpp's default extra buffer types: crashes on AMX CPUs with quantized
@@ -389,28 +375,28 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
     n_ctx = prefix + max_batch + 16
     n_batch = max(prefix, max_batch)
     t0 = time.perf_counter()
-    main = Model(bundle.main_path, extra_bufts=extra, repack=pattern)
+    main = Model(bundle.main_path, extra_bufts=extra, repack=pattern, n_gpu_layers=n_gpu_layers)
     if pattern and not main.repacked:
         main.close()
         raise MtpError("this llama.cpp build has no CPU_REPACK buffer type")
-    head = Model(bundle.head_paths[0], extra_bufts=extra) if bundle.head_paths else None
+    head = Model(bundle.head_paths[0], extra_bufts=extra, n_gpu_layers=n_gpu_layers) if bundle.head_paths else None
     load_s = time.perf_counter() - t0
     trunk = np.zeros((n_ctx, m.n_embd), dtype=np.float32)
     capture = TrunkCapture(m.trunk_tensor, trunk)
     rng = np.random.default_rng(0)
     try:
         ctx = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, capture=capture, flash_attn=flash_attn)
-        _tokens(ctx)[:prefix] = rng.integers(3, m.n_vocab, prefix)
+        ctx.batch.token_ids[:prefix] = rng.integers(3, m.n_vocab, prefix)
         ctx.decode(prefix, 0, last_logits_only=True)
         # the same model without the trunk capture: what the eval callback costs per forward
         bare = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, flash_attn=flash_attn)
-        _tokens(bare)[:prefix] = _tokens(ctx)[:prefix]
+        bare.batch.token_ids[:prefix] = ctx.batch.token_ids[:prefix]
         bare.decode(prefix, 0, last_logits_only=True)
         hctx = None
         if head is not None:
             hctx = Context(head, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True,
                            flash_attn=flash_attn)
-            np.copyto(_embd(hctx)[:prefix], trunk[:prefix])
+            np.copyto(hctx.batch.embeddings[:prefix], trunk[:prefix])
             hctx.decode(prefix, 0, last_logits_only=True)
         sizes = list(range(1, max_batch + 1))
         times: dict[int, list[float]] = {b: [] for b in sizes}
@@ -426,7 +412,7 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
         def main_forward(c: Context, b: int) -> float:
             dt = 0.0
             for _ in range(2):
-                _tokens(c)[:b] = rng.integers(3, m.n_vocab, b)
+                c.batch.token_ids[:b] = rng.integers(3, m.n_vocab, b)
                 t = time.perf_counter()
                 c.decode(b, prefix, last_logits_only=False)
                 dt = time.perf_counter() - t
@@ -436,7 +422,7 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
         def head_forward(hc: Context) -> float:
             dt = 0.0
             for _ in range(2):
-                np.copyto(_embd(hc)[:1], trunk[prefix: prefix + 1])
+                np.copyto(hc.batch.embeddings[:1], trunk[prefix: prefix + 1])
                 t = time.perf_counter()
                 hc.decode(1, prefix, last_logits_only=True)
                 dt = time.perf_counter() - t
@@ -622,7 +608,7 @@ def measure_context_costs(model_path: Path, *, contexts: Sequence[int] = (64, 51
     cpu_ratios: dict[tuple[bool, int, int, int], list[float]] = {}
 
     def fill(c: Context, start: int, n: int) -> None:
-        _tokens(c)[:n] = tokens[start: start + n]
+        c.batch.token_ids[:n] = tokens[start: start + n]
 
     def forward(c: Context, start: int, b: int) -> tuple[float, float]:
         """Wall-clock and calling-thread CPU seconds of one forward (with one llama.cpp thread,

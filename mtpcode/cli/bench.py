@@ -56,6 +56,9 @@ def _parse_heads(value: str | None) -> list[int] | None:
               help="Write the results as JSON here ('-' = stdout).")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a plot (SVG) here.")
 @click.option("--threads", type=int, help="CPU threads for llama.cpp [default: the runtime's choice].")
+@click.option("--gpu-layers", type=int,
+              help="Layers to offload to the GPU (-1 = all) for the engine, the anchor and the costs "
+                   "[default: the gpu_layers setting].")
 @click.option("--ctx", type=int, default=2048, show_default=True, help="Context size in tokens.")
 @click.option("--no-adaptive", is_flag=True, help="Always draft with the requested heads (no adaptive policy).")
 @click.option("--no-anchor", is_flag=True, help="Skip the plain llama-cpp-python Llama run.")
@@ -76,10 +79,9 @@ def _parse_heads(value: str | None) -> list[int] | None:
               help="Synthetic: measure 1..N-thread forwards, fit a compute-vs-bandwidth model and PROJECT the "
                    "speedup on 8- and 16-core desktops.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_out, plot_out, threads, ctx,
-          no_adaptive, no_anchor, no_context_draft, no_costs, synthetic, quants, max_batch, no_repack, buffers,
-          tokens_per_forward,
-          quiet, project=False):
+def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_out, plot_out, threads, gpu_layers,
+          ctx, no_adaptive, no_anchor, no_context_draft, no_costs, synthetic, quants, max_batch, no_repack, buffers,
+          tokens_per_forward, quiet, project=False):
     """Benchmark speculative vs plain decoding (or, with --synthetic, project a real-size model's speedup)."""
     check_plot_path(plot_out)
     if repeat < 1:
@@ -130,7 +132,7 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
                         threads=threads or settings.threads, n_ctx=ctx, adaptive=not no_adaptive,
                         anchor=not no_anchor, context=not no_context_draft, extra_bufts=settings.extra_bufts,
                         flash_attn=settings.flash_attn, costs=not no_costs,
-                        progress=say)
+                        gpu_layers=settings.gpu_layers if gpu_layers is None else gpu_layers, progress=say)
         report = format_table(doc)
     if doc.get("mismatches"):
         say("recomputing the logits where outputs diverge")
