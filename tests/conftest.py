@@ -105,3 +105,12 @@ def agree_bundle(make_checkpoint, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("agree")
     src = agreeing_checkpoint(ckpt, root / "ckpt", tie=0.15)
     return convert_checkpoint(src, root / "bundle", quant="F32", threads=1).out_dir
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_bundle: Path):
+    """An Engine on ``tiny_bundle`` (2 threads), shared by a test module's tests."""
+    from mtpcode.runtime import Engine
+
+    with Engine(tiny_bundle, n_threads=2) as e:
+        yield e

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 BLOCK_TENSORS = (
     "attention.wq.weight", "attention.wk.weight", "attention.wv.weight", "attention.wo.weight",
@@ -42,3 +44,12 @@ def agreeing_checkpoint(src: Path, out: Path, *, block_scale: float = 1.0, tie: 
     shutil.copy(src / "params.json", out / "params.json")
     shutil.copy(src / "tokenizer.model", out / "tokenizer.model")
     return out
+
+
+def greedy_done(engine: Any, prompt: str, max_tokens: int, stops: Sequence[Any] = ()) -> Any:
+    """Greedy generation of ``prompt`` with the engine's defaults; the Done event (its ``text``, ``stats``)."""
+    from mtpcode.generation import Done, GenerationOptions
+
+    *_, done = engine.generate(prompt, GenerationOptions(max_tokens=max_tokens), stops)
+    assert isinstance(done, Done)
+    return done

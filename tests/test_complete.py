@@ -38,14 +38,6 @@ CANDIDATES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_bundle: Path):
-    from mtpcode.runtime import Engine
-
-    with Engine(tiny_bundle, n_threads=2) as e:
-        yield e
-
-
 def generate(engine, prompt: str, max_tokens: int, stops=(), **options) -> Done:
     done = None
     for event in engine.generate(prompt, GenerationOptions(max_tokens=max_tokens, **options), stops):

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from runtime_helpers import greedy_done
 
-from mtpcode.generation import Done, GenerationOptions
+from mtpcode.generation import GenerationOptions
 from mtpcode.stops import code_stops
 from tests.http_helpers import HttpServer, env, sse_events
 
@@ -39,20 +40,6 @@ def server(tiny_bundle: Path):
     code = s.stop(signal.SIGTERM)
     assert code == 0, "".join(s.stderr)
     assert "mtpcode: stopped" in "".join(s.stderr)
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_bundle: Path):
-    from mtpcode.runtime import Engine
-
-    with Engine(tiny_bundle, n_threads=2) as e:
-        yield e
-
-
-def greedy(engine, prompt: str, max_tokens: int, stops=()) -> Done:
-    *_, done = engine.generate(prompt, GenerationOptions(max_tokens=max_tokens), stops)
-    assert isinstance(done, Done)
-    return done
 
 
 # --- metadata --------------------------------------------------------------------------------
@@ -92,7 +79,7 @@ def test_completion_equals_mtpcode_complete(server: HttpServer, tiny_bundle: Pat
 
 
 def test_completion_stream_and_prefix_reuse(server: HttpServer, engine) -> None:
-    expected = greedy(engine, PROMPT, 16).text
+    expected = greedy_done(engine, PROMPT, 16).text
     r = server.post("/completion", {"prompt": PROMPT, "n_predict": 16, "stream": True})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     events = sse_events(r.content)
@@ -106,7 +93,7 @@ def test_completion_stream_and_prefix_reuse(server: HttpServer, engine) -> None:
 
 
 def test_completion_stop_words_and_tokens(server: HttpServer, engine) -> None:
-    full = greedy(engine, PROMPT, 24).text
+    full = greedy_done(engine, PROMPT, 24).text
     word = full.strip()[3:6]
     assert word
     body = server.post("/completion", {"prompt": PROMPT, "n_predict": 24, "stop": [word]}).json()
@@ -114,7 +101,7 @@ def test_completion_stop_words_and_tokens(server: HttpServer, engine) -> None:
     assert body["stop_type"] == "word" and body["stopping_word"] == word
     ids = engine.tokenize(PROMPT)
     by_ids = server.post("/completion", {"prompt": ids, "n_predict": 8}).json()
-    assert by_ids["content"] == greedy(engine, PROMPT, 8).text
+    assert by_ids["content"] == greedy_done(engine, PROMPT, 8).text
 
 
 # --- /infill ------------------------------------------------------------------------------------
@@ -122,7 +109,7 @@ def test_completion_stop_words_and_tokens(server: HttpServer, engine) -> None:
 
 def test_infill_is_the_cursor_completion(server: HttpServer, engine) -> None:
     before = PREFIX + MIDDLE
-    expected = greedy(engine, before, 48, code_stops(before, suffix=SUFFIX))
+    expected = greedy_done(engine, before, 48, code_stops(before, suffix=SUFFIX))
     body = server.post("/infill", {"input_prefix": PREFIX, "input_suffix": SUFFIX, "prompt": MIDDLE,
                                    "n_predict": 48}).json()
     assert body["content"] == expected.text
@@ -153,7 +140,7 @@ def test_infill_extra_context_comes_first_and_is_reused(server: HttpServer) -> N
 
 def test_n_indent_and_time_limit(server: HttpServer, engine) -> None:
     prefix = "class A:\n    def f(self):\n"
-    free = greedy(engine, prefix, 64).text
+    free = greedy_done(engine, prefix, 64).text
     body = server.post("/infill", {"input_prefix": prefix, "n_predict": 64, "n_indent": 200}).json()
     # Every line after the first is indented less than 200 columns: the completion is at most the first line.
     assert "\n" not in body["content"] and free.startswith(body["content"])
@@ -279,7 +266,7 @@ def test_continue_llama_cpp_body(server: HttpServer, engine) -> None:
     r = server.post("/completion", continue_llama_cpp_request(prompt), headers={"Authorization": "Bearer undefined"})
     assert r.status_code == 200
     text = "".join(e["content"] for e in sse_events(r.content) if not e["stop"])
-    assert text == greedy(engine, before, 48, code_stops(before, suffix=SUFFIX)).text
+    assert text == greedy_done(engine, before, 48, code_stops(before, suffix=SUFFIX)).text
 
 
 # --- OpenAI --------------------------------------------------------------------------------------
@@ -288,7 +275,7 @@ def test_continue_llama_cpp_body(server: HttpServer, engine) -> None:
 def test_openai_client(server: HttpServer, engine, tiny_bundle: Path) -> None:
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-    expected = greedy(engine, PROMPT, 10).text
+    expected = greedy_done(engine, PROMPT, 10).text
     c = client.completions.create(model=tiny_bundle.name, prompt=PROMPT, max_tokens=10, temperature=0)
     assert c.choices[0].text == expected and c.choices[0].finish_reason == "length"
     assert c.usage.completion_tokens == 10 and c.usage.prompt_tokens == len(engine.tokenize(PROMPT))
@@ -299,7 +286,7 @@ def test_openai_client(server: HttpServer, engine, tiny_bundle: Path) -> None:
     # suffix: infill.
     before = PREFIX + MIDDLE
     fill = client.completions.create(model=tiny_bundle.name, prompt=before, suffix=SUFFIX, max_tokens=48)
-    assert fill.choices[0].text == greedy(engine, before, 48, code_stops(before, suffix=SUFFIX)).text
+    assert fill.choices[0].text == greedy_done(engine, before, 48, code_stops(before, suffix=SUFFIX)).text
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4o", prompt=PROMPT, max_tokens=4)
 
@@ -347,7 +334,7 @@ def test_tabby_bodies(server: HttpServer, tiny_bundle: Path) -> None:
 
 
 def test_ollama_generate(server: HttpServer, engine) -> None:
-    expected = greedy(engine, PROMPT, 8).text
+    expected = greedy_done(engine, PROMPT, 8).text
     r = server.post("/api/generate", {"model": "", "prompt": PROMPT, "options": {"num_predict": 8}})
     lines = [json.loads(ln) for ln in r.text.splitlines()]
     assert "".join(ln["response"] for ln in lines) == expected and lines[-1]["done"] is True
@@ -491,7 +478,7 @@ class Gate:
 def test_scheduler_supersedes_and_drops_stale_jobs(engine) -> None:
     from mtpcode.server.scheduler import Job, Outcome, Scheduler
 
-    expected = greedy(engine, PROMPT, 50).text
+    expected = greedy_done(engine, PROMPT, 50).text
 
     async def main() -> None:
         loop = asyncio.get_running_loop()

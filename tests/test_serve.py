@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from runtime_helpers import greedy_done
 
-from mtpcode.generation import Done, GenerationOptions
 from mtpcode.stops import code_stops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,20 +92,6 @@ def client(tiny_bundle: Path):
         c.proc.wait()
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_bundle: Path):
-    from mtpcode.runtime import Engine
-
-    with Engine(tiny_bundle, n_threads=2) as e:
-        yield e
-
-
-def generate(engine, prompt: str, max_tokens: int, stops=()) -> Done:
-    *_, done = engine.generate(prompt, GenerationOptions(max_tokens=max_tokens), stops)
-    assert isinstance(done, Done)
-    return done
-
-
 def test_ready_answers_and_reuses_the_prefix(client: Client, engine, tiny_bundle: Path) -> None:
     assert client.ready == {"id": None, "ready": True, "model": str(tiny_bundle), "builtin": False, "heads": 3,
                             "n_ctx": 4096, "version": client.ready["version"]}
@@ -113,7 +99,7 @@ def test_ready_answers_and_reuses_the_prefix(client: Client, engine, tiny_bundle
     client.send({"id": 1, "prompt": prompt, "max_tokens": 12})
     text, done = client.result(1)
     assert done["done"] is True and done["stop_reason"] == "max_tokens"
-    assert text == done["text"] == generate(engine, prompt, 12).text
+    assert text == done["text"] == greedy_done(engine, prompt, 12).text
     first = done["stats"]
     assert first["prompt_tokens"] == first["prompt_tokens_processed"] == len(engine.tokenize(prompt))
 
@@ -121,7 +107,7 @@ def test_ready_answers_and_reuses_the_prefix(client: Client, engine, tiny_bundle
     longer = prompt + "    return a - b\n"
     client.send({"id": "two", "prompt": longer, "max_tokens": 12})
     text, done = client.result("two")
-    assert text == done["text"] == generate(engine, longer, 12).text
+    assert text == done["text"] == greedy_done(engine, longer, 12).text
     s = done["stats"]
     assert s["prompt_tokens"] == len(engine.tokenize(longer))
     assert 0 < s["prompt_tokens_processed"] <= s["prompt_tokens"] - len(engine.tokenize(prompt)) + 1
@@ -138,7 +124,7 @@ def test_prefix_suffix_and_options(client: Client, engine) -> None:
     client.send({"id": 1, "prefix": prefix, "suffix": suffix, "max_tokens": 16, "block": True, "lines": 3,
                  "stop": ["zz"]})
     text, done = client.result(1)
-    expected = generate(engine, prefix, 16, code_stops(prefix, suffix=suffix, lines=3, block=True))
+    expected = greedy_done(engine, prefix, 16, code_stops(prefix, suffix=suffix, lines=3, block=True))
     assert text == done["text"] == expected.text and done["stop_reason"] == expected.stop_reason
     # Options per request: no speculation, sampling with a seed.
     client.send({"id": 2, "prompt": prefix, "max_tokens": 8, "heads": 0, "temperature": 0.8, "seed": 5})
@@ -274,7 +260,7 @@ def test_shell_one_liner_example(shim_path: dict[str, str], engine) -> None:
     proc = subprocess.run(["sh", "-c", shell_example("sh")], env=shim_path, capture_output=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr
     prompt = "def add(a, b):\n"
-    expected = generate(engine, prompt, 32, code_stops(prompt, block=True)).text
+    expected = greedy_done(engine, prompt, 32, code_stops(prompt, block=True)).text
     assert proc.stdout.decode() == expected + "\n"  # jq -r adds the newline
 
 
@@ -298,7 +284,7 @@ def expected_buffer(engine) -> list[str]:
     row, col = CURSOR
     prefix = "\n".join(lines[: row - 1] + [lines[row - 1][:col]])
     suffix = "\n".join([lines[row - 1][col:]] + lines[row:])
-    done = generate(engine, prefix, 24, code_stops(prefix, suffix=suffix, block=True))
+    done = greedy_done(engine, prefix, 24, code_stops(prefix, suffix=suffix, block=True))
     assert done.text.strip(), "the tiny model completes nothing here: the editor tests would prove nothing"
     return (prefix + done.text + suffix).split("\n")
 

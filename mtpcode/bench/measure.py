@@ -1,7 +1,9 @@
-"""Measurement helpers shared by the benchmarks: the median of a sample and the process's memory marks."""
+"""Measurement helpers shared by the benchmarks: the median of a sample, the process's memory marks and
+the CPU's name."""
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,3 +52,14 @@ def peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), for every result file: figures must name the CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from mtpcode.bench.measure import median, peak_rss_mb, reset_peak_rss, rss_mb
+from mtpcode.bench.measure import cpu_name, median, peak_rss_mb, reset_peak_rss, rss_mb
 from mtpcode.errors import DataError, NoInputError, UsageError
 from mtpcode.files import atomic_write_text
 from mtpcode.generation import Stats
@@ -604,19 +604,9 @@ def _conditions(engine, model_path: Path, threads: int, n_ctx: int, max_tokens: 
         "adaptive": adaptive, "extra_bufts": engine.extra_bufts, "flash_attn": engine.flash_attn,
         "native_capture": engine.native_capture,
         "load_s": round(load_s, 3),
-        "cpu": _cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in load],
+        "cpu": cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in load],
         "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
     }
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _by_source(rs: Sequence[Run]) -> dict[str, Any]:
@@ -1042,7 +1032,7 @@ def run_synthetic(shape: str, quants: Sequence[str], *, max_batch: int = 8, repe
         "paper_table_s2_code_4_heads": {"speedup": S.PAPER_SPEEDUP, "tokens_per_forward": S.PAPER_TOKENS_PER_FORWARD},
         "memory_bandwidth": bw,
         "measurements": measurements,
-        "conditions": {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": _cpu_name(),
+        "conditions": {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": cpu_name(),
                        "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
     }
 

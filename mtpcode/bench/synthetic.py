@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from mtpcode import bundle as B
-from mtpcode.bench.measure import median, peak_rss_mb
+from mtpcode.bench.measure import cpu_name, median, peak_rss_mb
 from mtpcode.config import cache_dir
 from mtpcode.costs import PAPER_TOKENS_PER_FORWARD, geometric_acceptance
 from mtpcode.errors import MtpError, UsageError
@@ -533,16 +533,6 @@ def _main_gguf(path: Path) -> Path:
     return path / B.MAIN_NAME if path.is_dir() else path
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def _loadavg() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -887,7 +877,7 @@ def run_projection(shape: str, quants: Sequence[str], *, max_batch: int = 8, thr
             "same conditional probability (geometric)",
             "64 tokens of context, flash attention off; Python overhead per step is left out",
         ],
-        "conditions": {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": _cpu_name(),
+        "conditions": {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": cpu_name(),
                        "cpus": os.cpu_count(), "loadavg_at_end": _loadavg()},
         "results": results,
     }
@@ -1005,7 +995,7 @@ def _main(argv: Sequence[str]) -> int:
                                        mode=args.mode, text=text, warm_graph=not args.no_warm,
                                        progress=lambda m: print(m, file=sys.stderr, flush=True))
         result["command"] = "python -m mtpcode.bench.synthetic " + " ".join(argv)
-        result["cpu"] = _cpu_name()
+        result["cpu"] = cpu_name()
         print(context_table(result), file=sys.stderr)
     else:
         result = measure_costs(Path(args.bundle), mode=args.mode, max_batch=args.max_batch, repeat=args.repeat,

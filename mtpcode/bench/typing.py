@@ -42,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mtpcode.bench.measure import cpu_name
 from mtpcode.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
@@ -343,16 +344,6 @@ def table(summaries: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m mtpcode.bench.typing", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="bundle directory (default: the built-in model)")
@@ -401,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
             file_label = str(args.file)
         data = {
             "command": "python -m mtpcode.bench.typing " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "cpu": _cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+            "cpu": cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
             "model": "builtin" if args.model is None else args.model, "file": file_label,
             "start": args.start, "lines": args.lines, "keystrokes": len(doc.keys), "interval_ms": args.interval_ms,
