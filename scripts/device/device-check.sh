@@ -177,7 +177,8 @@ run_bench() {
     fi
     local args=(--gpu-layers "$GPU_LAYERS" --json "$OUT/bench_builtin_gpu.json")
     [ "$DRY" = 1 ] && args+=(--n-prompts 2 -n 24 --repeat 1 --no-costs)
-    (cd /tmp && "$PY" -m mtpcode bench "${args[@]}")
+    # flash attention on: the GPU setting (the CPU default is off, see docs/gpu.md)
+    (cd /tmp && MTPCODE_FLASH_ATTN=1 "$PY" -m mtpcode bench "${args[@]}")
 }
 export -f run_bench
 stage bench 150 run_bench

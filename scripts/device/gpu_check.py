@@ -129,7 +129,8 @@ def check_engine(model_dir: Path, gpu_layers: int, threads: int, n_prompts: int,
     out: dict[str, Any] = {"model": str(model_dir), "gpu_layers": gpu_layers, "prompts": [p.name for p in prompts],
                            "max_tokens": max_tokens, "repeat": repeat}
     t0 = time.perf_counter()
-    with Engine(model_dir, n_ctx=2048, n_threads=threads, n_gpu_layers=gpu_layers) as engine:
+    with Engine(model_dir, n_ctx=2048, n_threads=threads, n_gpu_layers=gpu_layers,
+                flash_attn=True) as engine:
         out["load_s"] = round(time.perf_counter() - t0, 3)
         out["n_threads"] = engine.n_threads
         ids = [engine.tokenize(p.text) for p in prompts]
@@ -190,7 +191,7 @@ def plain_tokens(model_dir: Path, ids: list[list[int]], threads: int, max_tokens
     """Plain greedy outputs of the engine with no layer offloaded."""
     from mtpcode.runtime import Engine
 
-    with Engine(model_dir, n_ctx=2048, n_threads=threads, n_gpu_layers=0) as cpu:
+    with Engine(model_dir, n_ctx=2048, n_threads=threads, n_gpu_layers=0, flash_attn=True) as cpu:
         return [_run(cpu, prompt_ids, max_tokens, **CONFIGS["plain"])[0] for prompt_ids in ids]
 
 
