@@ -77,7 +77,7 @@ def convert_checkpoint(
     ckpt_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
-    quant: str = "Q4_K_M",
+    quant: str = "Q8_0",
     tokenizer: str | os.PathLike[str] | None = None,
     force: bool = False,
     threads: int | None = None,

@@ -258,16 +258,16 @@ def _looks_like_path(spec: str) -> bool:
     return "/" in spec or os.sep in spec or spec.startswith((".", "~")) or Path(spec).is_absolute()
 
 
-def resolve_model(spec: str | None, settings: Settings) -> Path:
+def resolve_model(spec: str | None, settings: Settings, origin: str = "--model") -> Path:
     """The bundle directory to run.
 
     ``spec`` is a registered name, ``builtin`` or a bundle directory; None
     means the configured default (``settings.model``), else the built-in
     model. Does not open the bundle (the Engine does), but checks it exists:
     ModelError for an unknown name or when there is no model at all,
-    NoInputError for a directory that does not exist.
+    NoInputError for a directory that does not exist. ``origin`` names where ``spec``
+    came from, for the error message.
     """
-    origin = "--model"
     if spec is None:
         spec = settings.model
         origin = f"model setting (from {settings.sources.get('model', 'config')})"
@@ -295,5 +295,5 @@ def resolve_model(spec: str | None, settings: Settings) -> Path:
         return path
     if _looks_like_path(spec):
         raise NoInputError(f"model not found: {path} ({origin})")
-    known = ", ".join(sorted(models)) or "none registered"
+    known = ", ".join(sorted(models) + ([BUILTIN_NAME] if builtin_model_path() is not None else [])) or "none"
     raise ModelError(f"unknown model {spec!r} ({origin}); known models: {known}. See `mtpcode models list`")

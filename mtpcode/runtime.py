@@ -291,16 +291,16 @@ class Engine:
             raise MtpError("engine used after close()")
         return self._main_model
 
-    def _draft_policy(self, heads: int, adaptive: bool, greedy: bool, seeded: bool, context: bool = False
-                      ) -> DraftPolicy:
+    def _draft_policy(self, heads: int, adaptive: bool, greedy: bool, context: bool = False) -> DraftPolicy:
         """The adaptive policy for ``heads``; what it learned carries over to the next call
         (kept apart for greedy and sampled decoding, whose acceptance differs).
 
-        Seeded sampling gets a fresh policy on the fixed cost model: its draft
-        counts, hence its random draws, must depend only on the seed and the
-        prompt, not on timings or on earlier calls.
+        Sampling gets a fresh policy on the fixed cost model, seeded or not: its
+        draft counts, hence its random draws, must depend only on the seed and
+        the prompt, not on timings or on earlier calls, so that the seed a run
+        reports (``Stats.seed``, drawn when none was given) repeats it.
         """
-        reproducible = seeded and not greedy
+        reproducible = not greedy
         if not (adaptive and (heads or context)) or reproducible:
             return DraftPolicy(heads, adaptive, measured=not reproducible, flash_attn=self.flash_attn)
         key = (heads, greedy)
@@ -565,8 +565,7 @@ class _Step:
         self.kv = kv
         self.heads = heads
         self.greedy = options.sampling.greedy
-        self.policy = engine._draft_policy(heads, options.adaptive, self.greedy,
-                                           seeded=options.sampling.seed is not None, context=context)
+        self.policy = engine._draft_policy(heads, options.adaptive, self.greedy, context=context)
         self.context = ContextDrafter() if context else None
         # a verify's rows must fit in one batch
         self.max_drafts = min(max(heads, self.context.max_draft if self.context else 0), kv.n_batch - 1)

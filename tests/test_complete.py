@@ -287,6 +287,25 @@ def test_closed_pipe_exits_quietly(tiny_bundle: Path) -> None:
     assert proc.stderr.read() == b""
 
 
+@pytest.mark.parametrize("args", [(), ("--json",), ("--echo",)])
+def test_stdout_that_cannot_be_written_is_one_line_and_exit_73(tiny_bundle: Path, args: tuple[str, ...]) -> None:
+    """A full disk (/dev/full) or a closed stdout: one error line, exit 73, no traceback."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full on this system")
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "mtpcode", "complete", "-m", str(tiny_bundle), "-n", "8", *args]
+    with open("/dev/full", "wb") as full:
+        proc = subprocess.run(cmd, input=b"def main():\n", stdout=full, stderr=subprocess.PIPE, env=env,
+                              timeout=120)
+    assert proc.returncode == 73, proc.stderr
+    assert proc.stderr.decode().splitlines() == [
+        "mtpcode: error: cannot write the completion to stdout: No space left on device"]
+    closed = subprocess.run(cmd, input=b"def main():\n", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=env, timeout=120, preexec_fn=lambda: os.close(1))
+    assert closed.returncode == 73, closed.stderr
+    assert closed.stderr.decode().splitlines() == ["mtpcode: error: stdout is closed: redirect it to a file or a pipe"]
+
+
 def test_ctrl_c_keeps_what_was_written(tiny_bundle: Path) -> None:
     from mtpcode.runtime import Engine
 

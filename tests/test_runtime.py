@@ -544,3 +544,15 @@ def test_corrupt_gguf_is_a_model_error_naming_the_file(tiny_bundle, tmp_path) ->
         f.write(b"\xff" * 64)
     with pytest.raises(ModelError, match=r"main\.gguf: llama\.cpp could not load the model \(.*failed"):
         Engine(broken, n_ctx=64, n_threads=1)
+
+
+def test_the_seed_a_sampled_run_reports_repeats_it(agree_bundle) -> None:
+    """Without a seed a run draws one and reports it; passing it back gives the same text, even though the engine
+    has meanwhile learned (greedy) timings: sampled runs draft on the fixed cost model."""
+    with Engine(agree_bundle, n_ctx=CTX, n_threads=1) as engine:
+        run(engine, PROMPTS[0], max_tokens=60, heads=3)  # greedy: the shared policy learns timings
+        first = run(engine, PROMPTS[2], max_tokens=40, heads=3, sampling=SamplingOptions(temperature=1.0))
+        seed = first[3].stats.seed
+        assert isinstance(seed, int)
+        again = run(engine, PROMPTS[2], max_tokens=40, heads=3, sampling=SamplingOptions(temperature=1.0, seed=seed))
+    assert again[0] == first[0] and again[3].stats.main_forwards == first[3].stats.main_forwards

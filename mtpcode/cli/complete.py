@@ -23,7 +23,7 @@ import click
 from mtpcode.cli.frontend import isatty, load_engine, sigint_cancels, silence_stdout, stats_dict
 from mtpcode.cli.options import heads_option, model_option, runtime_options, sampling_options
 from mtpcode.config import load_settings
-from mtpcode.errors import DataError, Interrupted, UsageError
+from mtpcode.errors import DataError, Interrupted, OutputError, UsageError
 from mtpcode.files import read_file
 from mtpcode.generation import Done, Piece, StopCondition
 from mtpcode.stops import code_stops
@@ -231,6 +231,8 @@ def complete(
     options = settings.generation_options(stop=tuple(s for s in stop_strings if s), suffix=request.suffix or "")
     stops = code_stops(request.prompt, suffix=request.suffix, lines=lines, block=block)
 
+    if sys.stdout is None:  # started with stdout closed (`>&-`): nowhere to put the completion
+        raise OutputError("stdout is closed: redirect it to a file or a pipe")
     talk = show_stats or isatty(sys.stderr)
     t0 = time.perf_counter()
     engine, path = load_engine(settings, model, note=sys.stderr if talk else None)
@@ -244,6 +246,9 @@ def complete(
         # own EPIPE handling would exit 1, so this is done here.)
         silence_stdout()
         raise click.exceptions.Exit(0) from None
+    except OSError as exc:  # a full disk, a closed descriptor: the completion could not be written
+        silence_stdout()  # what is still buffered would fail again at exit
+        raise OutputError(f"cannot write the completion to stdout: {exc.strerror or exc}") from None
 
 
 def _run(engine: Engine, path: Path, request: CompletionRequest, options: GenerationOptions,

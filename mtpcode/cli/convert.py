@@ -56,9 +56,9 @@ class _Progress:
 @click.option("--out", "out_dir", type=click.Path(path_type=Path),
               help="Bundle directory (default: the models directory, registered by name).")
 @click.option("--name", help="Name to register the bundle under (default: checkpoint directory name + quant).")
-@click.option("--quant", default="Q4_K_M", show_default=True,
+@click.option("--quant", default="Q8_0", show_default=True,
               help="F32, F16, BF16, Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, IQ4_XS, ... "
-                   "(on a CPU, Q8_0 verifies drafts fastest, Q4_K_M slowest).")
+                   "(on a CPU, Q8_0 verifies drafts fastest, Q4_0 decodes fastest, Q4_K_M verifies slowest).")
 @click.option("--verify", is_flag=True,
               help="Compare every head with a PyTorch reference forward; fail if out of tolerance.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
@@ -85,7 +85,9 @@ def convert(ckpt_dir: Path, tokenizer: Path | None, out_dir: Path | None, name: 
     from mtpcode.costs import quant_note
 
     quant = normalize_quant(quant)
-    note = quant_note(quant)  # before the work starts, so that a user can still pick another type
+    # before the work starts, so that a user can still pick another type; only for a checkpoint that is
+    # there (a missing one is one error line, not a note and an error)
+    note = quant_note(quant) if (Path(ckpt_dir).expanduser() / "params.json").is_file() else None
     if note:
         click.echo(note, err=True)
     settings = load_settings()

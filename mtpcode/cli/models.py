@@ -135,7 +135,7 @@ def show_cmd(name: str, as_json: bool) -> None:
     truncated file is an error (exit 69).
     """
     settings = load_settings()
-    path = registry.resolve_model(name, settings)
+    path = registry.resolve_model(name, settings, origin="NAME")
     info = _bundle_info(open_bundle(path))
     info["name"] = name
     info["default"] = settings.model == name or (settings.model is None and registry.is_builtin(path))

@@ -166,7 +166,7 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise bad_request("request body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") \
+        raise bad_request(f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") \
             from None
     if not isinstance(obj, dict):
         raise bad_request("request body must be a JSON object")
@@ -327,7 +327,8 @@ def parse_prompt(body: dict[str, Any], name: str = "prompt", *, tokens: bool = T
             return list(v)
         if v and all(isinstance(t, str) for t in v):
             raise bad_request(f'"{name}": one prompt per request, not {len(v)}')
-    raise bad_request(f'"{name}" must be a string' + (" or an array of token ids" if tokens else ""))
+    raise bad_request(f'"{name}" must be a string, an array of one string'
+                      + (" or an array of token ids" if tokens else ""))
 
 
 def parse_request(state: ServerState, body: dict[str, Any], kind: str) -> Spec:
