@@ -216,7 +216,7 @@ def test_default_model_in_config_file(home: Path, tmp_path: Path, monkeypatch: p
 
 def test_resolve_errors(home: Path, tmp_path: Path) -> None:
     s = config.load_settings()
-    with pytest.raises(ModelError, match="unknown model 'nosuch'.*none registered"):
+    with pytest.raises(ModelError, match=r"unknown model 'nosuch'.*known models: (builtin|none)\."):
         models.resolve_model("nosuch", s)
     with pytest.raises(NoInputError, match="model not found"):
         models.resolve_model(str(tmp_path / "missing"), s)
