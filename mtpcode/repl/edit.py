@@ -200,21 +200,22 @@ def editing_key_bindings(get_lexer) -> KeyBindings:
         col = buffer.document.cursor_position_col
         buffer.insert_text(" " * (len(INDENT) - col % len(INDENT)))
 
-    @kb.add("s-tab", filter=~has_selection)
-    def _dedent(event) -> None:
-        buffer = event.current_buffer
+    def dedent_leading(buffer) -> bool:
+        """In a line's leading spaces, go back one indentation level; False elsewhere."""
         before = buffer.document.current_line_before_cursor
         if before and not before.strip(" "):
             buffer.delete_before_cursor((len(before) - 1) % len(INDENT) + 1)
+            return True
+        return False
+
+    @kb.add("s-tab", filter=~has_selection)
+    def _dedent(event) -> None:
+        dedent_leading(event.current_buffer)
 
     @kb.add("backspace", filter=~has_selection)
     def _backspace(event) -> None:
         # In leading spaces, go back one indentation level; else one character.
-        buffer = event.current_buffer
-        before = buffer.document.current_line_before_cursor
-        if before and not before.strip(" "):
-            buffer.delete_before_cursor((len(before) - 1) % len(INDENT) + 1)
-        else:
-            buffer.delete_before_cursor(1)
+        if not dedent_leading(event.current_buffer):
+            event.current_buffer.delete_before_cursor(1)
 
     return kb
