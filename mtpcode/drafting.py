@@ -68,24 +68,78 @@ class ContextDrafter:
     ``max_ngram`` dictionary probes, then the match is measured backwards (up
     to ``max_extend`` tokens), since a longer agreement predicts a longer
     copy.
+
+    The prompt's index is kept from one generation to the next, like the KV
+    cache: an editor re-sends the file with a keystroke's difference at its
+    end, so ``begin`` rewinds the index over the tokens that changed (at most
+    ``max_rewind``; each n-gram whose latest occurrence was among them gets its
+    latest earlier one back) and adds the new ones, giving exactly the index a
+    fresh build would. What a generation commits lives in an overlay that the
+    next ``begin`` drops.
     """
 
     max_ngram = 4
     max_extend = 16
+    max_rewind = 64
 
     def __init__(self, max_draft: int = 16) -> None:
         self.max_draft = max_draft
+        self._prompt: list[int] = []
+        self._prompt_ids = np.zeros(0, dtype=np.int64)
+        self._base: dict[tuple[int, ...], int] = {}  # the prompt's n-grams
+        self._overlay: dict[tuple[int, ...], int] = {}  # n-grams ending in committed tokens (later: they win)
         self._text: list[int] = []
-        self._index: dict[tuple[int, ...], int] = {}
         self._suffix: list[int] = []
         self._suffix_index: dict[tuple[int, ...], int] = {}
 
     def begin(self, prompt: Sequence[int], suffix: Sequence[int] = ()) -> None:
-        """Start a generation: index the prompt and the suffix."""
-        self._text = [int(t) for t in prompt]
-        self._suffix = [int(t) for t in suffix]
-        self._index = self._build(self._text, latest=True)
-        self._suffix_index = self._build(self._suffix, latest=False)
+        """Start a generation: index the prompt (reusing the previous prompt's index) and the suffix."""
+        new = [int(t) for t in prompt]
+        old = self._prompt
+        new_ids = np.asarray(new, dtype=np.int64)
+        common = min(len(old), len(new))
+        differ = np.flatnonzero(self._prompt_ids[:common] != new_ids[:common])
+        keep = int(differ[0]) if differ.size else common
+        if old and keep >= self.max_ngram and len(old) - keep <= self.max_rewind:
+            self._rewind(keep)
+            self._add_to_base(new, keep)
+        else:
+            self._base = self._build(new, latest=True)
+        self._prompt = new
+        self._prompt_ids = new_ids
+        self._text = list(new)
+        self._overlay = {}
+        suffix_ids = [int(t) for t in suffix]
+        if suffix_ids != self._suffix or not self._suffix_index:
+            self._suffix = suffix_ids
+            self._suffix_index = self._build(suffix_ids, latest=False)
+
+    def _rewind(self, keep: int) -> None:
+        """Drop from the prompt's index the n-grams followed by a token at ``keep`` or later."""
+        old, base = self._prompt, self._base
+        kept = self._prompt_ids[:keep]
+        for end in range(keep, len(old)):
+            for n in range(1, min(self.max_ngram, end) + 1):
+                key = tuple(old[end - n: end])
+                if base.get(key) != end:
+                    continue
+                earlier = _latest_end(kept, key)
+                if earlier is None:
+                    del base[key]
+                else:
+                    base[key] = earlier
+
+    def _add_to_base(self, prompt: list[int], start: int) -> None:
+        """Index the n-grams of ``prompt`` followed by a token at ``start`` or later."""
+        base = self._base
+        for end in range(max(start, 1), len(prompt)):
+            for n in range(1, min(self.max_ngram, end) + 1):
+                base[tuple(prompt[end - n: end])] = end
+
+    def _text_end(self, key: tuple[int, ...]) -> int | None:
+        """Where the latest occurrence of ``key`` in the text ends (it is followed by a token there)."""
+        end = self._overlay.get(key)
+        return self._base.get(key) if end is None else end
 
     def _build(self, seq: list[int], latest: bool) -> dict[tuple[int, ...], int]:
         """n-gram -> end of its latest (or first) occurrence, for n-grams followed by a token.
@@ -106,7 +160,7 @@ class ContextDrafter:
 
     def accept(self, tokens: Sequence[int]) -> None:
         """Tokens committed to the text (the verified pending token and accepted drafts)."""
-        text, index = self._text, self._index
+        text, index = self._text, self._overlay
         for tok in tokens:
             end = len(text)
             text.append(int(tok))
@@ -121,12 +175,14 @@ class ContextDrafter:
         """
         text = self._text
         best: Match | None = None
-        for where, seq, index in (("suffix", self._suffix, self._suffix_index), ("text", text, self._index)):
-            if not index:
+        sources = (("suffix", self._suffix, self._suffix_index.get, bool(self._suffix_index)),
+                   ("text", text, self._text_end, bool(self._base or self._overlay)))
+        for where, seq, lookup, indexed in sources:
+            if not indexed:
                 continue
             for n in range(min(self.max_ngram, len(text) + 1), 0, -1):
                 key = (*text[len(text) - n + 1:], pending) if n > 1 else (pending,)
-                end = index.get(key)
+                end = lookup(key)
                 if end is None:
                     continue
                 length = n + self._extend(seq, end - n, where == "text", n)
@@ -668,3 +724,16 @@ class DraftPolicy:
         self.steps = self.warmup_steps
         self._next_probe = self.steps + self.probe_min
         return True
+
+
+def _latest_end(ids: np.ndarray, key: tuple[int, ...]) -> int | None:
+    """Where the latest occurrence of ``key`` in ``ids`` that is followed by a token ends, or None."""
+    n = len(key)
+    starts = len(ids) - n  # windows ids[s:s+n] with s + n <= len(ids) - 1
+    if starts <= 0:
+        return None
+    hit = ids[0:starts] == key[0]
+    for i in range(1, n):
+        hit &= ids[i: i + starts] == key[i]
+    found = np.flatnonzero(hit)
+    return int(found[-1]) + n if found.size else None

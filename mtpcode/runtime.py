@@ -168,6 +168,7 @@ class Engine:
         self._policy_file = None if policy_dir is None else Path(policy_dir) / (
             f"{self.manifest.fingerprint}-t{threads}-fa{int(flash_attn)}-xb{int(extra)}-gpu{n_gpu_layers}.json")
         self._saved_policies = self._read_policies()
+        self._context_drafter = ContextDrafter()  # its prompt index is reused across calls, like the KV cache
 
     # -- loading checks ---------------------------------------------------
 
@@ -566,7 +567,7 @@ class _Step:
         self.heads = heads
         self.greedy = options.sampling.greedy
         self.policy = engine._draft_policy(heads, options.adaptive, self.greedy, context=context)
-        self.context = ContextDrafter() if context else None
+        self.context = engine._context_drafter if context else None  # its prompt index outlives a call
         # a verify's rows must fit in one batch
         self.max_drafts = min(max(heads, self.context.max_draft if self.context else 0), kv.n_batch - 1)
         self.pending = -1

@@ -414,3 +414,29 @@ def test_editing_prompt_set_is_third_party_code() -> None:
         else:
             assert q.text.rstrip().split("\n")[-1].lstrip().startswith("def ") and q.suffix == ""
     assert prompt_set("editing", 6) == prompts
+
+
+def test_prompt_index_reused_across_generations_equals_a_fresh_one() -> None:
+    """An editor re-sends the file with its end changed: ``begin`` rewinds and extends the previous prompt's
+    index (restoring earlier occurrences of the n-grams it drops), and the result is the index, and the drafts,
+    of a fresh build; after a larger change it rebuilds."""
+    rng = np.random.default_rng(1)
+    for _ in range(150):
+        alpha = int(rng.integers(3, 15))  # small alphabets: many repeated n-grams to restore
+        prompt = [int(t) for t in rng.integers(0, alpha, int(rng.integers(0, 200)))]
+        reused = ContextDrafter()
+        reused.begin(prompt, [1, 2])
+        reused.accept([int(t) for t in rng.integers(0, alpha, int(rng.integers(0, 20)))])
+        for _ in range(4):
+            cut = max(0, len(prompt) - int(rng.integers(0, 90)))  # within max_rewind, or beyond it
+            prompt = prompt[:cut] + [int(t) for t in rng.integers(0, alpha, int(rng.integers(0, 30)))]
+            suffix = [1, 2] if rng.random() < 0.7 else [int(t) for t in rng.integers(0, alpha, 10)]
+            reused.begin(prompt, suffix)
+            fresh = ContextDrafter()
+            fresh.begin(prompt, suffix)
+            committed = [int(t) for t in rng.integers(0, alpha, int(rng.integers(0, 15)))]
+            reused.accept(committed)
+            fresh.accept(committed)
+            assert reused.text == fresh.text == prompt + committed
+            for pending in range(alpha):
+                assert reused.draft(pending) == fresh.draft(pending)
