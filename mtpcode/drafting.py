@@ -102,7 +102,7 @@ class ContextDrafter:
         keep = int(differ[0]) if differ.size else common
         if old and keep >= self.max_ngram and len(old) - keep <= self.max_rewind:
             self._rewind(keep)
-            self._add_to_base(new, keep)
+            self._record(self._base, new, keep)
         else:
             self._base = self._build(new, latest=True)
         self._prompt = new
@@ -129,12 +129,12 @@ class ContextDrafter:
                 else:
                     base[key] = earlier
 
-    def _add_to_base(self, prompt: list[int], start: int) -> None:
-        """Index the n-grams of ``prompt`` followed by a token at ``start`` or later."""
-        base = self._base
-        for end in range(max(start, 1), len(prompt)):
+    def _record(self, index: dict[tuple[int, ...], int], seq: list[int], start: int) -> None:
+        """Record in ``index`` the n-grams of ``seq`` followed by a token at ``start`` or later
+        (later ends overwrite earlier ones: the latest occurrence wins)."""
+        for end in range(max(start, 1), len(seq)):
             for n in range(1, min(self.max_ngram, end) + 1):
-                base[tuple(prompt[end - n: end])] = end
+                index[tuple(seq[end - n: end])] = end
 
     def _text_end(self, key: tuple[int, ...]) -> int | None:
         """Where the latest occurrence of ``key`` in the text ends (it is followed by a token there)."""
@@ -160,13 +160,10 @@ class ContextDrafter:
 
     def accept(self, tokens: Sequence[int]) -> None:
         """Tokens committed to the text (the verified pending token and accepted drafts)."""
-        text, index = self._text, self._overlay
-        for tok in tokens:
-            end = len(text)
-            text.append(int(tok))
-            # n-grams ending just before the new token are now followed by it
-            for n in range(1, min(self.max_ngram, end) + 1):
-                index[tuple(text[end - n: end])] = end
+        start = len(self._text)
+        self._text.extend(int(t) for t in tokens)
+        # n-grams ending just before each new token are now followed by it
+        self._record(self._overlay, self._text, start)
 
     def draft(self, pending: int) -> Match | None:
         """The best match for the text followed by ``pending``, or None.
