@@ -200,14 +200,10 @@ def build_infill_prompt(prefix: str, chunks: Sequence[Chunk], count_tokens: Call
     """
     prefix = strip_markers(prefix)
     rendered = [c.render() for c in chunks]
-    truncated = False
-    start = 0
-    while start < len(rendered) and count_tokens("".join(rendered[start:]) + prefix) > budget:
-        start += 1
-        truncated = True
-    context = "".join(rendered[start:])
-    if count_tokens(context + prefix) <= budget:
-        return InfillPrompt(context + prefix, prefix, truncated, len(rendered) - start)
+    for start in range(len(rendered) + 1):  # each prompt counted once: the fitting one is the answer
+        context = "".join(rendered[start:])
+        if count_tokens(context + prefix) <= budget:
+            return InfillPrompt(context + prefix, prefix, start > 0, len(rendered) - start)
     # No chunk left and the prefix alone is too long: drop its oldest lines in fixed steps.
     lines = prefix.split("\n")
     last = len(lines) - 1  # the cursor's line: never dropped
