@@ -129,7 +129,6 @@ class Engine:
         head_layers = n_gpu_layers if head_gpu_layers is None else head_gpu_layers
         self.extra_bufts = extra
         self.flash_attn = flash_attn
-        self.n_gpu_layers = n_gpu_layers
         self._main_model: Model | None = None
         self._head_models: list[Model] = []
         self._main: Context | None = None
