@@ -67,7 +67,10 @@ class Settings:
     heads: int | None = None
     adaptive: bool = True
     context_draft: bool = True  # draft from the context (prompt, suffix, output) too, when heads draft
+    # llama.cpp threads: ``threads`` for one-row forwards (steps; None: 1 under 50M parameters, else every
+    # core), ``threads_batch`` for several rows (prefill, verify; None: threads if set, else every core)
     threads: int | None = None
+    threads_batch: int | None = None
     gpu_layers: int = 0
     ctx: int = 4096
     batch: int = 512
@@ -102,6 +105,7 @@ class Settings:
             "n_ctx": self.ctx,
             "n_batch": self.batch,
             "n_threads": self.threads,
+            "n_threads_batch": self.threads_batch,
             "n_gpu_layers": self.gpu_layers,
             "extra_bufts": self.extra_bufts,
             "flash_attn": self.flash_attn,
@@ -122,6 +126,7 @@ _KEYS: dict[str, str] = {
     "adaptive": "bool",
     "context_draft": "bool",
     "threads": "int?",
+    "threads_batch": "int?",
     "gpu_layers": "int",
     "ctx": "int",
     "batch": "int",
@@ -239,6 +244,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "min_p": (lambda v: 0 <= v < 1, "must be in [0, 1) (0 = off)"),
     "heads": (lambda v: v is None or v >= 0, "must be >= 0 (0 = no speculation)"),
     "threads": (lambda v: v is None or v >= 1, "must be at least 1"),
+    "threads_batch": (lambda v: v is None or v >= 1, "must be at least 1"),
     "gpu_layers": (lambda v: v >= -1, "must be >= 0, or -1 for all layers"),
     "ctx": (lambda v: v >= 16, "must be at least 16 tokens"),
     "batch": (lambda v: v >= 1, "must be at least 1"),

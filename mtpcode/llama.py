@@ -284,15 +284,26 @@ def physical_cores(sysfs: str = "/sys/devices/system/cpu") -> int:
 
 
 def default_threads(n_params: int | None = None) -> int:
-    """Threads for llama.cpp when the caller gives none.
+    """Threads for one-row forwards (decoding steps, head drafts) when the caller gives none.
 
     One per physical core this process may use (:func:`physical_cores`), or 1
     for a model under SMALL_MODEL_PARAMS parameters (``n_params``; None:
-    unknown, treated as large).
+    unknown, treated as large): a small model's step is too short to share.
     """
     if n_params is not None and n_params < SMALL_MODEL_PARAMS:
         return 1
     return physical_cores()
+
+
+def default_threads_batch(n_threads: int | None = None) -> int:
+    """Threads for forwards of several rows (prompt prefill, verification) when the caller gives none.
+
+    ``n_threads`` given by the user: the same (llama.cpp's rule for ``-tb``).
+    Else one per physical core, whatever the model's size: a verify of b rows
+    does b rows of work per weight read, which threads share well even for a
+    small model (docs/runtime.md, *Threads*).
+    """
+    return n_threads if n_threads else physical_cores()
 
 
 # ---------------------------------------------------------------------------
@@ -656,10 +667,13 @@ class Context(_Handle):
     """A ``llama_context*`` on a Model, with one preallocated batch.
 
     ``capture`` (main context only) installs the trunk eval callback.
+    ``n_threads`` computes one-row forwards, ``n_threads_batch`` (default: the
+    same) larger ones.
     """
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_threads: int, embd_input: bool = False,
-                 capture: TrunkCapture | None = None, flash_attn: bool = False) -> None:
+                 capture: TrunkCapture | None = None, flash_attn: bool = False,
+                 n_threads_batch: int | None = None) -> None:
         self.model = model
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = int(n_ctx)
@@ -667,7 +681,8 @@ class Context(_Handle):
         params.n_ubatch = int(n_batch)
         params.n_seq_max = 1
         params.n_threads = int(n_threads)
-        params.n_threads_batch = int(n_threads)
+        # llama.cpp runs a one-row batch on n_threads and any larger one on n_threads_batch
+        params.n_threads_batch = int(n_threads_batch or n_threads)
         params.no_perf = True
         # Flash attention changes the summation order of attention, so outputs compared
         # token for token (plain vs speculative, mtpcode vs Llama) must use the same

@@ -51,7 +51,15 @@ from mtpcode.drafting import CONTEXT, HEADS, ContextDrafter, DraftPolicy, HeadDr
 from mtpcode.errors import ContextOverflowError, DataError, ModelError, MtpError, OutputError, UsageError
 from mtpcode.files import atomic_write_text
 from mtpcode.generation import Done, GenerationOptions, Piece, Stats, StopCondition, StopStrings
-from mtpcode.llama import Context, Model, TrunkCapture, default_threads, repack_pattern, use_extra_bufts
+from mtpcode.llama import (
+    Context,
+    Model,
+    TrunkCapture,
+    default_threads,
+    default_threads_batch,
+    repack_pattern,
+    use_extra_bufts,
+)
 
 log = logging.getLogger("mtpcode.runtime")
 _perf = time.perf_counter
@@ -111,11 +119,16 @@ class Engine:
 
     Not thread-safe: one ``generate`` at a time (``cancel`` may be set from
     another thread). Starting a new ``generate`` ends the previous stream.
+
+    ``n_threads`` computes one-row forwards (decoding steps, head drafts),
+    ``n_threads_batch`` forwards of several rows (prefill, verification);
+    None: :func:`~mtpcode.llama.default_threads` and
+    :func:`~mtpcode.llama.default_threads_batch`.
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, n_gpu_layers: int = 0, head_gpu_layers: int | None = None,
-                 extra_bufts: str = "auto", flash_attn: bool = False,
+                 extra_bufts: str = "auto", flash_attn: bool = False, n_threads_batch: int | None = None,
                  policy_dir: str | os.PathLike[str] | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         self.manifest: Manifest = self.bundle.manifest
@@ -145,13 +158,15 @@ class Engine:
                 self._head_models.append(model)
                 self._check_head(k, model)
             threads = n_threads if n_threads and n_threads > 0 else default_threads(self._main_model.n_params)
+            threads_batch = (n_threads_batch if n_threads_batch and n_threads_batch > 0
+                             else default_threads_batch(n_threads))
             n_embd = self._main_model.n_embd
             self._trunk = np.zeros((n_ctx, n_embd), dtype=np.float32)
             self._capture = TrunkCapture(self.manifest.trunk_tensor, self._trunk)
             self._main = Context(self._main_model, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
-                                 capture=self._capture, flash_attn=flash_attn)
-            self._heads = [Context(m, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True,
-                                   flash_attn=flash_attn)
+                                 n_threads_batch=threads_batch, capture=self._capture, flash_attn=flash_attn)
+            self._heads = [Context(m, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
+                                   n_threads_batch=threads_batch, embd_input=True, flash_attn=flash_attn)
                            for m in self._head_models]
         except BaseException:
             self.close()
@@ -159,13 +174,14 @@ class Engine:
         self.n_ctx = min(n_ctx, self._main.n_ctx, *(h.n_ctx for h in self._heads))
         self.n_batch = n_batch
         self.n_threads = threads
+        self.n_threads_batch = threads_batch
         self.n_vocab = self._main_model.n_vocab
         self._kv = KVState(self._main, self._heads, self._trunk, n_ctx, n_batch)
         self._owner: object | None = None
         self._policies: dict[tuple[int, bool], DraftPolicy] = {}  # learned across calls
         # ... and across processes: kept per bundle and runtime settings in policy_dir
         self._policy_file = None if policy_dir is None else Path(policy_dir) / (
-            f"{self.manifest.fingerprint}-t{threads}-fa{int(flash_attn)}-xb{int(extra)}-gpu{n_gpu_layers}.json")
+            f"{self.manifest.fingerprint}-t{threads}-tb{threads_batch}-fa{int(flash_attn)}-xb{int(extra)}-gpu{n_gpu_layers}.json")
         self._saved_policies = self._read_policies()
         self._context_drafter = ContextDrafter()  # its prompt index is reused across calls, like the KV cache
 
@@ -582,10 +598,11 @@ class _Step:
             self.scratch = self.warper.new_buffer()
             self.one_hot = np.zeros(engine.n_vocab, dtype=np.float64)  # q of a deterministic (context) draft
         self.head_drafter = HeadDrafter(kv, heads, self.warper, self.rng) if heads else None
-        # The policy's costs: with one llama.cpp thread (which computes in this thread) the thread's
-        # CPU time, which leaves out the time other programs held the CPU; a shared machine would
-        # otherwise make the longer, multi-row forwards look dearer than they are. Wall-clock else.
-        self.cost_clock = _cpu if engine.n_threads == 1 else _perf
+        # The policy's costs: with one llama.cpp thread for every forward (which computes in this
+        # thread) the thread's CPU time, which leaves out the time other programs held the CPU; a
+        # shared machine would otherwise make the longer, multi-row forwards look dearer than they
+        # are. Wall-clock else.
+        self.cost_clock = _cpu if engine.n_threads == 1 and engine.n_threads_batch == 1 else _perf
 
     def pick(self, logits: np.ndarray) -> int:
         """The main model's token from one row of logits."""

@@ -92,7 +92,7 @@ def test_bench_json_fields_and_identical_greedy_output(agreeing_bundle, prompts_
     assert a["memory_bandwidth"]["best_gb_s"] > 0
     assert a["main_bytes_per_forward"] > 0 and a["plain_tokens_per_s_bound"] > 0
     assert a["paper_table_s2_code_4_heads"] == {"speedup": 3.05, "tokens_per_forward": 3.5}
-    assert doc["conditions"]["threads"] == 2
+    assert doc["conditions"]["threads"] == doc["conditions"]["threads_batch"] == 2  # --threads alone sets both
     # the terminal table names every prompt; the plot is an SVG document
     assert "a.py" in stdout and "plain" in stdout
     assert plot.read_text().startswith("<svg")
@@ -211,3 +211,13 @@ def test_divergence_margins_recompute_the_plain_choice(tiny_bundle, tmp_path):
     (gap,) = divergence_margins(doc)
     assert gap["at_token"] == 3 and gap["plain_token"] == plain[3]
     assert gap["argmax_here"] == plain[3] and gap["logit_gap"] > 0
+
+
+def test_the_bar_is_cpu_time_only_when_every_forward_ran_on_one_thread() -> None:
+    from mtpcode.bench.run import bar_estimator
+
+    assert bar_estimator({"threads": 1, "threads_batch": 1}) == "speedup_cpu"
+    assert bar_estimator({"threads": 1}) == "speedup_cpu"  # files from before threads_batch
+    # verifies on a second thread: the decoding thread's CPU time misses their work
+    assert bar_estimator({"threads": 1, "threads_batch": 2}) == "speedup"
+    assert bar_estimator({"threads": 4, "threads_batch": 4}) == "speedup"

@@ -116,6 +116,17 @@ def test_bad_env_value_is_usage_error(
 def test_bad_flag_value_is_usage_error(home: Path) -> None:
     with pytest.raises(UsageError, match="heads=-1 .from flag.: must be >= 0"):
         config.load_settings(heads=-1)
+    with pytest.raises(UsageError, match="threads_batch=0 .from flag.: must be at least 1"):
+        config.load_settings(threads_batch=0)
+
+
+def test_threads_batch_setting_reaches_the_engine(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home.mkdir()
+    (home / "config.toml").write_text("threads_batch = 4\n")
+    s = config.load_settings()
+    assert s.threads_batch == 4 and s.engine_kwargs()["n_threads_batch"] == 4
+    monkeypatch.setenv("MTPCODE_THREADS_BATCH", "auto")
+    assert config.load_settings().engine_kwargs()["n_threads_batch"] is None  # the engine decides
 
 
 @pytest.mark.parametrize(

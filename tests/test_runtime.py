@@ -403,6 +403,27 @@ def test_default_threads_count_physical_cores(tmp_path) -> None:
     assert default_threads(7_000_000_000) == physical_cores() >= 1
 
 
+def test_steps_and_batches_get_their_own_thread_counts(tiny_bundle) -> None:
+    """One-row steps on ``n_threads``, prefill and verification on ``n_threads_batch``: by default
+    a small model steps on one thread and verifies on every core; ``--threads`` alone sets both
+    (llama.cpp's rule for -t/-tb). The counts reach the llama.cpp contexts, heads included."""
+    import llama_cpp
+
+    from mtpcode.llama import physical_cores
+
+    def counts(engine: Engine) -> set[tuple[int, int]]:
+        ctxs = [engine._main, *engine._heads]
+        return {(llama_cpp.llama_n_threads(c.ptr), llama_cpp.llama_n_threads_batch(c.ptr)) for c in ctxs}
+
+    with Engine(tiny_bundle, n_ctx=64) as e:
+        assert (e.n_threads, e.n_threads_batch) == (1, physical_cores())
+        assert counts(e) == {(1, physical_cores())}
+    with Engine(tiny_bundle, n_ctx=64, n_threads=3) as e:
+        assert counts(e) == {(3, 3)}
+    with Engine(tiny_bundle, n_ctx=64, n_threads=1, n_threads_batch=2) as e:
+        assert counts(e) == {(1, 2)}
+
+
 def test_extra_bufts_policy(tmp_path) -> None:
     amx = tmp_path / "cpuinfo-amx"
     amx.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile amx_int8\n")

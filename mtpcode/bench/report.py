@@ -21,7 +21,7 @@ def bench_markdown(doc: dict[str, Any]) -> str:
     configs = doc["configs"]
     specs = {key: BenchConfig(**doc["config_specs"][key]) for key in configs}
     spec = [c for c in configs if specs[c].speculative]
-    bar_key = bar_estimator(doc["conditions"]["threads"])
+    bar_key = bar_estimator(doc["conditions"])
     out = []
     header = ["prompt", "prompt tok", "plain tok/s"] + (["plain again (A/A)"] if CONTROL.key in configs else [])
     for c in spec:

@@ -377,9 +377,11 @@ class Run:
     peak_rss_mb: float
 
 
-def bar_estimator(threads: int) -> str:
-    """Which per-prompt speedup the never-slower bar is checked on (see SLOW_BAR)."""
-    return "speedup_cpu" if threads == 1 else "speedup"
+def bar_estimator(conditions: dict[str, Any]) -> str:
+    """Which per-prompt speedup the never-slower bar is checked on (see SLOW_BAR): the decoding
+    thread's CPU time when every forward ran on that one thread, wall-clock time else."""
+    one = conditions["threads"] == 1 and conditions.get("threads_batch", conditions["threads"]) == 1
+    return "speedup_cpu" if one else "speedup"
 
 
 def _cpu_tps(stats: Stats) -> float:
@@ -414,11 +416,11 @@ class Anchor:
     engine's weight buffers (``repack``: the engine's CPU_REPACK pattern, "" for none)."""
 
     def __init__(self, main_path: Path, *, n_ctx: int, n_threads: int, extra_bufts: bool, flash_attn: bool,
-                 repack: str = "", gpu_layers: int = 0) -> None:
+                 repack: str = "", gpu_layers: int = 0, n_threads_batch: int | None = None) -> None:
         from mtpcode.llama import reference_llama
 
         self.llm = reference_llama(main_path, extra_bufts=extra_bufts, repack=repack, n_ctx=n_ctx,
-                                   n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
+                                   n_threads=n_threads, n_threads_batch=n_threads_batch or n_threads, verbose=False,
                                    flash_attn=flash_attn, n_gpu_layers=gpu_layers)
 
     def run(self, ids: list[int], max_tokens: int) -> tuple[list[int], Stats]:
@@ -452,7 +454,8 @@ class Anchor:
 
 
 def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[int] | None = None,
-              max_tokens: int = 128, repeat: int = 3, threads: int | None = None, n_ctx: int = 4096,
+              max_tokens: int = 128, repeat: int = 3, threads: int | None = None,
+              threads_batch: int | None = None, n_ctx: int = 4096,
               adaptive: bool = True, anchor: bool = True, context: bool = True, extra_bufts: str = "auto",
               flash_attn: bool = False, costs: bool = True, gpu_layers: int = 0,
               progress: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -466,10 +469,11 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
     say = progress or (lambda _msg: None)
     rss0 = rss_mb()
     t_load = time.perf_counter()
-    engine = Engine(model_path, n_ctx=n_ctx, n_threads=threads, extra_bufts=extra_bufts, flash_attn=flash_attn,
-                    n_gpu_layers=gpu_layers)
+    engine = Engine(model_path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads_batch,
+                    extra_bufts=extra_bufts, flash_attn=flash_attn, n_gpu_layers=gpu_layers)
     load_s = time.perf_counter() - t_load
     n_threads = engine.n_threads  # the runtime's default when threads is None (1 for small models)
+    n_threads_batch = engine.n_threads_batch
     rss_engine = rss_mb()
     anchor_obj = None
     try:
@@ -479,7 +483,8 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
 
             repack = repack_pattern(engine.bundle.main_path) if extra_bufts == "repack" else ""
             anchor_obj = Anchor(engine.bundle.main_path, n_ctx=n_ctx, n_threads=n_threads,
-                                extra_bufts=engine.extra_bufts, flash_attn=engine.flash_attn, repack=repack,
+                                n_threads_batch=n_threads_batch, extra_bufts=engine.extra_bufts,
+                                flash_attn=engine.flash_attn, repack=repack,
                                 gpu_layers=gpu_layers)
         rss_all = rss_mb()
         prompt_ids = []
@@ -531,7 +536,7 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
     doc["anchors"] = _anchors(engine, doc)
     if costs:
         say("measuring forward costs (1..n rows, one head, eval-callback overhead)")
-        doc["forward_costs"] = _forward_costs(model_path, doc, n_threads, gpu_layers)
+        doc["forward_costs"] = _forward_costs(model_path, doc, n_threads, gpu_layers, n_threads_batch)
     return doc
 
 
@@ -540,7 +545,8 @@ def _spec(doc: dict[str, Any], key: str) -> BenchConfig:
     return BenchConfig(**doc["config_specs"][key])
 
 
-def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int, gpu_layers: int = 0) -> dict[str, Any]:
+def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int, gpu_layers: int = 0,
+                   threads_batch: int | None = None) -> dict[str, Any]:
     """The bundle's own cost profile (as in the synthetic cost model) and what it predicts, measured
     after a KV cache as long as the median prompt (attention over the context is much of a small
     model's step) and with the engine's flash-attention setting."""
@@ -553,6 +559,7 @@ def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int, gpu_laye
     # small models: many cheap repeats (their forwards take a millisecond and are noisy); large: a few
     small = doc["anchors"]["main_bytes_per_forward"] < 200e6
     costs = measure_costs(model_path, mode=mode, max_batch=max(n, 8), repeat=40 if small else 5, threads=threads,
+                          threads_batch=threads_batch,
                           prefix=prefix, flash_attn=bool(cond["flash_attn"]), n_gpu_layers=gpu_layers)
     costs["context_tokens"] = prefix
     costs.pop("verify_all_s", None)
@@ -600,7 +607,8 @@ def _conditions(engine, model_path: Path, threads: int, n_ctx: int, max_tokens: 
         "model": str(model_path),
         "quantization": m.quantization,
         "n_embd": m.n_embd, "n_vocab": m.n_vocab, "n_trunk": m.n_trunk, "n_heads": engine.n_heads,
-        "threads": threads, "n_ctx": n_ctx, "max_tokens": max_tokens, "repeat": repeat,
+        "threads": threads, "threads_batch": engine.n_threads_batch, "n_ctx": n_ctx, "max_tokens": max_tokens,
+        "repeat": repeat,
         "adaptive": adaptive, "extra_bufts": engine.extra_bufts, "flash_attn": engine.flash_attn,
         "native_capture": engine.native_capture,
         "load_s": round(load_s, 3),
@@ -669,7 +677,7 @@ def _config_entry(config: BenchConfig, rs: list[Run], base: list[Run]) -> dict[s
 
 def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], configs: list[BenchConfig],
                runs: list[Run]) -> dict[str, Any]:
-    bar_key = bar_estimator(engine.n_threads)
+    bar_key = bar_estimator({"threads": engine.n_threads, "threads_batch": engine.n_threads_batch})
     by: dict[tuple[int, str], list[Run]] = {}
     for run in runs:
         by.setdefault((run.prompt, run.config.key), []).append(run)
@@ -777,7 +785,7 @@ def format_table(doc: dict[str, Any]) -> str:
     spec = [c for c in configs if specs[c].speculative]
     lines = []
     cond = doc["conditions"]
-    bar_key = bar_estimator(cond["threads"])
+    bar_key = bar_estimator(cond)
     clock = "CPU-time" if bar_key == "speedup_cpu" else "wall-clock"
     lines.append(f"model {cond['model']} ({cond['quantization']}, {cond['n_heads']} heads), {cond['threads']} threads, "
                  f"{cond['max_tokens']} tokens x {len(doc['prompts'])} prompts x {cond['repeat']} repeats, "

@@ -346,10 +346,11 @@ def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: 
 
 def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, repeat: int = 3,
                   threads: int = 2, prefix: int = 64, flash_attn: bool = False,
-                  n_gpu_layers: int = 0) -> dict[str, Any]:
+                  n_gpu_layers: int = 0, threads_batch: int | None = None) -> dict[str, Any]:
     """Time main forwards of 1..max_batch rows (after a ``prefix``-token KV) and one head forward,
     with flash attention as the runtime's default (``flash_attn``, off) and ``n_gpu_layers``
-    offloaded (the head too, as the engine does).
+    offloaded (the head too, as the engine does). ``threads_batch`` (default: ``threads``) runs
+    the forwards of several rows, as the engine's setting of that name does.
 
     ``mode``: "off" (extra buffer types off, the AMX-safe default), "on"
     (llama.cpp's default extra buffer types: crashes on AMX CPUs with quantized
@@ -385,11 +386,13 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
     capture = TrunkCapture(m.trunk_tensor, trunk)
     rng = np.random.default_rng(0)
     try:
-        ctx = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, capture=capture, flash_attn=flash_attn)
+        ctx = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, n_threads_batch=threads_batch,
+                      capture=capture, flash_attn=flash_attn)
         ctx.batch.token_ids[:prefix] = rng.integers(3, m.n_vocab, prefix)
         ctx.decode(prefix, 0, last_logits_only=True)
         # the same model without the trunk capture: what the eval callback costs per forward
-        bare = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, flash_attn=flash_attn)
+        bare = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, n_threads_batch=threads_batch,
+                       flash_attn=flash_attn)
         bare.batch.token_ids[:prefix] = ctx.batch.token_ids[:prefix]
         bare.decode(prefix, 0, last_logits_only=True)
         hctx = None
@@ -457,6 +460,7 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
             "bundle": str(bundle_dir),
             "quantization": m.quantization,
             "threads": threads,
+            "threads_batch": threads_batch or threads,
             "prefix_tokens": prefix,
             "flash_attn": flash_attn,
             "native_capture": capture.native,

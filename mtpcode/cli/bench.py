@@ -55,7 +55,9 @@ def _parse_heads(value: str | None) -> list[int] | None:
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the results as JSON here ('-' = stdout).")
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), help="Write a plot (SVG) here.")
-@click.option("--threads", type=int, help="CPU threads for llama.cpp [default: the runtime's choice].")
+@click.option("--threads", type=int, help="CPU threads for one-token steps [default: the runtime's choice].")
+@click.option("--threads-batch", type=int,
+              help="CPU threads for prompts and verification [default: the runtime's choice].")
 @click.option("--gpu-layers", type=int,
               help="Layers to offload to the GPU (-1 = all) for the engine, the anchor and the costs "
                    "[default: the gpu_layers setting].")
@@ -79,15 +81,16 @@ def _parse_heads(value: str | None) -> list[int] | None:
               help="Synthetic: measure 1..N-thread forwards, fit a compute-vs-bandwidth model and PROJECT the "
                    "speedup on 8- and 16-core desktops.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
-def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_out, plot_out, threads, gpu_layers,
-          ctx, no_adaptive, no_anchor, no_context_draft, no_costs, synthetic, quants, max_batch, no_repack, buffers,
-          tokens_per_forward, quiet, project=False):
+def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_out, plot_out, threads, threads_batch,
+          gpu_layers, ctx, no_adaptive, no_anchor, no_context_draft, no_costs, synthetic, quants, max_batch,
+          no_repack, buffers, tokens_per_forward, quiet, project=False):
     """Benchmark speculative vs plain decoding (or, with --synthetic, project a real-size model's speedup)."""
     check_plot_path(plot_out)
     if repeat < 1:
         raise UsageError("--repeat must be at least 1")
-    if threads is not None and threads < 1:
-        raise UsageError("--threads must be at least 1")
+    for flag, value in (("--threads", threads), ("--threads-batch", threads_batch)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be at least 1")
 
     def say(msg: str) -> None:
         if not quiet:
@@ -129,7 +132,8 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
         path = resolve_model(model, settings)
         prompts = prompt_set(prompts_path, n_prompts)
         doc = run_bench(path, prompts, heads=_parse_heads(heads_list), max_tokens=max_tokens, repeat=repeat,
-                        threads=threads or settings.threads, n_ctx=ctx, adaptive=not no_adaptive,
+                        threads=threads or settings.threads,
+                        threads_batch=threads_batch or settings.threads_batch, n_ctx=ctx, adaptive=not no_adaptive,
                         anchor=not no_anchor, context=not no_context_draft, extra_bufts=settings.extra_bufts,
                         flash_attn=settings.flash_attn, costs=not no_costs,
                         gpu_layers=settings.gpu_layers if gpu_layers is None else gpu_layers, progress=say)

@@ -190,6 +190,7 @@ def complete(
     no_speculative: bool,
     no_context_draft: bool,
     threads: int | None,
+    threads_batch: int | None,
     gpu_layers: int | None,
     ctx: int | None,
     cursor: str | None,
@@ -223,7 +224,8 @@ def complete(
         raise UsageError("--json and --echo cannot be combined (--json prints the completion alone)")
     settings = load_settings(
         model=model, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, seed=seed, heads=heads, threads=threads, gpu_layers=gpu_layers, ctx=ctx,
+        min_p=min_p, seed=seed, heads=heads, threads=threads, threads_batch=threads_batch, gpu_layers=gpu_layers,
+        ctx=ctx,
         context_draft=False if no_context_draft else None,
     )
     request = build_request(file, cursor)

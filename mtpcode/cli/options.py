@@ -40,11 +40,15 @@ def sampling_options(f: F) -> F:
 
 
 def runtime_options(f: F) -> F:
-    """--threads, --gpu-layers, --ctx."""
+    """--threads, --threads-batch, --gpu-layers, --ctx."""
     return _apply(
         f,
         click.option("--threads", type=int,
-                     help="CPU threads for llama.cpp (default: every CPU, 1 for models under 50M parameters)."),
+                     help="CPU threads for one-token steps (default: every core, 1 for models under 50M "
+                          "parameters)."),
+        click.option("--threads-batch", type=int,
+                     help="CPU threads for the prompt and for verifying drafts (default: --threads if given, "
+                          "else every core)."),
         click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all; default 0)."),
         click.option("--ctx", type=int, help="Context size in tokens [default: 4096]."),
     )

@@ -53,6 +53,7 @@ def repl(
     seed: int | None,
     heads: int | None,
     threads: int | None,
+    threads_batch: int | None,
     gpu_layers: int | None,
     ctx: int | None,
     stop: str,
@@ -78,7 +79,7 @@ def repl(
     run_repl(
         file=file, model=model, language=language, stop=stop, suggest=suggest, suggest_tokens=suggest_tokens,
         style=style, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        seed=seed, heads=heads, threads=threads, gpu_layers=gpu_layers, ctx=ctx,
+        seed=seed, heads=heads, threads=threads, threads_batch=threads_batch, gpu_layers=gpu_layers, ctx=ctx,
     )
 
 

@@ -290,7 +290,8 @@ class Server:
 @click.option("-v", "--verbose", is_flag=True, help="Log requests and stats on stderr.")
 def serve(stdio: bool, http: bool, host: str | None, port: int | None, api_key: str | None, cancel_previous: bool,
           model: str | None, heads: int | None, max_tokens: int | None, temperature: float | None,
-          threads: int | None, gpu_layers: int | None, ctx: int | None, verbose: bool) -> None:
+          threads: int | None, threads_batch: int | None, gpu_layers: int | None, ctx: int | None,
+          verbose: bool) -> None:
     """Serve completions to an editor: over stdin/stdout (--stdio) or HTTP (--http).
 
     \b
@@ -321,14 +322,14 @@ def serve(stdio: bool, http: bool, host: str | None, port: int | None, api_key: 
             raise UsageError(f"{(given or ['--no-cancel-previous'])[0]} goes with --http, not --stdio")
     else:
         _serve_http(host=host, port=port, api_key=api_key, cancel_previous=cancel_previous, model=model, heads=heads,
-                    max_tokens=max_tokens, temperature=temperature, threads=threads, gpu_layers=gpu_layers, ctx=ctx,
-                    verbose=verbose)
+                    max_tokens=max_tokens, temperature=temperature, threads=threads, threads_batch=threads_batch,
+                    gpu_layers=gpu_layers, ctx=ctx, verbose=verbose)
         return
     from mtpcode.cli.frontend import load_engine
     from mtpcode.models import is_builtin
 
     settings = load_settings(model=model, heads=heads, max_tokens=max_tokens, temperature=temperature,
-                             threads=threads, gpu_layers=gpu_layers, ctx=ctx)
+                             threads=threads, threads_batch=threads_batch, gpu_layers=gpu_layers, ctx=ctx)
     engine, path = load_engine(settings, model, note=sys.stderr)
     out = sys.stdout.buffer
     log = sys.stderr if verbose else None
@@ -341,7 +342,7 @@ def serve(stdio: bool, http: bool, host: str | None, port: int | None, api_key: 
 
 def _serve_http(*, host: str | None, port: int | None, api_key: str | None, cancel_previous: bool, model: str | None,
                 heads: int | None, max_tokens: int | None, temperature: float | None, threads: int | None,
-                gpu_layers: int | None, ctx: int | None, verbose: bool) -> None:
+                threads_batch: int | None, gpu_layers: int | None, ctx: int | None, verbose: bool) -> None:
     """``mtpcode serve --http``: load the model and serve the HTTP API until SIGINT/SIGTERM."""
     try:
         import starlette  # noqa: F401
@@ -353,6 +354,7 @@ def _serve_http(*, host: str | None, port: int | None, api_key: str | None, canc
     if port is not None and not 0 <= port <= 65535:
         raise UsageError(f"--port {port}: a port is 0..65535 (0 = any free port)")
     settings = load_settings(model=model, heads=heads, max_tokens=max_tokens, temperature=temperature,
-                             threads=threads, gpu_layers=gpu_layers, ctx=ctx, api_key=api_key)
+                             threads=threads, threads_batch=threads_batch, gpu_layers=gpu_layers, ctx=ctx,
+                             api_key=api_key)
     serve_http(settings, model, host=host or DEFAULT_HOST, port=DEFAULT_PORT if port is None else port,
                api_key=settings.api_key or None, cancel_previous=cancel_previous, verbose=verbose)
