@@ -406,6 +406,11 @@ class DraftPolicy:
         self.chain = [0.6 ** (k + 1) for k in range(max_heads)]  # optimistic prior (floats: called every step)
         self.seen = [0] * max_heads  # drafts of each head observed
         self.t_verify: dict[int, float] = {}
+        # llama.cpp reuses its compute graph while the batch shape stays the same and rebuilds it
+        # when the shape changes: a verify makes the next one-row step rebuild it again. That extra
+        # time (a running estimate) is charged to the verify, not to the steps.
+        self.t_switch = 0.0
+        self._last_rows = 1
         self._costs: list[float] | None = None  # _cost_table() of the current measurements
         self._costs_at = -1  # the context bucket (n_cached // 256) the table was made for
         self._prior: list[float] = []
@@ -458,13 +463,16 @@ class DraftPolicy:
         self._next_probe = min(self._next_probe, self.steps + (steps or self.probe_min))
 
     def _verify_time(self, rows: int) -> float:
+        """What a step of ``rows`` rows costs: its forward and, for a verify, the graph rebuild
+        it causes at the next one-row step."""
         if not self.measured:
             return 0.7 + 0.3 * rows
         costs = self._costs
         if costs is None or self._costs_at != self.n_cached >> 8:
             costs = self._costs = self._cost_table()
             self._costs_at = self.n_cached >> 8
-        return costs[rows] if rows <= self.max_draft + 1 else costs[-1]
+        t = costs[rows] if rows <= self.max_draft + 1 else costs[-1]
+        return t + self.t_switch if rows > 1 else t
 
     def _cost_table(self) -> list[float]:
         """Verify time per row count (index = rows), from the measurements, never decreasing.
@@ -607,7 +615,8 @@ class DraftPolicy:
         """One heads-only step's outcome; ``heads_run`` 0 leaves the head timing alone (e.g. a head
         caught up on many rows, which says nothing about the cost of a draft)."""
         if self.adaptive and k != self.k and self.steps > self.warmup_steps:
-            cost = (verify_s if self.measured else self._verify_time(k + 1)) + k * self._head_time()
+            measured = verify_s + (self.t_switch if k else 0.0)
+            cost = (measured if self.measured else self._verify_time(k + 1)) + k * self._head_time()
             if (1 + accepted) / cost > self._rate(self.k):  # a probe beat the choice:
                 self._look_again_soon(self.probe_after_win)  # try it again soon
                 self._confirm = k
@@ -664,6 +673,13 @@ class DraftPolicy:
 
     def _observe_costs(self, rows: int, verify_s: float, head_s: float, heads_run: int) -> None:
         a = self.alpha
+        after_verify, self._last_rows = self._last_rows > 1, rows
+        one = self.t_verify.get(1)
+        if rows == 1 and after_verify and one is not None:
+            # a step right after a verify: what it cost beyond a step is the verify's rebuild
+            extra = max(0.0, verify_s - one)
+            self.t_switch = extra if self.t_switch == 0.0 else self.t_switch + a * (extra - self.t_switch)
+            return
         old = self.t_verify.get(rows)
         new = verify_s if old is None else old + a * (verify_s - old)
         self.t_verify[rows] = new
@@ -679,6 +695,7 @@ class DraftPolicy:
         """What this policy learned (estimates, not its schedule), for :meth:`restore`."""
         return {"chain": list(self.chain), "seen": list(self.seen),
                 "t_verify": {str(b): t for b, t in self.t_verify.items()}, "t_head": self.t_head,
+                "t_switch": self.t_switch,
                 "context": {"q": [list(q) for q in self.ctx_q], "n": [list(n) for n in self.ctx_n],
                             "mix_q": list(self.mix_q), "mix_n": list(self.mix_n)}}
 
@@ -691,6 +708,7 @@ class DraftPolicy:
             seen = [int(n) for n in state["seen"]]
             t_verify = {int(b): float(t) for b, t in state["t_verify"].items()}
             t_head = float(state["t_head"])
+            t_switch = float(state.get("t_switch", 0.0))
             ctx = state.get("context")
             if ctx is not None:
                 cq = [[float(x) for x in q] for q in ctx["q"]]
@@ -703,7 +721,7 @@ class DraftPolicy:
         if (len(chain) != self.max_heads or len(seen) != self.max_heads or not t_verify
                 or not all(0.0 <= c <= 1.0 for c in chain) or not all(n >= 0 for n in seen)
                 or not all(1 <= b <= max_rows and 0.0 < t < 60.0 for b, t in t_verify.items())
-                or not 0.0 <= t_head < 60.0):
+                or not 0.0 <= t_head < 60.0 or not 0.0 <= t_switch < 60.0):
             return False
         if ctx is not None:
             shape_ok = (len(cq) == N_BUCKETS == len(cn)
@@ -716,7 +734,7 @@ class DraftPolicy:
             self.ctx_q, self.ctx_n = cq, [[min(x, 5) for x in n] for n in cn]
             self.mix_q, self.mix_n = mq, [min(x, 5) for x in mn]
         self.chain, self.seen = chain, [min(n, 5) for n in seen]
-        self.t_verify, self.t_head = t_verify, t_head
+        self.t_verify, self.t_head, self.t_switch = t_verify, t_head, t_switch
         self._costs = None
         self.steps = self.warmup_steps
         self._next_probe = self.steps + self.probe_min
