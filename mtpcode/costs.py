@@ -202,7 +202,7 @@ def verify_cost_prior(rows: int, n_ctx_used: int, *, flash_attn: bool = False) -
 # cores and memory bandwidth
 
 
-def _interpolate(table: Mapping[int, float], x: float) -> float:
+def interpolate(table: Mapping[int, float], x: float) -> float:
     """``table`` at ``x``: exact at its keys, linear between them, the last segment continued beyond."""
     keys = sorted(table)
     if x in table:
@@ -236,7 +236,7 @@ class Roofline:
     label: str = ""
 
     def compute_s(self, rows: float, cores: float) -> float:
-        return _interpolate(self.compute_1core, rows) / cores
+        return interpolate(self.compute_1core, rows) / cores
 
     def seconds(self, rows: float, cores: float, bandwidth_gb_s: float | None = None) -> float:
         """Modelled forward time; ``bandwidth_gb_s=None`` leaves the memory bound out (compute only)."""

@@ -58,6 +58,12 @@ def test_bench_json_fields_and_identical_greedy_output(agreeing_bundle, prompts_
                               "llama.cpp"]
     assert doc["greedy_identical"] is True and doc["mismatches"] == []
     assert [p["name"] for p in doc["prompts"]] == ["a.py", "b.py"]
+    ceiling = doc["context_ceiling"]  # the oracle never loses: it steps plainly where drafts do not pay
+    assert [c["prompt"] for c in ceiling["per_prompt"]] == ["a.py", "b.py"]
+    assert ceiling["min_speedup"] >= 1.0 and 0.0 <= ceiling["median_copied"] <= 1.0
+    assert set(doc["forward_costs"]["verify_s"]) == {str(b) for b in range(1, 18)}  # up to the longest draft
+    assert doc["forward_costs"]["rebuild_s"] >= 0.0
+    assert "ceiling of drafting from the context" in stdout
     # every configuration ran on every prompt, every repetition
     assert len(doc["runs"]) == 2 * 2 * 8
     for p in doc["prompts"]:
@@ -221,3 +227,26 @@ def test_the_bar_is_cpu_time_only_when_every_forward_ran_on_one_thread() -> None
     # verifies on a second thread: the decoding thread's CPU time misses their work
     assert bar_estimator({"threads": 1, "threads_batch": 2}) == "speedup"
     assert bar_estimator({"threads": 4, "threads_batch": 4}) == "speedup"
+
+
+def test_context_ceiling_oracle() -> None:
+    """The oracle copies a repetition when rows are cheap, steps plainly when they cost as much as steps,
+    and finds the cheapest path: with a rebuild that eats a 1-token draft's gain it drafts only long runs."""
+    from mtpcode.bench.ceiling import context_ceiling
+
+    period = [10, 11, 12, 13, 14, 15, 16, 17]
+    prompt = [1] + period * 3
+    out = period * 4  # the model goes on repeating the prompt
+    free = {1: 1.0, 2: 1.0}  # every row free (the last segment continues flat)
+    c = context_ceiling(prompt, [], out, free)
+    assert c["copied"] > 0.9 and c["speedup"] == pytest.approx(c["tokens_per_forward"]) and c["speedup"] > 10
+    linear = {1: 1.0, 2: 2.0}  # a row costs a step: drafting never pays
+    assert context_ceiling(prompt, [], out, linear) == {"speedup": 1.0, "copied": 0.0, "tokens_per_forward": 1.0}
+    unrelated = context_ceiling(prompt, [], [90, 91, 92, 93, 94, 95], free)
+    assert unrelated["speedup"] == 1.0 and unrelated["copied"] == 0.0
+    # rows cost 0.1 each, a rebuild 1.0: a verify of k drafts costs 1 + 0.1 k + 1 for k + 1 tokens, which
+    # pays from k = 2 on; 16 drafts at a time give 17 tokens for 3.6 steps
+    cheap = {1: 1.0, 2: 1.1, 3: 1.2}
+    long = context_ceiling(prompt, [], out, cheap, rebuild_s=1.0)
+    assert long["tokens_per_forward"] > 8 and long["speedup"] == pytest.approx(31 / (31 / 17 * 3.6), rel=0.15)
+    assert context_ceiling(prompt, [], out[:3], cheap, rebuild_s=1.0)["copied"] == 0.0  # 1 draft: 2.1 for 2

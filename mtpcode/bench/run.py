@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from mtpcode.bench.measure import cpu_name, median, peak_rss_mb, reset_peak_rss, rss_mb
+from mtpcode.drafting import ContextDrafter
 from mtpcode.errors import DataError, NoInputError, UsageError
 from mtpcode.files import atomic_write_text
 from mtpcode.generation import Stats
@@ -488,6 +489,7 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
                                 gpu_layers=gpu_layers)
         rss_all = rss_mb()
         prompt_ids = []
+        suffix_ids = [engine.tokenize(q.suffix, add_bos=False) if q.suffix else [] for q in prompts]
         for q in prompts:
             ids = engine.tokenize(q.text)
             if len(ids) + max_tokens + engine.n_heads + 1 > engine.n_ctx:
@@ -536,7 +538,10 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
     doc["anchors"] = _anchors(engine, doc)
     if costs:
         say("measuring forward costs (1..n rows, one head, eval-callback overhead)")
-        doc["forward_costs"] = _forward_costs(model_path, doc, n_threads, gpu_layers, n_threads_batch)
+        doc["forward_costs"] = _forward_costs(model_path, doc, n_threads, gpu_layers, n_threads_batch,
+                                              rows=ContextDrafter().max_draft + 1 if context else 8)
+        if context:
+            doc["context_ceiling"] = _context_ceiling(doc, prompt_ids, suffix_ids)
     return doc
 
 
@@ -546,7 +551,7 @@ def _spec(doc: dict[str, Any], key: str) -> BenchConfig:
 
 
 def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int, gpu_layers: int = 0,
-                   threads_batch: int | None = None) -> dict[str, Any]:
+                   threads_batch: int | None = None, rows: int = 8) -> dict[str, Any]:
     """The bundle's own cost profile (as in the synthetic cost model) and what it predicts, measured
     after a KV cache as long as the median prompt (attention over the context is much of a small
     model's step) and with the engine's flash-attention setting."""
@@ -558,7 +563,7 @@ def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int, gpu_laye
     prefix = max(16, int(median([p["prompt_tokens"] for p in doc["prompts"]])))
     # small models: many cheap repeats (their forwards take a millisecond and are noisy); large: a few
     small = doc["anchors"]["main_bytes_per_forward"] < 200e6
-    costs = measure_costs(model_path, mode=mode, max_batch=max(n, 8), repeat=40 if small else 5, threads=threads,
+    costs = measure_costs(model_path, mode=mode, max_batch=max(n, rows), repeat=40 if small else 5, threads=threads,
                           threads_batch=threads_batch,
                           prefix=prefix, flash_attn=bool(cond["flash_attn"]), n_gpu_layers=gpu_layers)
     costs["context_tokens"] = prefix
@@ -591,6 +596,22 @@ def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int, gpu_laye
         pred[key] = round(s["tokens_per_forward"] * total / cost, 3) if cost else 0.0
     costs["predicted_speedup_without_python"] = pred
     return costs
+
+
+def _context_ceiling(doc: dict[str, Any], prompt_ids: Sequence[list[int]],
+                     suffix_ids: Sequence[list[int]]) -> dict[str, Any]:
+    """The most drafting from the context could gain on each prompt (mtpcode/bench/ceiling.py),
+    with the forward costs just measured."""
+    from mtpcode.bench.ceiling import ceiling_summary, context_ceiling
+
+    costs = doc["forward_costs"]
+    verify = {int(b): float(t) for b, t in costs["verify_s"].items()}
+    rebuild = float(costs.get("rebuild_s", 0.0))
+    per_prompt = [{"prompt": p["name"], **context_ceiling(ids, suffix, p["plain_token_ids"], verify, rebuild)}
+                  for p, ids, suffix in zip(doc["prompts"], prompt_ids, suffix_ids)]
+    return {**ceiling_summary(per_prompt), "per_prompt": per_prompt,
+            "note": "an oracle that drafts from the context exactly the tokens the model will accept, when "
+                    "that is cheaper; measured forward costs plus one graph rebuild per verify, no Python"}
 
 
 def _conditions(engine, model_path: Path, threads: int, n_ctx: int, max_tokens: int, repeat: int,
@@ -856,6 +877,13 @@ def format_table(doc: dict[str, Any]) -> str:
         lines.append(f"time of b rows / 1 row: {rel}")
         if pred:
             lines.append(f"speedup these costs predict at the measured tokens/forward (no Python overhead): {pred}")
+        if fc.get("rebuild_s"):
+            lines.append(f"graph rebuild for the step after a verify: {1e3 * fc['rebuild_s']:.2f} ms")
+    ceiling = doc.get("context_ceiling")
+    if ceiling:
+        lines.append(f"ceiling of drafting from the context (an oracle that drafts exactly what will be accepted, "
+                     f"these costs): median {ceiling['median_speedup']:.2f}x (min {ceiling['min_speedup']:.2f}x, "
+                     f"max {ceiling['max_speedup']:.2f}x), {ceiling['median_copied']:.0%} of tokens copied")
     mem = doc["memory"]
     lines.append(f"memory: engine {mem['engine_rss_mb']:.0f} MB RSS after load, peak {mem['peak_rss_mb']:.0f} MB "
                  "(process, with the llama.cpp anchor loaded)")

@@ -407,20 +407,27 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
         head_ratios: list[float] = []
         capture_diffs: list[float] = []
         head_times: list[float] = []
+        rebuilds: list[float] = []
+        last_rows = {id(ctx): 0}
 
         # llama.cpp rebuilds its compute graph when the batch shape changes and reuses
         # it otherwise; decoding keeps one shape for many steps, so each timed forward
         # follows an untimed one of the same shape (for a small model the rebuild is a
-        # large part of a forward: ~0.3 ms of the built-in model's 0.5-0.8 ms).
+        # large part of a forward: ~0.3 ms of the built-in model's 0.5-0.8 ms). What
+        # that first forward costs more, for one row after a verify, is ``rebuild_s``:
+        # the one-row step after each verify pays it.
         def main_forward(c: Context, b: int) -> float:
-            dt = 0.0
+            times = []
             for _ in range(2):
                 c.batch.token_ids[:b] = rng.integers(3, m.n_vocab, b)
                 t = time.perf_counter()
                 c.decode(b, prefix, last_logits_only=False)
-                dt = time.perf_counter() - t
+                times.append(time.perf_counter() - t)
                 c.trim(prefix)
-            return dt
+            if b == 1 and last_rows.get(id(c), 1) > 1:
+                rebuilds.append(times[0] - times[1])
+            last_rows[id(c)] = b
+            return times[1]
 
         def head_forward(hc: Context) -> float:
             dt = 0.0
@@ -476,6 +483,7 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
             "verify_min_s": {str(b): round(min(times[b]), 6) for b in sizes},
             "verify_min_rel": {str(b): round(min(times[b]) / min(times[1]), 4) for b in sizes},
             "capture_overhead_s": round(median(capture_diffs), 6),
+            "rebuild_s": round(max(0.0, median(rebuilds)), 6) if rebuilds else 0.0,
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         return result

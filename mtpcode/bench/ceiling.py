@@ -1,0 +1,78 @@
+"""The most that drafting from the context could gain on a prompt set: its ceiling.
+
+An oracle replays :class:`~mtpcode.drafting.ContextDrafter` over the plain
+(greedy) output of each prompt, knowing at every token how many of the
+drafter's tokens the main model would accept there, and picks the cheapest
+sequence of steps through the output (dynamic programming over positions):
+a plain step costs the measured one-row forward, a verify of ``k`` of those
+tokens the measured forward of ``1 + k`` rows plus the graph rebuild that the
+step after a verify pays. The Python of the loop is left out. No policy that
+drafts from the same matches can beat it on this model, this machine and these
+prompts, so a measured speedup well below the ceiling is the policy's to gain,
+and a ceiling near 1 says the model copies too little or rows cost too much.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from mtpcode.costs import interpolate
+from mtpcode.drafting import ContextDrafter
+
+
+def _accepted(draft: Sequence[int], actual: Sequence[int]) -> int:
+    n = 0
+    for d, a in zip(draft, actual):
+        if d != a:
+            break
+        n += 1
+    return n
+
+
+def context_ceiling(prompt: Sequence[int], suffix: Sequence[int], tokens: Sequence[int],
+                    verify_s: Mapping[int, float], rebuild_s: float = 0.0) -> dict[str, float]:
+    """The oracle's speedup over plain decoding for one prompt's greedy ``tokens``.
+
+    ``verify_s`` maps row counts (1 and up; others interpolated, the last segment
+    continued) to forward seconds. Returns the speedup, the share of tokens the
+    oracle takes from the context, and its tokens per forward."""
+    steps = len(tokens) - 1  # after the first token, one plain forward per token
+    if steps <= 0:
+        return {"speedup": 1.0, "copied": 0.0, "tokens_per_forward": 1.0}
+    # what the drafter proposes after each token: its index is the same however the text was committed
+    drafter = ContextDrafter()
+    drafter.begin(prompt, suffix)
+    accept = []
+    for i in range(steps):
+        match = drafter.draft(tokens[i])
+        accept.append(_accepted(match.tokens, tokens[i + 1:]) if match is not None else 0)
+        drafter.accept(tokens[i: i + 1])
+    one = verify_s[1]
+    verify = [0.0] + [interpolate(verify_s, k + 1) + rebuild_s for k in range(1, max(accept) + 1)]
+    # cost[i]: the cheapest way from token i to the end; how[i]: the drafts of its first step
+    cost = [0.0] * (steps + 2)  # (a verify that drafts up to the last token ends one past it)
+    how = [0] * (steps + 2)
+    for i in range(steps - 1, -1, -1):
+        cost[i], how[i] = one + cost[i + 1], 0
+        for k in range(1, accept[i] + 1):
+            c = verify[k] + cost[i + 1 + k]
+            if c < cost[i]:
+                cost[i], how[i] = c, k
+    i, forwards, copied = 0, 0, 0
+    while i < steps:
+        copied += how[i]
+        i += 1 + how[i]
+        forwards += 1
+    return {"speedup": round(steps * one / cost[0], 4), "copied": round(copied / steps, 4),
+            "tokens_per_forward": round(steps / forwards, 4)}
+
+
+def ceiling_summary(per_prompt: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Median speedup and copied share over prompts."""
+    from mtpcode.bench.measure import median
+
+    return {"median_speedup": round(median([p["speedup"] for p in per_prompt]), 4),
+            "min_speedup": round(min(p["speedup"] for p in per_prompt), 4),
+            "max_speedup": round(max(p["speedup"] for p in per_prompt), 4),
+            "median_copied": round(median([p["copied"] for p in per_prompt]), 4)}
