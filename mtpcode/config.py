@@ -68,7 +68,7 @@ class Settings:
     adaptive: bool = True
     context_draft: bool = True  # draft from the context (prompt, suffix, output) too, when heads draft
     # llama.cpp threads: ``threads`` for one-row forwards (steps; None: 1 under 50M parameters, else every
-    # core), ``threads_batch`` for several rows (prefill, verify; None: threads if set, else every core)
+    # core), ``threads_batch`` for several rows (prefill, verify; None: as many as ``threads``)
     threads: int | None = None
     threads_batch: int | None = None
     gpu_layers: int = 0

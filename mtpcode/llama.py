@@ -295,17 +295,6 @@ def default_threads(n_params: int | None = None) -> int:
     return physical_cores()
 
 
-def default_threads_batch(n_threads: int | None = None) -> int:
-    """Threads for forwards of several rows (prompt prefill, verification) when the caller gives none.
-
-    ``n_threads`` given by the user: the same (llama.cpp's rule for ``-tb``).
-    Else one per physical core, whatever the model's size: a verify of b rows
-    does b rows of work per weight read, which threads share well even for a
-    small model (docs/runtime.md, *Threads*).
-    """
-    return n_threads if n_threads else physical_cores()
-
-
 # ---------------------------------------------------------------------------
 # native handles
 

@@ -56,7 +56,6 @@ from mtpcode.llama import (
     Model,
     TrunkCapture,
     default_threads,
-    default_threads_batch,
     repack_pattern,
     use_extra_bufts,
 )
@@ -122,8 +121,8 @@ class Engine:
 
     ``n_threads`` computes one-row forwards (decoding steps, head drafts),
     ``n_threads_batch`` forwards of several rows (prefill, verification);
-    None: :func:`~mtpcode.llama.default_threads` and
-    :func:`~mtpcode.llama.default_threads_batch`.
+    None: :func:`~mtpcode.llama.default_threads`, and the same for both
+    (llama.cpp's rule for ``-t`` and ``-tb``; docs/runtime.md, *Threads*).
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, n_ctx: int = 4096, n_batch: int = 512,
@@ -158,8 +157,7 @@ class Engine:
                 self._head_models.append(model)
                 self._check_head(k, model)
             threads = n_threads if n_threads and n_threads > 0 else default_threads(self._main_model.n_params)
-            threads_batch = (n_threads_batch if n_threads_batch and n_threads_batch > 0
-                             else default_threads_batch(n_threads))
+            threads_batch = n_threads_batch if n_threads_batch and n_threads_batch > 0 else threads
             n_embd = self._main_model.n_embd
             self._trunk = np.zeros((n_ctx, n_embd), dtype=np.float32)
             self._capture = TrunkCapture(self.manifest.trunk_tensor, self._trunk)

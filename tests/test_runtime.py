@@ -404,20 +404,18 @@ def test_default_threads_count_physical_cores(tmp_path) -> None:
 
 
 def test_steps_and_batches_get_their_own_thread_counts(tiny_bundle) -> None:
-    """One-row steps on ``n_threads``, prefill and verification on ``n_threads_batch``: by default
-    a small model steps on one thread and verifies on every core; ``--threads`` alone sets both
-    (llama.cpp's rule for -t/-tb). The counts reach the llama.cpp contexts, heads included."""
+    """One-row steps on ``n_threads``, prefill and verification on ``n_threads_batch``; by default
+    both are the step's count (one thread for a small model), as llama.cpp's -tb follows -t. The
+    counts reach the llama.cpp contexts, heads included."""
     import llama_cpp
-
-    from mtpcode.llama import physical_cores
 
     def counts(engine: Engine) -> set[tuple[int, int]]:
         ctxs = [engine._main, *engine._heads]
         return {(llama_cpp.llama_n_threads(c.ptr), llama_cpp.llama_n_threads_batch(c.ptr)) for c in ctxs}
 
     with Engine(tiny_bundle, n_ctx=64) as e:
-        assert (e.n_threads, e.n_threads_batch) == (1, physical_cores())
-        assert counts(e) == {(1, physical_cores())}
+        assert (e.n_threads, e.n_threads_batch) == (1, 1)
+        assert counts(e) == {(1, 1)}
     with Engine(tiny_bundle, n_ctx=64, n_threads=3) as e:
         assert counts(e) == {(3, 3)}
     with Engine(tiny_bundle, n_ctx=64, n_threads=1, n_threads_batch=2) as e:

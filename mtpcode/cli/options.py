@@ -47,8 +47,7 @@ def runtime_options(f: F) -> F:
                      help="CPU threads for one-token steps (default: every core, 1 for models under 50M "
                           "parameters)."),
         click.option("--threads-batch", type=int,
-                     help="CPU threads for the prompt and for verifying drafts (default: --threads if given, "
-                          "else every core)."),
+                     help="CPU threads for the prompt and for verifying drafts (default: as --threads)."),
         click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all; default 0)."),
         click.option("--ctx", type=int, help="Context size in tokens [default: 4096]."),
     )
