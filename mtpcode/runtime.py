@@ -51,14 +51,7 @@ from mtpcode.drafting import CONTEXT, HEADS, ContextDrafter, DraftPolicy, HeadDr
 from mtpcode.errors import ContextOverflowError, DataError, ModelError, MtpError, OutputError, UsageError
 from mtpcode.files import atomic_write_text
 from mtpcode.generation import Done, GenerationOptions, Piece, Stats, StopCondition, StopStrings
-from mtpcode.llama import (
-    Context,
-    Model,
-    TrunkCapture,
-    default_threads,
-    repack_pattern,
-    use_extra_bufts,
-)
+from mtpcode.llama import Context, Model, TrunkCapture, default_threads, repack_pattern, use_extra_bufts
 
 log = logging.getLogger("mtpcode.runtime")
 _perf = time.perf_counter
@@ -122,7 +115,8 @@ class Engine:
     ``n_threads`` computes one-row forwards (decoding steps, head drafts),
     ``n_threads_batch`` forwards of several rows (prefill, verification);
     None: :func:`~mtpcode.llama.default_threads`, and the same for both
-    (llama.cpp's rule for ``-t`` and ``-tb``; docs/runtime.md, *Threads*).
+    (llama.cpp's rule for ``-t`` and ``-tb``; docs/runtime.md, *Threads for
+    verification*).
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, n_ctx: int = 4096, n_batch: int = 512,

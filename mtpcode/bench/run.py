@@ -808,7 +808,9 @@ def format_table(doc: dict[str, Any]) -> str:
     cond = doc["conditions"]
     bar_key = bar_estimator(cond)
     clock = "CPU-time" if bar_key == "speedup_cpu" else "wall-clock"
-    lines.append(f"model {cond['model']} ({cond['quantization']}, {cond['n_heads']} heads), {cond['threads']} threads, "
+    batch = cond.get("threads_batch", cond["threads"])
+    threads = f"{cond['threads']} threads" + (f" ({batch} for batches)" if batch != cond["threads"] else "")
+    lines.append(f"model {cond['model']} ({cond['quantization']}, {cond['n_heads']} heads), {threads}, "
                  f"{cond['max_tokens']} tokens x {len(doc['prompts'])} prompts x {cond['repeat']} repeats, "
                  f"adaptive={'on' if cond['adaptive'] else 'off'}, flash attention "
                  f"{'on' if cond['flash_attn'] else 'off'}")
