@@ -3,10 +3,12 @@
 An oracle replays :class:`~mtpcode.drafting.ContextDrafter` over the plain
 (greedy) output of each prompt, knowing at every token how many of the
 drafter's tokens the main model would accept there, and picks the cheapest
-sequence of steps through the output (dynamic programming over positions):
-a plain step costs the measured one-row forward, a verify of ``k`` of those
-tokens the measured forward of ``1 + k`` rows plus the graph rebuild that the
-step after a verify pays. The Python of the loop is left out. No policy that
+sequence of steps through the output (dynamic programming over positions and
+the shape of the last forward): a plain step costs the measured one-row
+forward, a verify of ``k`` of those tokens the measured forward of ``1 + k``
+rows, and any forward whose row count differs from the one before it the graph
+rebuild (llama.cpp reuses its graph only for the same shape). The Python of
+the loop is left out. No policy that
 drafts from the same matches can beat it on this model, this machine and these
 prompts, so a measured speedup well below the ceiling is the policy's to gain,
 and a ceiling near 1 says the model copies too little or rows cost too much.
@@ -49,22 +51,31 @@ def context_ceiling(prompt: Sequence[int], suffix: Sequence[int], tokens: Sequen
         accept.append(_accepted(match.tokens, tokens[i + 1:]) if match is not None else 0)
         drafter.accept(tokens[i: i + 1])
     one = verify_s[1]
-    verify = [0.0] + [interpolate(verify_s, k + 1) + rebuild_s for k in range(1, max(accept) + 1)]
-    # cost[i]: the cheapest way from token i to the end; how[i]: the drafts of its first step
-    cost = [0.0] * (steps + 2)  # (a verify that drafts up to the last token ends one past it)
-    how = [0] * (steps + 2)
+    top = max(accept) + 1  # the most rows a forward can have
+    forward = [0.0] + [interpolate(verify_s, rows) for rows in range(1, top + 1)]
+    # cost[i][p]: the cheapest way from token i to the end when the last forward had p rows (a
+    # forward of another shape rebuilds the graph first); how[i][p]: the drafts of its first step
+    end = steps + 2  # (a verify that drafts up to the last token ends one past it)
+    inf = float("inf")
+    cost = [[0.0] * (top + 1) for _ in range(end)]
+    how = [[0] * (top + 1) for _ in range(end)]
     for i in range(steps - 1, -1, -1):
-        cost[i], how[i] = one + cost[i + 1], 0
-        for k in range(1, accept[i] + 1):
-            c = verify[k] + cost[i + 1 + k]
-            if c < cost[i]:
-                cost[i], how[i] = c, k
-    i, forwards, copied = 0, 0, 0
+        row, choice = cost[i], how[i]
+        for p in range(1, top + 1):
+            best, best_k = inf, 0
+            for k in range(0, accept[i] + 1):
+                rows = k + 1
+                c = forward[rows] + (rebuild_s if rows != p else 0.0) + cost[i + 1 + k][rows]
+                if c < best:
+                    best, best_k = c, k
+            row[p], choice[p] = best, best_k
+    i, p, forwards, copied = 0, 1, 0, 0
     while i < steps:
-        copied += how[i]
-        i += 1 + how[i]
+        k = how[i][p]
+        copied += k
+        i, p = i + 1 + k, k + 1
         forwards += 1
-    return {"speedup": round(steps * one / cost[0], 4), "copied": round(copied / steps, 4),
+    return {"speedup": round(steps * one / cost[0][1], 4), "copied": round(copied / steps, 4),
             "tokens_per_forward": round(steps / forwards, 4)}
 
 
