@@ -1021,4 +1021,8 @@ def _main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    try:
+        sys.exit(_main(sys.argv[1:]))
+    except MtpError as exc:  # one line, as the mtpcode commands print it
+        print(f"python -m mtpcode.bench.synthetic: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
