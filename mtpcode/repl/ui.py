@@ -21,6 +21,7 @@ import dataclasses
 import os
 import queue
 import re
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -544,7 +545,7 @@ class Repl:
         shown: list[str] = []
         done: Done | None = None
         try:
-            with _typeahead_kept(self.session.input):
+            with _typeahead_kept(self.session.input), _sigint_sets(cancel):
                 while done is None:
                     try:
                         event = events.get(timeout=0.1)
@@ -565,6 +566,26 @@ class Repl:
         if cancel.is_set() and done.stop_reason != "interrupted":
             done = dataclasses.replace(done, stop_reason="interrupted")
         return done, "".join(shown)
+
+
+@contextlib.contextmanager
+def _sigint_sets(cancel: threading.Event) -> Iterator[None]:
+    """While a completion streams, Ctrl-C (SIGINT) sets ``cancel`` instead of raising
+    KeyboardInterrupt, which could land outside the loop's handler (at its ``while``
+    test, between two statements) and leave the completion without its stats line.
+    Only the main thread can install a handler; elsewhere KeyboardInterrupt stays."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(signum: int, frame: object) -> None:
+        cancel.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
