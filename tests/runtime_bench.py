@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mtpcode.bench.measure import common_prefix
+
 PROMPTS = [
     "def main():\n    ",
     "import os\nimport sys\n",
@@ -100,15 +102,6 @@ def python_time(*bundles: str) -> None:
                       f"Python {py:.3f} ms/forward ({py / total:.0%})")
 
 
-def _prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def agreement(*bundles: str) -> None:
     """Tokens before the first divergence, speculative (all heads) vs plain, cold engines, 64 tokens/prompt."""
     from mtpcode.generation import Done, GenerationOptions
@@ -124,7 +117,7 @@ def agreement(*bundles: str) -> None:
         points = []
         for prompt in PROMPTS:
             plain, spec = gen(bundle, prompt, 0), gen(bundle, prompt, 3)
-            n = _prefix(plain, spec)
+            n = common_prefix(plain, spec)
             agreed += n
             total += len(plain)
             points.append(str(n) if n < len(plain) else "-")

@@ -19,17 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mtpcode.bench.measure import common_prefix, median
 from mtpcode.costs import interpolate
 from mtpcode.drafting import ContextDrafter
-
-
-def _accepted(draft: Sequence[int], actual: Sequence[int]) -> int:
-    n = 0
-    for d, a in zip(draft, actual):
-        if d != a:
-            break
-        n += 1
-    return n
 
 
 def context_ceiling(prompt: Sequence[int], suffix: Sequence[int], tokens: Sequence[int],
@@ -48,7 +40,7 @@ def context_ceiling(prompt: Sequence[int], suffix: Sequence[int], tokens: Sequen
     accept = []
     for i in range(steps):
         match = drafter.draft(tokens[i])
-        accept.append(_accepted(match.tokens, tokens[i + 1:]) if match is not None else 0)
+        accept.append(common_prefix(match.tokens, tokens[i + 1:]) if match is not None else 0)
         drafter.accept(tokens[i: i + 1])
     one = verify_s[1]
     top = max(accept) + 1  # the most rows a forward can have
@@ -81,8 +73,6 @@ def context_ceiling(prompt: Sequence[int], suffix: Sequence[int], tokens: Sequen
 
 def ceiling_summary(per_prompt: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Median speedup and copied share over prompts."""
-    from mtpcode.bench.measure import median
-
     return {"median_speedup": round(median([p["speedup"] for p in per_prompt]), 4),
             "min_speedup": round(min(p["speedup"] for p in per_prompt), 4),
             "max_speedup": round(max(p["speedup"] for p in per_prompt), 4),

@@ -1,5 +1,5 @@
-"""Measurement helpers shared by the benchmarks: the median of a sample, the process's memory marks and
-the CPU's name."""
+"""Measurement helpers shared by the benchmarks: the median of a sample, how long two token
+sequences agree, the process's memory marks and the CPU's name."""
 
 from __future__ import annotations
 
@@ -13,6 +13,17 @@ import numpy as np
 def median(xs: Sequence[float]) -> float:
     """Median of ``xs`` as a float; 0.0 for an empty sample (a configuration that produced no runs)."""
     return float(np.median(np.asarray(xs, dtype=np.float64))) if len(xs) else 0.0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from their start (the index of the first difference,
+    or the shorter length when one is a prefix of the other)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _status_kb(key: str) -> float | None:

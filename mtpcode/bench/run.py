@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from mtpcode.bench.measure import cpu_name, median, peak_rss_mb, reset_peak_rss, rss_mb
+from mtpcode.bench.measure import common_prefix, cpu_name, median, peak_rss_mb, reset_peak_rss, rss_mb
 from mtpcode.drafting import ContextDrafter
 from mtpcode.errors import DataError, NoInputError, UsageError
 from mtpcode.files import atomic_write_text
@@ -709,8 +709,7 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
         for config in configs:
             for run in by[(pi, config.key)]:
                 if run.tokens != ref:
-                    first = next((i for i, (a, b) in enumerate(zip(run.tokens, ref)) if a != b),
-                                 min(len(run.tokens), len(ref)))
+                    first = common_prefix(run.tokens, ref)
                     mismatches.append({"prompt": prompts[pi].name, "prompt_index": pi, "config": config.key,
                                        "repeat": run.repeat, "first_difference_at": first,
                                        "tokens": len(run.tokens), "reference_tokens": len(ref),
