@@ -408,7 +408,7 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
         capture_diffs: list[float] = []
         head_times: list[float] = []
         rebuilds: list[float] = []
-        last_rows = {id(ctx): 0}
+        ctx_rows = [0]  # the row count of ctx's last forward
 
         # llama.cpp rebuilds its compute graph when the batch shape changes and reuses
         # it otherwise; decoding keeps one shape for many steps, so each timed forward
@@ -424,9 +424,10 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
                 c.decode(b, prefix, last_logits_only=False)
                 times.append(time.perf_counter() - t)
                 c.trim(prefix)
-            if b == 1 and last_rows.get(id(c), 1) > 1:
-                rebuilds.append(times[0] - times[1])
-            last_rows[id(c)] = b
+            if c is ctx:
+                if b == 1 and ctx_rows[0] > 1:
+                    rebuilds.append(times[0] - times[1])
+                ctx_rows[0] = b
             return times[1]
 
         def head_forward(hc: Context) -> float:
