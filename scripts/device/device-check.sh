@@ -153,7 +153,7 @@ run_tests() {
     local select="greedy or exact or fewer_heads or accepting"
     [ "$DRY" = 1 ] && select="greedy_speculative_equals_plain and F32-True"
     # from /tmp, so that the installed mtpcode (with its C capture) is imported, not the source tree
-    (cd /tmp && MTPCODE_TEST_GPU_LAYERS="$GPU_LAYERS" "$PY" -m pytest "$ROOT/tests/test_runtime.py" \
+    (cd /tmp && MTPCODE_TEST_GPU_LAYERS="$GPU_LAYERS" "$PY" -m pytest "$ROOT/tests/integration/test_runtime.py" \
         -p no:cacheprovider -q -rfE -k "$select")
 }
 export -f run_tests

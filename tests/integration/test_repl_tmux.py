@@ -2,7 +2,7 @@
 send-keys, read back with capture-pane.
 
 Skipped when tmux is not installed (`apt-get install -y tmux`). Run alone with
-``pytest tests/test_repl_tmux.py -q``.
+``pytest tests/integration/test_repl_tmux.py -q``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from mtpcode.repl.ui import visible
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install -y tmux)")
 
 WIDTH, HEIGHT = 120, 40
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 class Tmux:

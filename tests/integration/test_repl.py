@@ -146,7 +146,7 @@ def test_visible_neutralises_terminal_controls():
 def test_not_a_terminal_says_so_and_exits_2(tiny_bundle):
     proc = subprocess.run(
         [sys.executable, "-m", "mtpcode", "repl", "--model", str(tiny_bundle)],
-        input="", capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parent.parent,
+        input="", capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
     )
     assert proc.returncode == 2
     assert proc.stdout == ""

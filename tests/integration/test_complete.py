@@ -19,7 +19,7 @@ from mtpcode.cli import main
 from mtpcode.generation import Done, GenerationOptions
 from mtpcode.stops import BlockEnd, LineLimit, SuffixReached, apply_stops
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # Prompts without a trailing newline; the `structured` fixture picks the first
 # whose greedy continuation has a non-blank line, a newline, then a line that

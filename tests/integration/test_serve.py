@@ -20,7 +20,7 @@ from runtime_helpers import greedy_done
 
 from mtpcode.stops import code_stops
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TIMEOUT = 120
 
 
