@@ -8,7 +8,8 @@ Front ends only consume this stream.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -194,3 +195,25 @@ class Done:
 
 
 Event = Piece | Done
+
+
+class CompletionEngine(Protocol):
+    """What the front ends (``complete``, the servers, the REPL, the bench) need of an engine.
+
+    :class:`mtpcode.runtime.Engine` implements it; mypy checks every front end against
+    this contract, not against the Engine's internals.
+    """
+
+    n_ctx: int
+    n_heads: int
+    n_vocab: int
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]: ...
+
+    def detokenize(self, ids: Sequence[int]) -> str: ...
+
+    def generate(self, prompt: str | Sequence[int], options: GenerationOptions | None = None,
+                 stops: Sequence[StopCondition] = (), cancel: threading.Event | None = None
+                 ) -> Iterator[Piece | Done]: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""The drafting policy: what each step drafts, from estimates of acceptance and of cost."""
