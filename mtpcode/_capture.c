@@ -32,6 +32,7 @@ struct mtp_capture {
     int64_t rows_seen;  /* rows of the last wanted tensor (for error messages) */
     int32_t error;      /* MTP_CAPTURE_* */
     char name[64];      /* the wanted tensor, NUL-terminated */
+    int32_t active;     /* 0: want nothing (the forward then runs as one graph compute) */
 };
 
 enum { MTP_CAPTURE_OK = 0, MTP_CAPTURE_BAD_TENSOR = 1, MTP_CAPTURE_OVERFLOW = 2 };
@@ -39,6 +40,8 @@ enum { MTP_CAPTURE_OK = 0, MTP_CAPTURE_BAD_TENSOR = 1, MTP_CAPTURE_OVERFLOW = 2 
 static bool mtp_capture_eval(void *tensor, bool ask, void *user_data)
 {
     struct mtp_capture *c = (struct mtp_capture *)user_data;
+    if (!c->active)
+        return false;
     const char *name = c->get_name(tensor);
     if (name == NULL || strcmp(name, c->name) != 0)
         return false;

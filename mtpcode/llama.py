@@ -406,45 +406,77 @@ class Model(_Handle):
 # batch
 
 
-class Batch(_Handle):
-    """A ``llama_batch`` allocated once, with numpy views over its arrays.
+class Batch:
+    """A ``llama_batch`` over numpy arrays this object owns, filled one segment at a time.
 
-    ``n_embd == 0``: a token batch (``tokens``); otherwise an embedding batch
-    (``embd``, shape (capacity, n_embd)). One sequence (id 0) throughout.
+    ``n_embd == 0``: a batch of token ids (``token_ids``); otherwise of
+    embeddings (``embeddings``, shape (capacity, n_embd)). Every row belongs to
+    one sequence (``seq_ids``). A segment is a run of rows of one sequence at
+    consecutive positions (:meth:`add`); the caller fills its tokens or
+    embeddings. Nothing here is allocated by llama.cpp, so nothing needs freeing:
+    the struct only points into the arrays, which live as long as this object.
     """
 
     def __init__(self, capacity: int, n_embd: int = 0) -> None:
         self.capacity = int(capacity)
         self.n_embd = int(n_embd)
-        self._batch = llama_cpp.llama_batch_init(self.capacity, self.n_embd, 1)
-        b = self._batch
-        if (not b.pos or not b.logits or not b.seq_id or (self.n_embd and not b.embd)
-                or (not self.n_embd and not b.token)):
-            raise MtpError(f"llama_batch_init({self.capacity}, {self.n_embd}, 1) failed (out of memory?)")
-        self.pos = np.ctypeslib.as_array(b.pos, shape=(self.capacity,))
-        self.logits = np.ctypeslib.as_array(b.logits, shape=(self.capacity,))
-        n_seq = np.ctypeslib.as_array(b.n_seq_id, shape=(self.capacity,))
-        n_seq[:] = 1
-        for i in range(self.capacity):
-            b.seq_id[i][0] = 0
-        self._arange = np.arange(self.capacity, dtype=np.int32)
-        self.tokens = None if self.n_embd else np.ctypeslib.as_array(b.token, shape=(self.capacity,))
-        self.embd = np.ctypeslib.as_array(b.embd, shape=(self.capacity, self.n_embd)) if self.n_embd else None
+        cap = self.capacity
+        self.tokens = None if self.n_embd else np.zeros(cap, dtype=np.int32)
+        self.embd = np.zeros((cap, self.n_embd), dtype=np.float32) if self.n_embd else None
+        self.pos = np.zeros(cap, dtype=np.int32)
+        self.seq_ids = np.zeros(cap, dtype=np.int32)
+        self.logits = np.zeros(cap, dtype=np.int8)
+        self._n_seq_id = np.ones(cap, dtype=np.int32)
+        seq_base = self.seq_ids.ctypes.data
+        seq_type = ctypes.POINTER(llama_cpp.llama_seq_id)
+        self._seq_ptrs = (seq_type * cap)(*(ctypes.cast(seq_base + 4 * i, seq_type) for i in range(cap)))
+        self._arange = np.arange(cap, dtype=np.int32)
+        self._batch = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=(self.tokens.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
+                   if self.tokens is not None else None),
+            embd=self.embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if self.embd is not None else None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos)),
+            n_seq_id=self._n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=self._seq_ptrs,
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+        self.n = 0  # rows filled
+        self.n_outputs = 0  # rows with logits
+
+    def clear(self) -> None:
+        self.n = self.n_outputs = 0
+
+    def add(self, seq_id: int, start_pos: int, n: int, logits: int) -> int:
+        """Add a segment of ``n`` rows of sequence ``seq_id`` at positions start_pos..; returns its first row.
+
+        ``logits``: 0 for none, 1 for the last row's, 2 for every row's (a verify).
+        """
+        i = self.n
+        if i + n > self.capacity:
+            raise MtpError(f"internal: batch of {i + n} rows exceeds capacity {self.capacity}")
+        end = i + n
+        np.add(self._arange[:n], start_pos, out=self.pos[i:end])
+        self.seq_ids[i:end] = seq_id
+        if logits == 2:
+            self.logits[i:end] = 1
+            self.n_outputs += n
+        else:
+            self.logits[i:end] = 0
+            if logits == 1 and n:
+                self.logits[end - 1] = 1
+                self.n_outputs += 1
+        self.n = end
+        return i
 
     def set(self, start_pos: int, n: int, last_logits_only: bool) -> None:
-        """Positions start_pos.. for ``n`` rows; logits for all rows or only the last."""
-        if n > self.capacity:
-            raise MtpError(f"internal: batch of {n} rows exceeds capacity {self.capacity}")
-        np.add(self._arange[:n], start_pos, out=self.pos[:n])
-        if last_logits_only:
-            self.logits[:n] = 0
-            self.logits[n - 1] = 1
-        else:
-            self.logits[:n] = 1
-        self._batch.n_tokens = n
+        """A batch of one segment of sequence 0: positions start_pos.. for ``n`` rows."""
+        self.clear()
+        self.add(0, start_pos, n, 1 if last_logits_only else 2)
 
     @property
     def struct(self) -> llama_cpp.llama_batch:
+        self._batch.n_tokens = self.n
         return self._batch
 
     @property
@@ -460,13 +492,6 @@ class Batch(_Handle):
         if self.embd is None:
             raise MtpError("internal: this batch is fed token ids, not embeddings")
         return self.embd
-
-    def close(self) -> None:
-        if getattr(self, "_batch", None) is not None:
-            # released with the batch: a use after close is a bug, and fails on None
-            self.pos = self.logits = self.tokens = self.embd = None  # type: ignore[assignment]
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
 
 
 # ---------------------------------------------------------------------------
@@ -501,6 +526,7 @@ class _NativeCapture(ctypes.Structure):
         ("rows_seen", ctypes.c_int64),
         ("error", ctypes.c_int32),
         ("name", ctypes.c_char * 64),
+        ("active", ctypes.c_int32),
     ]
 
 
@@ -534,6 +560,7 @@ class TrunkCapture:
         self.row_bytes = out.shape[1] * 4
         self.capacity = out.shape[0]
         self.pending: BaseException | None = None
+        self.write_start = 0
         if self.native:
             base = _ggml_base()
             want = tensor_name.encode()
@@ -543,13 +570,14 @@ class TrunkCapture:
                 get_name=_c_address(base.ggml_get_name), nrows=_c_address(base.ggml_nrows),
                 nbytes=_c_address(base.ggml_nbytes), element_size=_c_address(base.ggml_element_size),
                 tensor_get=_c_address(base.ggml_backend_tensor_get), dst=out.ctypes.data,
-                row_bytes=self.row_bytes, capacity=self.capacity, name=want)
+                row_bytes=self.row_bytes, capacity=self.capacity, name=want, active=1)
             self.callback = llama_cpp.ggml_backend_sched_eval_callback(_native_capture.callback_address)
             self.user_data: int | None = ctypes.addressof(self._state)
         else:
             self._want = tensor_name.encode() + b"\0"
             self._want_len = len(self._want)
             self._py_pos = 0
+            self._py_active = True
             self._py_error: str | None = None
             self._base = out.ctypes.data
             self._get = _ggml_base().ggml_backend_tensor_get
@@ -559,6 +587,31 @@ class TrunkCapture:
     @property
     def write_pos(self) -> int:
         return int(self._state.write_pos) if self.native else self._py_pos
+
+    @property
+    def active(self) -> bool:
+        """Whether forwards capture: off, the callback wants no node and llama.cpp computes
+        each forward as one graph (decoding without drafts needs no trunk rows)."""
+        return bool(self._state.active) if self.native else self._py_active
+
+    @active.setter
+    def active(self, on: bool) -> None:
+        if self.native:
+            self._state.active = int(on)
+        else:
+            self._py_active = bool(on)
+
+    def retarget(self, out: np.ndarray) -> None:
+        """Write the next forwards' rows into ``out`` (same row width, C-contiguous float32)."""
+        if out.dtype != np.float32 or not out.flags.c_contiguous or out.ndim != 2 or out.shape[1] * 4 != self.row_bytes:
+            raise MtpError("internal: trunk buffer must be a 2-D C-contiguous float32 array of the same width")
+        self.out = out
+        self.capacity = out.shape[0]
+        if self.native:
+            self._state.dst = out.ctypes.data
+            self._state.capacity = self.capacity
+        else:
+            self._base = out.ctypes.data
 
     @property
     def error(self) -> str | None:
@@ -573,7 +626,9 @@ class TrunkCapture:
         return None
 
     def reset(self, write_pos: int) -> None:
+        """The next forward writes its rows from row ``write_pos`` of the target on."""
         self.pending = None
+        self.write_start = write_pos
         if self.native:
             self._state.write_pos = write_pos
             self._state.error = 0
@@ -584,7 +639,7 @@ class TrunkCapture:
     def _on_eval(self, tensor: int, ask: bool, user_data: int) -> bool:
         # Called for every node of every graph: keep the common path to one C call.
         try:
-            if _string_at(tensor + _NAME_OFFSET, self._want_len) != self._want:
+            if not self._py_active or _string_at(tensor + _NAME_OFFSET, self._want_len) != self._want:
                 return False  # not ours (only wanted nodes are ever called with ask=False)
             return True if ask else self._copy(tensor)
         except BaseException as exc:
@@ -657,18 +712,22 @@ class Context(_Handle):
 
     ``capture`` (main context only) installs the trunk eval callback.
     ``n_threads`` computes one-row forwards, ``n_threads_batch`` (default: the
-    same) larger ones.
+    same) larger ones. ``n_seq`` sequences share the context's ``n_ctx`` KV
+    cells in one unified cache, so that a batch may mix rows of any sequences
+    in any numbers (with a cache per sequence, llama.cpp splits such a batch
+    into several forwards of equal rows per sequence).
     """
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int, n_threads: int, embd_input: bool = False,
                  capture: TrunkCapture | None = None, flash_attn: bool = False,
-                 n_threads_batch: int | None = None) -> None:
+                 n_threads_batch: int | None = None, n_seq: int = 1) -> None:
         self.model = model
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = int(n_ctx)
         params.n_batch = int(n_batch)
         params.n_ubatch = int(n_batch)
-        params.n_seq_max = 1
+        params.n_seq_max = int(n_seq)
+        params.kv_unified = n_seq > 1
         params.n_threads = int(n_threads)
         # llama.cpp runs a one-row batch on n_threads and any larger one on n_threads_batch
         params.n_threads_batch = int(n_threads_batch or n_threads)
@@ -690,9 +749,11 @@ class Context(_Handle):
         self._ptr = ptr
         self._params = params  # keeps the callback pointer the context was made with alive
         self.n_ctx = int(llama_cpp.llama_n_ctx(ptr))
+        self.n_seq = int(n_seq)
         self.n_vocab = model.n_vocab
         self._mem = llama_cpp.llama_get_memory(ptr)
         self.batch = Batch(n_batch, model.n_embd if embd_input else 0)
+        self.serial = 0  # forwards run: logits read after a forward are valid while it is unchanged
         self._logits_addr = 0
         self._logits_view: np.ndarray | None = None
 
@@ -703,31 +764,46 @@ class Context(_Handle):
         return self._ptr
 
     def decode(self, n: int, start_pos: int, *, last_logits_only: bool) -> None:
-        """Run the first ``n`` rows of ``self.batch`` (already filled) at positions start_pos.."""
+        """Run the first ``n`` rows of ``self.batch`` (tokens or embeddings already filled) as
+        sequence 0 at positions start_pos.."""
         self.batch.set(start_pos, n, last_logits_only)
+        if self.capture is not None:
+            self.capture.reset(start_pos)
+        self.forward()
+
+    def forward(self) -> None:
+        """Run the segments ``self.batch`` holds (:meth:`Batch.add`) in one llama_decode.
+
+        With an active capture, the batch's trunk rows are written in batch order
+        from the row that ``capture.reset`` set before the call (:meth:`decode`
+        sets it to ``start_pos``).
+        """
+        batch = self.batch
+        n = batch.n
         capture = self.capture
-        if capture is not None:
-            capture.reset(start_pos)
-        if capture is not None and not capture.native:  # Python code runs inside llama_decode
+        self.serial += 1
+        if capture is not None and not capture.native and capture.active:  # Python code runs inside llama_decode
             with self._defer_sigint:
-                rc = llama_cpp.llama_decode(self.ptr, self.batch.struct)
+                rc = llama_cpp.llama_decode(self.ptr, batch.struct)
             capture.raise_pending()
         else:
-            rc = llama_cpp.llama_decode(self.ptr, self.batch.struct)
+            rc = llama_cpp.llama_decode(self.ptr, batch.struct)
         if rc == 0 and self.model.n_gpu_layers:
             # an offloaded decode returns before the device finishes: wait, so that every caller's
             # clock (the policy's costs, the bench) sees the forward, as on a CPU
             llama_cpp.llama_synchronize(self.ptr)
         if rc != 0:
             what = {1: "no free KV slot (context full)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
-            raise MtpError(f"llama_decode on {self.model.path.name} failed: {what} (rc={rc}, {n} rows at {start_pos})")
-        if self.capture is not None:
-            if self.capture.error:
-                raise MtpError(f"{self.model.path.name}: {self.capture.error}")
-            if self.capture.write_pos != start_pos + n:
+            raise MtpError(f"llama_decode on {self.model.path.name} failed: {what} (rc={rc}, {n} rows at "
+                           f"{int(batch.pos[0]) if n else 0})")
+        if capture is not None and capture.active:
+            start = capture.write_start
+            if capture.error:
+                raise MtpError(f"{self.model.path.name}: {capture.error}")
+            if capture.write_pos != start + n:
                 raise MtpError(
-                    f"{self.model.path.name}: captured {self.capture.write_pos - start_pos} trunk rows of "
-                    f"{self.capture.name} for a batch of {n}: this main.gguf does not have that tensor"
+                    f"{self.model.path.name}: captured {capture.write_pos - start} trunk rows of "
+                    f"{capture.name} for a batch of {n}: this main.gguf does not have that tensor"
                 )
 
     def logits(self, n_rows: int) -> np.ndarray:
@@ -742,14 +818,13 @@ class Context(_Handle):
             self._logits_addr, self._logits_view = addr, view
         return view[:n_rows]
 
-    def trim(self, n_keep: int) -> None:
-        """Drop every KV position >= n_keep (llama_memory_seq_rm)."""
-        if not llama_cpp.llama_memory_seq_rm(self._mem, 0, int(n_keep), -1):
-            raise MtpError(f"llama_memory_seq_rm({n_keep}, -1) on {self.model.path.name} failed")
+    def trim(self, n_keep: int, seq_id: int = 0) -> None:
+        """Drop every KV position >= n_keep of sequence ``seq_id`` (llama_memory_seq_rm)."""
+        if not llama_cpp.llama_memory_seq_rm(self._mem, int(seq_id), int(n_keep), -1):
+            raise MtpError(f"llama_memory_seq_rm({seq_id}, {n_keep}, -1) on {self.model.path.name} failed")
 
     def close(self) -> None:
         if getattr(self, "batch", None) is not None:
-            self.batch.close()
             self.batch = None  # type: ignore[assignment]  # closed: a use after close is a bug
         if getattr(self, "_ptr", None) is not None:
             self._logits_view = None
