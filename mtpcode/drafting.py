@@ -506,7 +506,7 @@ class DraftPolicy:
         """The prior relative cost of 1..max_draft+1 rows at the current context length (index = rows)."""
         key = (self.n_cached // 256, self.flash_attn)
         if self._prior_key != key:
-            from mtpcode.costs import verify_cost_prior
+            from mtpcode.policy.prior import verify_cost_prior
 
             n = key[0] * 256 + 128
             self._prior = [1.0] + [verify_cost_prior(r, n, flash_attn=self.flash_attn)

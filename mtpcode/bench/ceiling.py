@@ -19,8 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mtpcode.bench.costmodel import interpolate
 from mtpcode.bench.measure import common_prefix, median
-from mtpcode.costs import interpolate
 from mtpcode.drafting import ContextDrafter
 
 

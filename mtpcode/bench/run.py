@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from mtpcode.bench.costmodel import PAPER_SPEEDUP, PAPER_TOKENS_PER_FORWARD
 from mtpcode.bench.measure import common_prefix, cpu_name, median, peak_rss_mb, reset_peak_rss, rss_mb
 from mtpcode.drafting import ContextDrafter
 from mtpcode.errors import DataError, NoInputError, UsageError
@@ -771,8 +772,6 @@ def _summarize(engine, prompts: Sequence[Prompt], prompt_ids: list[list[int]], c
 
 
 def _anchors(engine, doc: dict[str, Any]) -> dict[str, Any]:
-    from mtpcode.bench.synthetic import PAPER_SPEEDUP, PAPER_TOKENS_PER_FORWARD
-
     main_bytes = bytes_per_forward(engine.bundle.main_path, embd_input=False)
     head_bytes = [bytes_per_forward(p, embd_input=True) for p in engine.bundle.head_paths]
     bw = memory_bandwidth()
@@ -1037,7 +1036,7 @@ def run_synthetic(shape: str, quants: Sequence[str], *, max_batch: int = 8, repe
     say = progress or (lambda _msg: None)
     if max_batch < 2:
         raise UsageError("--max-batch must be at least 2")
-    tpf = S.PAPER_TOKENS_PER_FORWARD if tokens_per_forward is None else tokens_per_forward
+    tpf = PAPER_TOKENS_PER_FORWARD if tokens_per_forward is None else tokens_per_forward
     drafts = S.SHAPES[shape]["n_future_tokens"] - 1 if n_drafts is None else n_drafts
     measurements = []
     for quant in quants:
@@ -1066,7 +1065,7 @@ def run_synthetic(shape: str, quants: Sequence[str], *, max_batch: int = 8, repe
         "max_batch": max_batch,
         "repeat": repeat,
         "tokens_per_forward_assumed": tpf,
-        "paper_table_s2_code_4_heads": {"speedup": S.PAPER_SPEEDUP, "tokens_per_forward": S.PAPER_TOKENS_PER_FORWARD},
+        "paper_table_s2_code_4_heads": {"speedup": PAPER_SPEEDUP, "tokens_per_forward": PAPER_TOKENS_PER_FORWARD},
         "memory_bandwidth": bw,
         "measurements": measurements,
         "conditions": {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu": cpu_name(),

@@ -31,9 +31,16 @@ from typing import Any
 import numpy as np
 
 from mtpcode import bundle as B
+from mtpcode.bench.costmodel import (
+    DESKTOPS,
+    PAPER_TOKENS_PER_FORWARD,
+    fit_context_costs,
+    fit_roofline,
+    geometric_acceptance,
+    project_speedup,
+)
 from mtpcode.bench.measure import cpu_name, median, peak_rss_mb
 from mtpcode.config import cache_dir
-from mtpcode.costs import PAPER_TOKENS_PER_FORWARD, geometric_acceptance
 from mtpcode.errors import MtpError, UsageError
 
 # name -> ModelParams fields. "7b" is Meta's 7B MTP code model (Gloeckle et al. 2024).
@@ -48,9 +55,6 @@ FORMAT_TAG = "v2"  # bump when the written files change, so stale caches are reb
 # Bundles whose block weights can be routed to CPU_REPACK (mtpcode.llama.REPACK_TYPES:
 # Q4_0 and Q4_K; docs/design.md §6: routing Q8_0 weights crashed at load).
 REPACK_QUANTS = ("Q4_0", "Q4_K_M")
-
-# The paper's Table S2 anchor (code, 7B, n=4): measured speedup (tokens per forward in mtpcode.costs).
-PAPER_SPEEDUP = 3.05
 
 
 # ---------------------------------------------------------------------------
@@ -571,13 +575,12 @@ def measure_context_costs(model_path: Path, *, contexts: Sequence[int] = (64, 51
     the same shape, as decoding reuses llama.cpp's graph (worth it for small models, whose
     graph rebuild is a large part of a forward; doubles the time of the measurement).
     ``mode``: extra buffer types "off" or "on" (llama.cpp's default).
-    Returns per-cell medians (wall-clock and CPU time) and a :class:`mtpcode.costs.ContextCosts` fit
+    Returns per-cell medians (wall-clock and CPU time) and a :class:`mtpcode.policy.prior.ContextCosts` fit
     per (flash, threads), of CPU time with one thread (robust to other programs' load) and of
     wall-clock time with more.
     """
     import llama_cpp
 
-    from mtpcode.costs import fit_context_costs
     from mtpcode.llama import Context, Model
 
     say = progress or (lambda _msg: None)
@@ -766,13 +769,12 @@ def run_projection(shape: str, quants: Sequence[str], *, max_batch: int = 8, thr
                    n_drafts: int | None = None, cache: Path | None = None,
                    progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure 1..max_batch-row forwards of ``shape`` at each thread count (through two shallow
-    models of the shape, scaled to the full depth), fit a :class:`mtpcode.costs.Roofline`, and
-    project speculative decoding's speedup on the desktops of :data:`mtpcode.costs.DESKTOPS`.
+    models of the shape, scaled to the full depth), fit a :class:`mtpcode.bench.costmodel.Roofline`, and
+    project speculative decoding's speedup on the desktops of :data:`mtpcode.bench.costmodel.DESKTOPS`.
 
     The results are PROJECTIONS: a fitted model x an assumed acceptance, labelled as such.
     """
     from mtpcode.bench.run import memory_bandwidth
-    from mtpcode.costs import DESKTOPS, fit_roofline, project_speedup
 
     say = progress or (lambda _msg: None)
     if max_batch < 2:

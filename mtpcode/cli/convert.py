@@ -4,11 +4,46 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
 
 from mtpcode.errors import UsageError
+
+# ---------------------------------------------------------------------------
+# which quantization to verify with on a CPU
+
+
+@dataclass(frozen=True)
+class QuantAdvice:
+    """How a quantization type verifies on CPU, from the 7B-shape cost measurements."""
+
+    quant: str
+    four_rows_rel: tuple[float, float]  # time of a 4-row forward / a 1-row forward (range over runs)
+    verdict: str  # "best", "good" or "slow"
+
+
+# The 7B shape at 2 threads on a 2-vCPU AMD EPYC, four weight-buffer modes (docs/results/bench-synthetic-7b.json;
+# docs/PERFORMANCE.md, "Guidance: which quantization"). In tokens per second Q4_0 is the fastest of the three
+# with drafting (half Q8_0's bytes), Q8_0 gains the most from it.
+QUANT_ADVICE: dict[str, QuantAdvice] = {
+    "Q8_0": QuantAdvice("Q8_0", (1.6, 1.8), "best"),
+    "Q4_0": QuantAdvice("Q4_0", (2.2, 2.5), "good"),
+    "Q4_K_M": QuantAdvice("Q4_K_M", (2.6, 3.3), "slow"),
+}
+
+
+def quant_note(quant: str) -> str | None:
+    """A one-line note when ``quant`` verifies badly on CPU (None when it does not, or is unmeasured)."""
+    advice = QUANT_ADVICE.get(quant.upper())
+    if advice is None or advice.verdict != "slow":
+        return None
+    lo, hi = advice.four_rows_rel
+    q4, q8 = QUANT_ADVICE["Q4_0"].four_rows_rel, QUANT_ADVICE["Q8_0"].four_rows_rel
+    return (f"note: {advice.quant} verifies drafts slowly on CPU (4 tokens cost {lo:g}-{hi:g}x one; "
+            f"Q4_0 {q4[0]:g}-{q4[1]:g}x, Q8_0 {q8[0]:g}-{q8[1]:g}x): for speculative decoding on a CPU "
+            "prefer --quant Q4_0 (fastest) or --quant Q8_0 (largest speedup, twice the memory)")
 
 
 def _human(n: float) -> str:
@@ -82,7 +117,6 @@ def convert(ckpt_dir: Path, tokenizer: Path | None, out_dir: Path | None, name: 
         ) from None
     from mtpcode import models
     from mtpcode.config import load_settings
-    from mtpcode.costs import quant_note
 
     quant = normalize_quant(quant)
     # before the work starts, so that a user can still pick another type; only for a checkpoint that is

@@ -189,7 +189,8 @@ def test_synthetic_bundle_runs_in_the_engine(tmp_path, monkeypatch):
 
 
 def test_projection_arithmetic():
-    from mtpcode.bench.synthetic import geometric_acceptance, project
+    from mtpcode.bench.costmodel import geometric_acceptance
+    from mtpcode.bench.synthetic import project
 
     a = geometric_acceptance(3.5, 3)
     assert 1 + a + a * a + a ** 3 == pytest.approx(3.5, abs=1e-6)
