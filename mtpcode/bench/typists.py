@@ -1,6 +1,6 @@
 """A typing simulation against completion servers: a request per keystroke, each cancelling the last.
 
-``python -m mtpcode.bench.typing --out docs/results/typing-builtin.json``
+``python -m mtpcode.bench.typists --out docs/results/typing-builtin.json``
 
 Lines of a real file are typed one character at a time (the indentation after
 Enter comes with the Enter, as an editor's auto-indent does). Every keystroke
@@ -345,7 +345,7 @@ def table(summaries: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mtpcode.bench.typing", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m mtpcode.bench.typists", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="bundle directory (default: the built-in model)")
     p.add_argument("--file", type=Path, default=DEFAULT_FILE, help="the file whose lines are typed")
     p.add_argument("--start", default=DEFAULT_START, help="type from the first line containing this text")
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError:
             file_label = str(args.file)
         data = {
-            "command": "python -m mtpcode.bench.typing " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m mtpcode.bench.typists " + " ".join(argv if argv is not None else sys.argv[1:]),
             "cpu": cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
             "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
             "model": "builtin" if args.model is None else args.model, "file": file_label,
