@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -33,12 +34,28 @@ from typing import Any
 
 import numpy as np
 
+from converters.data import is_heldout, iter_sources
+from mtpcode.bench import synthetic as S
+from mtpcode.bench.ceiling import ceiling_summary, context_ceiling
 from mtpcode.bench.costmodel import PAPER_SPEEDUP, PAPER_TOKENS_PER_FORWARD
-from mtpcode.bench.measure import common_prefix, cpu_name, median, peak_rss_mb, reset_peak_rss, rss_mb
+from mtpcode.bench.measure import (
+    REPACK_QUANTS,
+    bytes_per_forward,
+    common_prefix,
+    cpu_name,
+    measure_costs,
+    median,
+    memory_bandwidth,
+    peak_rss_mb,
+    reset_peak_rss,
+    rss_mb,
+)
+from mtpcode.bench.svg import Panel, Series, render
+from mtpcode.bundle import open_bundle
 from mtpcode.drafting import ContextDrafter
 from mtpcode.errors import DataError, NoInputError, UsageError
 from mtpcode.files import atomic_write_text
-from mtpcode.generation import Stats
+from mtpcode.generation import Done, GenerationOptions, Piece, Stats
 
 SCHEMA = "mtpcode-bench/2"
 SLOW_BAR = 0.95  # a speculative configuration slower than this fraction of plain is flagged
@@ -160,8 +177,6 @@ def default_prompts(n: int = 8, max_chars: int = 1500) -> list[Prompt]:
     a hash of the path), so the built-in model has not seen them; they are
     taken in the order of a hash of their path, deterministically.
     """
-    from converters.data import is_heldout, iter_sources
-
     held = [s for s in iter_sources() if is_heldout(s.rel_path)]
     held.sort(key=lambda s: hashlib.sha256(("bench|" + s.rel_path).encode()).hexdigest())
     prompts: list[Prompt] = []
@@ -184,8 +199,6 @@ EDITING_PACKAGES = ("click", "prompt_toolkit", "pygments", "numpy")
 
 def _package_files(packages: Sequence[str]) -> list[tuple[str, str]]:
     """(name, text) of the installed packages' Python files, in sorted order (missing packages skipped)."""
-    import importlib.util
-
     out = []
     for name in packages:
         spec = importlib.util.find_spec(name)
@@ -324,46 +337,6 @@ def load_prompts(path: str | os.PathLike[str]) -> list[Prompt]:
 
 
 # ---------------------------------------------------------------------------
-# memory
-
-
-# rss_mb, reset_peak_rss and peak_rss_mb live in mtpcode.bench.measure (shared with the synthetic bench).
-
-
-# ---------------------------------------------------------------------------
-# machine anchors: memory bandwidth and bytes per forward
-
-
-def memory_bandwidth(mb: int = 256, repeat: int = 7) -> dict[str, float]:
-    """Copy bandwidth (read + write bytes per second) of a numpy copy of ``mb`` MiB, larger than any cache."""
-    n = mb * (1 << 20) // 8
-    src = np.ones(n, dtype=np.float64)
-    dst = np.empty_like(src)
-    np.copyto(dst, src)  # touch every page first
-    rates = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        np.copyto(dst, src)
-        rates.append(2 * src.nbytes / (time.perf_counter() - t))
-    return {"copy_mib": mb, "best_gb_s": round(max(rates) / 1e9, 2),
-            "median_gb_s": round(float(np.median(rates)) / 1e9, 2)}
-
-
-def bytes_per_forward(gguf_path: Path, *, embd_input: bool) -> int:
-    """Weight bytes one forward reads: every tensor, less the token embedding table
-    (one row is looked up) unless the file is fed embeddings and uses it as its output."""
-    import gguf
-
-    reader = gguf.GGUFReader(str(gguf_path))
-    total = 0
-    for t in reader.tensors:
-        if t.name == "token_embd.weight" and not embd_input:
-            continue
-        total += int(t.n_bytes)
-    return total
-
-
-# ---------------------------------------------------------------------------
 # running the configurations
 
 
@@ -390,10 +363,10 @@ def _cpu_tps(stats: Stats) -> float:
     return stats.generated_tokens / stats.decode_cpu_s if stats.decode_cpu_s > 0 else 0.0
 
 
-def _engine_run(engine: Any, prompt: Prompt, ids: list[int], config: BenchConfig, max_tokens: int,
-                adaptive: bool) -> tuple[list[int], Stats]:
-    from mtpcode.generation import Done, GenerationOptions, Piece
-
+def engine_run(engine: Any, prompt: Prompt, ids: list[int], config: BenchConfig, max_tokens: int,
+               adaptive: bool) -> tuple[list[int], Stats]:
+    """One run of ``config`` on a prompt (``ids``: its tokens; ``prompt.suffix``: the text after the
+    cursor), from an empty cache; returns the generated tokens and the run's Stats."""
     # Start from an empty cache (a 1-token prompt shares at most BOS with the next),
     # so every run pays the same prefill and prefill tok/s means something.
     for _ in engine.generate(ids[:1], GenerationOptions(max_tokens=0, heads=0, context_draft=False)):
@@ -419,7 +392,7 @@ class Anchor:
 
     def __init__(self, main_path: Path, *, n_ctx: int, n_threads: int, extra_bufts: bool, flash_attn: bool,
                  repack: str = "", gpu_layers: int = 0, n_threads_batch: int | None = None) -> None:
-        from mtpcode.llama import reference_llama
+        from mtpcode.llama import reference_llama  # llama_cpp: only for the commands that run models
 
         self.llm = reference_llama(main_path, extra_bufts=extra_bufts, repack=repack, n_ctx=n_ctx,
                                    n_threads=n_threads, n_threads_batch=n_threads_batch or n_threads, verbose=False,
@@ -466,6 +439,8 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
     ``context`` adds the configurations that draft from the context (context only, and every
     requested head with the context). ``gpu_layers`` offloads the engine, the anchor and the cost
     measurement alike."""
+    # the runtime and llama_cpp: only for the commands that run models
+    from mtpcode.llama import backend_info, repack_pattern
     from mtpcode.runtime import Engine
 
     say = progress or (lambda _msg: None)
@@ -481,8 +456,6 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
     try:
         configs = bench_configs(engine.n_heads, heads, context=context, anchor=anchor)
         if anchor:
-            from mtpcode.llama import repack_pattern
-
             repack = repack_pattern(engine.bundle.main_path) if extra_bufts == "repack" else ""
             anchor_obj = Anchor(engine.bundle.main_path, n_ctx=n_ctx, n_threads=n_threads,
                                 n_threads_batch=n_threads_batch, extra_bufts=engine.extra_bufts,
@@ -499,8 +472,8 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
             prompt_ids.append(ids)
         # warm-up: page in the weights, start the thread pools
         say("warming up")
-        _engine_run(engine, prompts[0], prompt_ids[0], heads_config(engine.n_heads, context),
-                    min(16, max_tokens), adaptive)
+        engine_run(engine, prompts[0], prompt_ids[0], heads_config(engine.n_heads, context),
+                   min(16, max_tokens), adaptive)
         if anchor_obj is not None:
             anchor_obj.run(prompt_ids[0], min(16, max_tokens))
         runs: list[Run] = []
@@ -516,13 +489,11 @@ def run_bench(model_path: Path, prompts: Sequence[Prompt], *, heads: Sequence[in
                         assert anchor_obj is not None
                         tokens, stats = anchor_obj.run(ids, max_tokens)
                     else:
-                        tokens, stats = _engine_run(engine, prompts[pi], ids, config, max_tokens, adaptive)
+                        tokens, stats = engine_run(engine, prompts[pi], ids, config, max_tokens, adaptive)
                     runs.append(Run(pi, config, r, tokens, stats, round(peak_rss_mb(), 1)))
         doc = _summarize(engine, prompts, prompt_ids, configs, runs)
         doc["conditions"] = _conditions(engine, model_path, n_threads, n_ctx, max_tokens, repeat, adaptive,
                                         load_s=load_s)
-        from mtpcode.llama import backend_info
-
         doc["conditions"]["backend"] = backend_info(gpu_layers)
         doc["memory"] = {
             "rss_before_load_mb": round(rss0, 1),
@@ -556,8 +527,6 @@ def _forward_costs(model_path: Path, doc: dict[str, Any], threads: int, gpu_laye
     """The bundle's own cost profile (as in the synthetic cost model) and what it predicts, measured
     after a KV cache as long as the median prompt (attention over the context is much of a small
     model's step) and with the engine's flash-attention setting."""
-    from mtpcode.bench.synthetic import measure_costs
-
     cond = doc["conditions"]
     mode = "on" if cond["extra_bufts"] else "off"
     n = int(cond["n_heads"]) + 1
@@ -603,8 +572,6 @@ def _context_ceiling(doc: dict[str, Any], prompt_ids: Sequence[list[int]],
                      suffix_ids: Sequence[list[int]]) -> dict[str, Any]:
     """The most drafting from the context could gain on each prompt (mtpcode/bench/ceiling.py),
     with the forward costs just measured."""
-    from mtpcode.bench.ceiling import ceiling_summary, context_ceiling
-
     costs = doc["forward_costs"]
     verify = {int(b): float(t) for b, t in costs["verify_s"].items()}
     rebuild = float(costs.get("rebuild_s", 0.0))
@@ -617,7 +584,7 @@ def _context_ceiling(doc: dict[str, Any], prompt_ids: Sequence[list[int]],
 
 def _conditions(engine, model_path: Path, threads: int, n_ctx: int, max_tokens: int, repeat: int,
                 adaptive: bool, load_s: float) -> dict[str, Any]:
-    import llama_cpp
+    import llama_cpp  # only for the commands that run models
 
     try:
         load = os.getloadavg()
@@ -910,8 +877,7 @@ def divergence_margins(doc: dict[str, Any], threads: int | None = None) -> list[
     are not batch-invariant), not a wrong acceptance rule. Also stored in
     ``doc["mismatch_margins"]``.
     """
-    from mtpcode.bundle import open_bundle
-    from mtpcode.llama import Context, Model, default_threads
+    from mtpcode.llama import Context, Model, default_threads  # llama_cpp: only for the commands that run models
 
     cond = doc["conditions"]
     bundle = open_bundle(cond["model"])
@@ -969,8 +935,6 @@ def format_mismatches(doc: dict[str, Any]) -> str:
 
 def bench_svg(doc: dict[str, Any]) -> str:
     """Speedup and tokens per forward per configuration (per prompt and median)."""
-    from mtpcode.bench.svg import Panel, Series, render
-
     keys = [k for k in doc["configs"] if not _spec(doc, k).control]
     xs = list(range(len(keys)))
     names = "; ".join(f"{x}: {k}" for x, k in zip(xs, keys))
@@ -995,8 +959,6 @@ def bench_svg(doc: dict[str, Any]) -> str:
 
 def synthetic_svg(doc: dict[str, Any]) -> str:
     """Main forward time over b rows relative to 1 row, per quantization and buffer mode."""
-    from mtpcode.bench.svg import Panel, Series, render
-
     panel = Panel("main forward cost vs rows verified", "rows in the forward", "time / time of 1 row",
                   hlines=[(1.0, "")])
     for m in doc["measurements"]:
@@ -1031,8 +993,6 @@ def run_synthetic(shape: str, quants: Sequence[str], *, max_batch: int = 8, repe
                   tokens_per_forward: float | None = None, n_drafts: int | None = None,
                   cache: Path | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Build (or reuse) the synthetic bundles, measure each in a child process, and project speedups."""
-    from mtpcode.bench import synthetic as S
-
     say = progress or (lambda _msg: None)
     if max_batch < 2:
         raise UsageError("--max-batch must be at least 2")
@@ -1042,7 +1002,7 @@ def run_synthetic(shape: str, quants: Sequence[str], *, max_batch: int = 8, repe
     for quant in quants:
         path = S.build_bundle(shape, quant, cache, n_heads=1, progress=say)
         for mode in modes:
-            if mode == "repack" and not (repack and quant in S.REPACK_QUANTS):
+            if mode == "repack" and not (repack and quant in REPACK_QUANTS):
                 continue
             say(f"measuring {shape} {quant}, {MODE_LABELS[mode]}")
             m = S.measure_in_child(path, mode=mode, max_batch=max_batch, repeat=repeat, threads=threads)

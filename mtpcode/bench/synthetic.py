@@ -15,11 +15,13 @@ every configuration starts from a clean address space.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from converters.params import ModelParams
 from mtpcode import bundle as B
 from mtpcode.bench.costmodel import (
     DESKTOPS,
@@ -39,9 +42,10 @@ from mtpcode.bench.costmodel import (
     geometric_acceptance,
     project_speedup,
 )
-from mtpcode.bench.measure import cpu_name, median, peak_rss_mb
+from mtpcode.bench.measure import cpu_name, measure_costs, median, memory_bandwidth
 from mtpcode.config import cache_dir
 from mtpcode.errors import MtpError, UsageError
+from mtpcode.files import atomic_write_text
 
 # name -> ModelParams fields. "7b" is Meta's 7B MTP code model (Gloeckle et al. 2024).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -51,10 +55,6 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 QUANTS = ("Q4_0", "Q4_K_M", "Q8_0")
 FORMAT_TAG = "v2"  # bump when the written files change, so stale caches are rebuilt
-
-# Bundles whose block weights can be routed to CPU_REPACK (mtpcode.llama.REPACK_TYPES:
-# Q4_0 and Q4_K; docs/design.md §6: routing Q8_0 weights crashed at load).
-REPACK_QUANTS = ("Q4_0", "Q4_K_M")
 
 
 # ---------------------------------------------------------------------------
@@ -81,7 +81,7 @@ _LAYOUTS = {
 
 
 def _gguf_type(name: str):
-    import gguf
+    import gguf  # ~75 ms to import: only the writer of synthetic bundles needs it
 
     return gguf.GGMLQuantizationType[name]
 
@@ -180,7 +180,7 @@ def _block_tensors(p, prefix: str, layer: int, n_layers: int, quant: str, tied: 
 
 def _write_gguf(path: Path, p, quant: str, *, role: str, head_index: int, fingerprint: str,
                 n_blocks: int, block_offset: int, with_output: bool, seed: int) -> None:
-    import gguf
+    import gguf  # ~75 ms to import: only the writer of synthetic bundles needs it
 
     rnd = _RandomBytes(seed)
     tied = not with_output
@@ -250,8 +250,6 @@ def _shape_of(name: str, p) -> tuple[int, int]:
 def shape_params(shape: str, trunk_blocks: int | None = None):
     """ModelParams of a synthetic ``shape``; ``trunk_blocks`` keeps only that many trunk blocks
     (a shallower model of the same width, whose per-block costs scale to the full depth)."""
-    from converters.params import ModelParams
-
     if shape not in SHAPES:
         raise UsageError(f"unknown synthetic shape {shape!r}; choose one of {', '.join(SHAPES)}")
     fields = dict(SHAPES[shape])
@@ -337,8 +335,6 @@ def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: 
         (tmp / B.MANIFEST_NAME).write_text(manifest.to_json(), encoding="utf-8")
         os.replace(tmp, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
@@ -346,160 +342,6 @@ def build_bundle(shape: str, quant: str, cache: Path | None = None, *, n_heads: 
 
 # ---------------------------------------------------------------------------
 # measuring (in a child process)
-
-
-def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, repeat: int = 3,
-                  threads: int = 2, prefix: int = 64, flash_attn: bool = False,
-                  n_gpu_layers: int = 0, threads_batch: int | None = None) -> dict[str, Any]:
-    """Time main forwards of 1..max_batch rows (after a ``prefix``-token KV) and one head forward,
-    with flash attention as the runtime's default (``flash_attn``, off) and ``n_gpu_layers``
-    offloaded (the head too, as the engine does). ``threads_batch`` (default: ``threads``) runs
-    the forwards of several rows, as the engine's setting of that name does.
-
-    ``mode``: "off" (extra buffer types off, the AMX-safe default), "on"
-    (llama.cpp's default extra buffer types: crashes on AMX CPUs with quantized
-    weights) or "repack" (extra buffer types off, Q4_0/Q4_K block weights routed to
-    CPU_REPACK). The main context captures h_trunk through the eval callback,
-    as the runtime does; the cost of that callback is measured separately
-    (``capture_overhead_s``: a 1-row forward with minus without it).
-    Runs in this process: call it through :func:`measure_in_child` to survive crashes.
-    """
-    from mtpcode.bundle import open_bundle
-    from mtpcode.llama import Context, Model, TrunkCapture, repack_pattern
-
-    bundle = open_bundle(bundle_dir)
-    m = bundle.manifest
-    pattern = ""
-    if mode == "repack":
-        if m.quantization not in REPACK_QUANTS:
-            raise UsageError(f"CPU_REPACK is only routed for {', '.join(REPACK_QUANTS)} weights, not {m.quantization}")
-        pattern = repack_pattern(bundle.main_path)
-    elif mode not in ("off", "on"):
-        raise UsageError(f"unknown cost-model mode {mode!r} (off, on or repack)")
-    extra = mode == "on"
-    n_ctx = prefix + max_batch + 16
-    n_batch = max(prefix, max_batch)
-    t0 = time.perf_counter()
-    main = Model(bundle.main_path, extra_bufts=extra, repack=pattern, n_gpu_layers=n_gpu_layers)
-    if pattern and not main.repacked:
-        main.close()
-        raise MtpError("this llama.cpp build has no CPU_REPACK buffer type")
-    head = Model(bundle.head_paths[0], extra_bufts=extra, n_gpu_layers=n_gpu_layers) if bundle.head_paths else None
-    load_s = time.perf_counter() - t0
-    trunk = np.zeros((n_ctx, m.n_embd), dtype=np.float32)
-    capture = TrunkCapture(m.trunk_tensor, trunk)
-    rng = np.random.default_rng(0)
-    try:
-        ctx = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, n_threads_batch=threads_batch,
-                      capture=capture, flash_attn=flash_attn)
-        ctx.batch.token_ids[:prefix] = rng.integers(3, m.n_vocab, prefix)
-        ctx.decode(prefix, 0, last_logits_only=True)
-        # the same model without the trunk capture: what the eval callback costs per forward
-        bare = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, n_threads_batch=threads_batch,
-                       flash_attn=flash_attn)
-        bare.batch.token_ids[:prefix] = ctx.batch.token_ids[:prefix]
-        bare.decode(prefix, 0, last_logits_only=True)
-        hctx = None
-        if head is not None:
-            hctx = Context(head, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True,
-                           flash_attn=flash_attn)
-            np.copyto(hctx.batch.embeddings[:prefix], trunk[:prefix])
-            hctx.decode(prefix, 0, last_logits_only=True)
-        sizes = list(range(1, max_batch + 1))
-        times: dict[int, list[float]] = {b: [] for b in sizes}
-        ratios: dict[int, list[float]] = {b: [] for b in sizes}
-        head_ratios: list[float] = []
-        capture_diffs: list[float] = []
-        head_times: list[float] = []
-        rebuilds: list[float] = []
-        ctx_rows = [0]  # the row count of ctx's last forward
-
-        # llama.cpp rebuilds its compute graph when the batch shape changes and reuses
-        # it otherwise; decoding keeps one shape for many steps, so each timed forward
-        # follows an untimed one of the same shape (for a small model the rebuild is a
-        # large part of a forward: ~0.3 ms of the built-in model's 0.5-0.8 ms). What
-        # that first forward costs more, for one row after a verify, is ``rebuild_s``:
-        # the one-row step after each verify pays it.
-        def main_forward(c: Context, b: int) -> float:
-            times = []
-            for _ in range(2):
-                c.batch.token_ids[:b] = rng.integers(3, m.n_vocab, b)
-                t = time.perf_counter()
-                c.decode(b, prefix, last_logits_only=False)
-                times.append(time.perf_counter() - t)
-                c.trim(prefix)
-            if c is ctx:
-                if b == 1 and ctx_rows[0] > 1:
-                    rebuilds.append(times[0] - times[1])
-                ctx_rows[0] = b
-            return times[1]
-
-        def head_forward(hc: Context) -> float:
-            dt = 0.0
-            for _ in range(2):
-                np.copyto(hc.batch.embeddings[:1], trunk[prefix: prefix + 1])
-                t = time.perf_counter()
-                hc.decode(1, prefix, last_logits_only=True)
-                dt = time.perf_counter() - t
-                hc.trim(prefix)
-            return dt
-
-        # one warm-up pass (page faults of the mmapped weights, thread pool start)
-        for b in (1, max_batch):
-            main_forward(ctx, b)
-        main_forward(bare, 1)
-        # Every measurement is paired with a 1-row forward right before it, and the
-        # ratio of the pair is kept: on a shared machine the load drifts over seconds,
-        # and a ratio of neighbours cancels most of that drift.
-        for r in range(repeat):
-            order = sizes[1:][r % (len(sizes) - 1):] + sizes[1:][: r % (len(sizes) - 1)]
-            for b in order:
-                t1 = main_forward(ctx, 1)
-                tb = main_forward(ctx, b)
-                times[1].append(t1)
-                times[b].append(tb)
-                ratios[b].append(tb / t1)
-            t1 = main_forward(ctx, 1)
-            capture_diffs.append(t1 - main_forward(bare, 1))
-            if hctx is not None:
-                th = head_forward(hctx)
-                head_times.append(th)
-                head_ratios.append(th / t1)
-        ratios[1] = [1.0]
-        verify = {b: median(times[b]) for b in sizes}
-        result = {
-            "mode": mode,
-            "bundle": str(bundle_dir),
-            "quantization": m.quantization,
-            "threads": threads,
-            "threads_batch": threads_batch or threads,
-            "prefix_tokens": prefix,
-            "flash_attn": flash_attn,
-            "native_capture": capture.native,
-            "repeat": repeat,
-            "load_s": round(load_s, 3),
-            "verify_s": {str(b): round(v, 6) for b, v in verify.items()},
-            "verify_all_s": {str(b): [round(x, 6) for x in times[b]] for b in sizes},
-            "verify_rel": {str(b): round(median(ratios[b]), 4) for b in sizes},
-            "head_s": round(median(head_times), 6),
-            "head_rel": round(median(head_ratios), 4) if head_ratios else None,
-            "head_min_s": round(min(head_times), 6) if head_times else 0.0,
-            "head_min_rel": round(min(head_times) / min(times[1]), 4) if head_times else None,
-            "verify_min_s": {str(b): round(min(times[b]), 6) for b in sizes},
-            "verify_min_rel": {str(b): round(min(times[b]) / min(times[1]), 4) for b in sizes},
-            "capture_overhead_s": round(median(capture_diffs), 6),
-            "rebuild_s": round(max(0.0, median(rebuilds)), 6) if rebuilds else 0.0,
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-        }
-        return result
-    finally:
-        for obj in ("hctx", "bare", "ctx"):
-            c = locals().get(obj)
-            if c is not None:
-                c.close()
-        if head is not None:
-            head.close()
-        main.close()
 
 
 def _failure_line(stderr: str) -> str:
@@ -516,7 +358,7 @@ def _failure_line(stderr: str) -> str:
 
 def measure_in_child(bundle_dir: Path, *, mode: str, max_batch: int, repeat: int, threads: int,
                      timeout: float = 1800) -> dict[str, Any]:
-    """:func:`measure_costs` in a child process; a crash becomes ``{"crashed": True, ...}``."""
+    """:func:`mtpcode.bench.measure.measure_costs` in a child process; a crash becomes ``{"crashed": True, ...}``."""
     cmd = [sys.executable, "-m", "mtpcode.bench.synthetic", str(bundle_dir), "--mode", mode,
            "--max-batch", str(max_batch), "--repeat", str(repeat), "--threads", str(threads)]
     try:
@@ -579,6 +421,7 @@ def measure_context_costs(model_path: Path, *, contexts: Sequence[int] = (64, 51
     per (flash, threads), of CPU time with one thread (robust to other programs' load) and of
     wall-clock time with more.
     """
+    # llama_cpp only for the commands that time forwards, not for every importer of this module
     import llama_cpp
 
     from mtpcode.llama import Context, Model
@@ -774,8 +617,6 @@ def run_projection(shape: str, quants: Sequence[str], *, max_batch: int = 8, thr
 
     The results are PROJECTIONS: a fitted model x an assumed acceptance, labelled as such.
     """
-    from mtpcode.bench.run import memory_bandwidth
-
     say = progress or (lambda _msg: None)
     if max_batch < 2:
         raise UsageError("--max-batch must be at least 2")
@@ -985,8 +826,6 @@ def _flags(value: str) -> list[bool]:
 
 
 def _main(argv: Sequence[str]) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m mtpcode.bench.synthetic",
                                  description="Measure forward costs of a bundle (or a .gguf): the cost model's "
                                              "1..n rows after a 64-token prefix, or with --contexts, rows x "
@@ -1016,8 +855,6 @@ def _main(argv: Sequence[str]) -> int:
         result = measure_costs(Path(args.bundle), mode=args.mode, max_batch=args.max_batch, repeat=args.repeat,
                                threads=_ints(args.threads)[0])
     if args.out:
-        from mtpcode.files import atomic_write_text
-
         atomic_write_text(Path(args.out), json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
     return 0

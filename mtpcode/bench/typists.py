@@ -44,6 +44,7 @@ from typing import Any
 
 from mtpcode.bench.measure import cpu_name
 from mtpcode.files import atomic_write_text
+from mtpcode.models import builtin_model_path
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_FILE = REPO / "mtpcode" / "stops.py"
@@ -137,7 +138,7 @@ async def _request(client: Any, url: str, body: dict[str, Any], ks: Keystroke, o
 async def type_through(base_url: str, doc: Typing, *, endpoint: str, interval_s: float, max_tokens: int,
                        pause_timeout_s: float = 30.0) -> list[Keystroke]:
     """Type ``doc`` against the server at ``base_url``: one streamed request per keystroke."""
-    import httpx
+    import httpx  # an optional dependency (mtpcode[test]): only the typing itself needs it
 
     openai = endpoint == "/v1/completions"
     typed = ""
@@ -195,7 +196,7 @@ class Server:
             self.stderr.append(line)
 
     def wait_ready(self, path: str, timeout: float = 300) -> None:
-        import httpx
+        import httpx  # an optional dependency (mtpcode[test]): only the typing itself needs it
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -219,7 +220,7 @@ class Server:
 
 
 def _mtpcode_metric(url: str, name: str) -> float:
-    import httpx
+    import httpx  # an optional dependency (mtpcode[test]): only the typing itself needs it
 
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
         if line.startswith(name + " "):
@@ -283,7 +284,7 @@ def run_llama_cpp(doc: Typing, main_gguf: str, args: argparse.Namespace) -> RunR
 
 def _warm(url: str, doc: Typing, endpoint: str, args: argparse.Namespace) -> None:
     """One completed request on the text before the region: both servers start with it cached."""
-    import httpx
+    import httpx  # an optional dependency (mtpcode[test]): only the typing itself needs it
 
     if endpoint == "/v1/completions":
         body: dict[str, Any] = {"prompt": doc.before, "max_tokens": args.max_tokens, "temperature": 0}
@@ -360,9 +361,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2, help="rounds; the order of the servers rotates each round")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     args = p.parse_args(argv)
-
-    from mtpcode.models import builtin_model_path
-
     bundle = args.model or str(builtin_model_path())
     main_gguf = str(Path(bundle) / "main.gguf")
     doc = Typing.from_file(args.file, args.start, args.lines)
@@ -384,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     summaries = [summarize(merge([r for r in runs if r.server == name])) for name in wanted]
     print(table(summaries))
     if args.out:
-        import llama_cpp
+        import llama_cpp  # for its version in the results: the servers load it, this process need not
 
         try:
             file_label = str(args.file.resolve().relative_to(REPO))

@@ -22,8 +22,11 @@ from mtpcode.bench.run import (
     run_synthetic,
     write_plot,
 )
+from mtpcode.bench.synthetic import QUANTS, SHAPES, format_projection, run_projection
+from mtpcode.config import load_settings
 from mtpcode.errors import MtpError, UsageError
 from mtpcode.files import atomic_write_text
+from mtpcode.models import resolve_model
 
 
 def _parse_heads(value: str | None) -> list[int] | None:
@@ -97,8 +100,6 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
             click.echo(f"bench: {msg}", err=True)
 
     if synthetic:
-        from mtpcode.bench.synthetic import QUANTS, SHAPES
-
         if synthetic not in SHAPES:
             raise UsageError(f"--synthetic {synthetic!r}: choose one of {', '.join(SHAPES)}")
         qs = [q.strip().upper() for q in quants.split(",") if q.strip()]
@@ -109,8 +110,6 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
         if not modes or any(b not in MODE_LABELS for b in modes):
             raise UsageError(f"--buffers {buffers!r}: choose from {', '.join(MODE_LABELS)}")
         if project:
-            from mtpcode.bench.synthetic import format_projection, run_projection
-
             if plot_out is not None:
                 raise UsageError("--plot is not drawn for --project; use --json")
             doc = run_projection(synthetic, qs, max_batch=max_batch, threads=range(1, (threads or 2) + 1),
@@ -123,9 +122,6 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
                                 progress=say)
             report = format_synthetic(doc)
     else:
-        from mtpcode.config import load_settings
-        from mtpcode.models import resolve_model
-
         if max_tokens < 1:
             raise UsageError("--max-tokens must be at least 1")
         settings = load_settings()

@@ -37,7 +37,7 @@ def test_convert_notes_a_type_that_verifies_badly(make_checkpoint, tmp_path, qua
 
 
 def test_forward_bytes_match_the_written_files(tmp_path):
-    from mtpcode.bench.run import bytes_per_forward
+    from mtpcode.bench.measure import bytes_per_forward
     from mtpcode.bench.synthetic import build_bundle, forward_bytes
 
     for quant in ("Q8_0", "Q4_0"):
