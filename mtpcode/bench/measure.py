@@ -252,6 +252,7 @@ def measure_costs(bundle_dir: Path, *, mode: str = "off", max_batch: int = 8, re
             "threads_batch": threads_batch or threads,
             "prefix_tokens": prefix,
             "flash_attn": flash_attn,
+            "gpu_layers": n_gpu_layers,
             "native_capture": capture.native,
             "repeat": repeat,
             "load_s": round(load_s, 3),

@@ -5,12 +5,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mtpcode.bench.run import ANCHOR, CONTROL, MODE_LABELS, PLAIN, SLOW_BAR, BenchConfig, bar_estimator
+from mtpcode.errors import DataError, MtpError, NoInputError
+
+PROG = "python -m mtpcode.bench.report"
 
 
 def _row(cells: list[Any]) -> str:
@@ -113,9 +118,16 @@ def synthetic_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str]) -> int:
-    for path in argv:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+def main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n\n")[0])
+    ap.add_argument("results", nargs="+", type=Path, metavar="RESULTS.json", help="mtpcode bench --json files")
+    for path in ap.parse_args(argv).results:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise NoInputError(f"cannot read {path}: {exc.strerror}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path}: not a JSON document ({exc})") from None
         print(f"<!-- {path} -->")
         print(synthetic_markdown(doc) if doc.get("kind") == "synthetic" else bench_markdown(doc))
         print()
@@ -123,4 +135,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except MtpError as exc:  # one line, as the mtpcode commands print it
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

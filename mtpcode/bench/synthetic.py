@@ -10,7 +10,12 @@ sane scales), so a 7B shape never exists as a 13 GB float file.
 Each measurement runs in a child process (``python -m mtpcode.bench.synthetic``):
 a configuration that crashes llama.cpp (the AMX / CPU_REPACK segfaults of
 docs/design.md §6) is reported as a crash instead of taking the benchmark down, and
-every configuration starts from a clean address space.
+every configuration starts from a clean address space. ``mtpcode bench --synthetic
+SHAPE`` runs it so; by hand (the JSON goes to stdout, and to ``--out``):
+
+    python -m mtpcode.bench.synthetic BUNDLE [--mode off|on|repack] [--max-batch 8] [--threads 2]
+    python -m mtpcode.bench.synthetic MODEL --contexts 64,512,2000 [--rows 1,2,4,8] [--flash off,on] \\
+        [--threads 1,2] --out FILE.json
 """
 
 from __future__ import annotations

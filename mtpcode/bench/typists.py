@@ -48,6 +48,7 @@ from mtpcode.models import builtin_model_path
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_FILE = REPO / "mtpcode" / "stops.py"
+SERVERS = ("mtpcode", "llama_cpp.server", "mtpcode-infill")
 DEFAULT_START = "def code_stops("  # the region typed starts at the first line containing this
 
 
@@ -357,14 +358,19 @@ def main(argv: list[str] | None = None) -> None:
                    help="llama.cpp threads of every server (1: the built-in model's default, and the steadiest "
                         "on a shared machine)")
     p.add_argument("--ctx", type=int, default=4096)
-    p.add_argument("--servers", default="mtpcode,llama_cpp.server,mtpcode-infill")
+    p.add_argument("--servers", default=",".join(SERVERS))
     p.add_argument("--rounds", type=int, default=2, help="rounds; the order of the servers rotates each round")
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--out", type=Path, required=True, help="write the results as JSON here")
     args = p.parse_args(argv)
+    import llama_cpp  # for its version in the results: the servers load it, this process need not
+
     bundle = args.model or str(builtin_model_path())
     main_gguf = str(Path(bundle) / "main.gguf")
     doc = Typing.from_file(args.file, args.start, args.lines)
     wanted = args.servers.split(",")
+    unknown = [name for name in wanted if name not in SERVERS]
+    if unknown:
+        p.error(f"--servers: unknown server {unknown[0]!r} (choose from {', '.join(SERVERS)})")
     runs: list[RunResult] = []
     for round_ in range(args.rounds):
         shift = round_ % len(wanted)
@@ -377,30 +383,25 @@ def main(argv: list[str] | None = None) -> None:
                 runs.append(run_mtpcode(doc, args.model, "/infill", args))
             elif name == "llama_cpp.server":
                 runs.append(run_llama_cpp(doc, main_gguf, args))
-            else:
-                raise SystemExit(f"unknown server {name!r}")
     summaries = [summarize(merge([r for r in runs if r.server == name])) for name in wanted]
     print(table(summaries))
-    if args.out:
-        import llama_cpp  # for its version in the results: the servers load it, this process need not
-
-        try:
-            file_label = str(args.file.resolve().relative_to(REPO))
-        except ValueError:
-            file_label = str(args.file)
-        data = {
-            "command": "python -m mtpcode.bench.typists " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "cpu": cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-            "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
-            "model": "builtin" if args.model is None else args.model, "file": file_label,
-            "start": args.start, "lines": args.lines, "keystrokes": len(doc.keys), "interval_ms": args.interval_ms,
-            "rounds": args.rounds,
-            "max_tokens": args.max_tokens, "threads": args.threads, "ctx": args.ctx, "flash_attn": False,
-            "summary": summaries,
-            "runs": [{**asdict(r), "round": i // len(wanted) + 1, "keystrokes": [asdict(k) for k in r.keystrokes]}
-                     for i, r in enumerate(runs)],
-        }
-        atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
+    try:
+        file_label = str(args.file.resolve().relative_to(REPO))
+    except ValueError:
+        file_label = str(args.file)
+    data = {
+        "command": "python -m mtpcode.bench.typists " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "cpu": cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
+        "model": "builtin" if args.model is None else args.model, "file": file_label,
+        "start": args.start, "lines": args.lines, "keystrokes": len(doc.keys), "interval_ms": args.interval_ms,
+        "rounds": args.rounds,
+        "max_tokens": args.max_tokens, "threads": args.threads, "ctx": args.ctx, "flash_attn": False,
+        "summary": summaries,
+        "runs": [{**asdict(r), "round": i // len(wanted) + 1, "keystrokes": [asdict(k) for k in r.keystrokes]}
+                 for i, r in enumerate(runs)],
+    }
+    atomic_write_text(args.out, json.dumps(data, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@
 #   install  mtpcode without dependencies over the device's packages (with the C trunk capture)
 #   tests    the runtime's greedy-equality tests with every layer offloaded
 #            (MTPCODE_TEST_GPU_LAYERS=-1; the tests must read that variable)
-#   capture  the trunk rows copied out of device tensors vs the CPU's (gpu_check.py capture)
-#   engine   the built-in model on the GPU: plain vs heads, tokens/s, greedy identity (gpu_check.py engine)
+#   capture  the trunk rows copied out of device tensors vs the CPU's (python -m mtpcode.bench.gpu capture)
+#   engine   the built-in model on the GPU: plain vs heads, tokens/s, greedy identity (mtpcode.bench.gpu engine)
 #   bench    `mtpcode bench --gpu-layers -1` with the built-in model (when bench has --gpu-layers)
 #   costs    the cost table on the GPU: built-in model and the 7B shape in Q4_K_M and Q8_0
 #   cpu      the same cost table on the device's 16 CPU cores
@@ -25,6 +25,10 @@
 #
 # $OUT receives check.log (everything printed), stages.json (per stage: exit status and
 # seconds; the build's time; the slim source's size) and one JSON per measuring stage.
+#
+# A failed stage does not stop the later ones (except build and install, which they all
+# need); the script ends by naming every stage that failed or did not run for lack of time,
+# and exits 1 if there was any (0 only when every stage passed).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
@@ -52,6 +56,7 @@ export ROOT DRY OUT SITE GPU_LAYERS THREADS SLIM PY
 T0=$(date +%s)
 STAGES=/tmp/mtpcode-stages.jsonl
 : >"$STAGES"
+FAILED=()  # "stage (why)" for every stage that failed or was not run
 elapsed() { echo $(($(date +%s) - T0)); }
 stamp() { echo "[$(elapsed) s] $*"; }
 
@@ -72,6 +77,7 @@ stage() {
         stamp "SKIPPED $name: out of time ($left s left of $DEADLINE)"
         echo "{\"stage\": \"$name\", \"skipped\": \"out of time\"}" >>"$STAGES"
         write_stages
+        FAILED+=("$name (not run: out of time)")
         return 1
     fi
     [ "$limit" -gt "$left" ] && limit=$left
@@ -84,6 +90,7 @@ stage() {
     stamp "=== $name: exit $rc, $dt s"
     echo "{\"stage\": \"$name\", \"exit\": $rc, \"seconds\": $dt, \"limit\": $limit}" >>"$STAGES"
     write_stages
+    [ $rc = 0 ] || FAILED+=("$name (exit $rc$([ $rc = 124 ] && echo ', timed out'))")
     return $rc
 }
 
@@ -125,7 +132,8 @@ if [ "$DRY" != 1 ]; then
         stamp "llama-cpp-python with CUDA already in $SITE: build skipped"
         echo '{"stage": "build", "skipped": "already built"}' >>"$STAGES"
     else
-        stage build 480 build_llama || { stamp "the build failed: see the log above"; write_stages; exit 1; }
+        stage build 480 build_llama || {
+            stamp "device-check FAILED: build (see the log above); no later stage can run"; write_stages; exit 1; }
     fi
     has_cuda_build || { stamp "llama_cpp does not report GPU offload after the build"; exit 1; }
 fi
@@ -142,11 +150,11 @@ EOF
     )
 }
 export -f install_mtpcode
-stage install 120 install_mtpcode || exit 1
+stage install 120 install_mtpcode || { stamp "device-check FAILED: install; no later stage can run"; exit 1; }
 
 # --- the runtime's greedy-equality tests with every layer offloaded
 run_tests() {
-    if ! grep -q MTPCODE_TEST_GPU_LAYERS "$ROOT"/tests/*.py; then
+    if ! grep -rqs --include='*.py' MTPCODE_TEST_GPU_LAYERS "$ROOT/tests"; then
         echo "tests/ do not read MTPCODE_TEST_GPU_LAYERS: these tests would run on the CPU only (see docs/gpu.md)"
         [ "$DRY" = 1 ] || return 3
     fi
@@ -159,7 +167,7 @@ run_tests() {
 export -f run_tests
 stage tests 150 run_tests
 
-GC=("$PY" "$ROOT/scripts/device/gpu_check.py")
+GC=("$PY" -m mtpcode.bench.gpu)
 if [ "$DRY" = 1 ]; then
     ENGINE_ARGS=(--n-prompts 2 --max-tokens 24 --repeat 1)
     COST_ARGS=(--shape tiny --quant Q8_0)
@@ -193,7 +201,8 @@ if [ "$DRY" != 1 ] && [ $((DEADLINE - $(elapsed))) -gt 150 ]; then
 fi
 
 write_stages
-"$PY" - "$OUT" <<'EOF'
+report_costs() {
+    "$PY" - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
@@ -211,5 +220,12 @@ for name in ("costs_gpu.json", "costs_cpu.json"):
             print(f"{where:14s} {label:12s} 1 row {1e3 * float(c['verify_s']['1']):7.2f} ms | rows 1..8 / 1 row: {rel} "
                   f"| head {c['head_rel']:.3f} | projected {pj['speedup']:.2f}x")
 EOF
+}
+report_costs || FAILED+=("summary (exit $?)")
 n_files=$(find "$OUT" -type f | wc -l)
 stamp "done: \$OUT holds $n_files files ($(du -sh "$OUT" | cut -f1))"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    stamp "device-check FAILED: ${#FAILED[@]} stage(s): $(printf '%s; ' "${FAILED[@]}" | sed 's/; $//')"
+    exit 1
+fi
+stamp "device-check passed: every stage exited 0"

@@ -18,6 +18,10 @@
 #
 # Settings (environment): TRAIN_SECONDS (training loop budget, default 270 on the
 # GPU), SEED, and SHAPE_ARGS to replace the shape flags.
+#
+# Steps (environment, train, pack, summary) run even after one fails, so that what exists
+# comes back (a failed training still packs its log); the script ends by naming every step
+# that failed and exits 1 if there was any (0 only when every step passed).
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
@@ -38,6 +42,19 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 T0=$(date +%s)
 stamp() { echo "[$(($(date +%s) - T0)) s] $*"; }
+FAILED=()  # "step (exit N)" for every step that failed
+
+# step NAME COMMAND...: run it, record a failure, go on
+step() {
+    local name="$1"
+    shift
+    stamp "=== $name"
+    "$@"
+    local rc=$?
+    stamp "=== $name: exit $rc"
+    [ $rc = 0 ] || FAILED+=("$name (exit $rc)")
+    return $rc
+}
 
 stamp "device-train: DRY=$DRY, repo $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(date -u)"
 if [ "$DRY" != 1 ]; then
@@ -49,12 +66,15 @@ if [ "$DRY" != 1 ]; then
     fi
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-"$PY" - <<'EOF'
+check_environment() {
+    "$PY" - <<'EOF'
 import platform, torch, numpy, sentencepiece
 print(f"python {platform.python_version()}, torch {torch.__version__}, numpy {numpy.__version__}, "
       f"sentencepiece {sentencepiece.__version__}, cuda {torch.cuda.is_available()}"
       + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
 EOF
+}
+step environment check_environment
 
 if [ "$DRY" = 1 ]; then
     TRAIN_SECONDS="${TRAIN_SECONDS:-40}"
@@ -75,30 +95,42 @@ else
 fi
 read -r -a SHAPE <<<"$(echo ${SHAPE_ARGS:-$DEFAULT_SHAPE})"
 
-stamp "train: ${SHAPE[*]}, budget ${TRAIN_SECONDS} s"
-"$PY" -m converters.train --out "$WORK/run" --work-dir "$WORK/cache" --corpus packages \
-    "${SHAPE[@]}" "${RUN_ARGS[@]}" --lr 3e-3 --min-lr 3e-4 --seed "$SEED" \
-    --time-budget "$TRAIN_SECONDS" --eval-every 400 --log-every 25 --ckpt-every 1000000 \
-    --ckpt-dtype bfloat16
-rc=$?
-stamp "train finished (exit $rc)"
-[ $rc = 0 ] || exit $rc
+train() {
+    echo "train: ${SHAPE[*]}, budget ${TRAIN_SECONDS} s"
+    "$PY" -m converters.train --out "$WORK/run" --work-dir "$WORK/cache" --corpus packages \
+        "${SHAPE[@]}" "${RUN_ARGS[@]}" --lr 3e-3 --min-lr 3e-4 --seed "$SEED" \
+        --time-budget "$TRAIN_SECONDS" --eval-every 400 --log-every 25 --ckpt-every 1000000 \
+        --ckpt-dtype bfloat16
+}
+step train train
 
-# Pack: one tar of the checkpoint and its records, split into parts under 16 MiB.
-cd "$WORK/run"
-FILES=(consolidated.pth params.json tokenizer.model summary.json train_log.jsonl corpus.json)
-tar cf "$WORK/model.tar" "${FILES[@]}"
-cd "$ROOT"
-rm -f "$OUT"/model.tar.part-*
-(cd "$WORK" && sha256sum model.tar) >"$OUT/model.tar.sha256"
-split -b 15M -d -a 1 "$WORK/model.tar" "$OUT/model.tar.part-"
-cp "$WORK/run/summary.json" "$OUT/summary.json"
-n_files=$(find "$OUT" -type f | wc -l)
-total=$(du -cb "$OUT"/* | tail -1 | cut -f1)
-stamp "packed: $(ls "$OUT" | tr '\n' ' ')"
-echo "\$OUT holds $n_files files, $total bytes (limits: 8 files, 16 MiB each, 67108864 bytes in all)"
-[ "$n_files" -le 8 ] && [ "$total" -le 67108864 ] || echo "device-train: WARNING: \$OUT is over its limits; some files will not come back"
-"$PY" - "$WORK/run/summary.json" <<'EOF'
+# Pack: one tar of the checkpoint and its records (those there are), split into parts under 16 MiB.
+pack() {
+    local files=() missing=() f
+    rm -f "$OUT"/model.tar.part-* "$OUT/model.tar.sha256" "$OUT/summary.json"  # no stale parts of an earlier run
+    for f in consolidated.pth params.json tokenizer.model summary.json train_log.jsonl corpus.json; do
+        if [ -f "$WORK/run/$f" ]; then files+=("$f"); else missing+=("$f"); fi
+    done
+    [ ${#files[@]} -gt 0 ] || { echo "nothing to pack in $WORK/run"; return 1; }
+    tar cf "$WORK/model.tar" -C "$WORK/run" "${files[@]}" || return 1
+    (cd "$WORK" && sha256sum model.tar) >"$OUT/model.tar.sha256" || return 1
+    split -b 15M -d -a 1 "$WORK/model.tar" "$OUT/model.tar.part-" || return 1
+    [ ! -f "$WORK/run/summary.json" ] || cp "$WORK/run/summary.json" "$OUT/summary.json"
+    local n_files total
+    n_files=$(find "$OUT" -type f | wc -l)
+    total=$(du -cb "$OUT"/* | tail -1 | cut -f1)
+    echo "packed: $(ls "$OUT" | tr '\n' ' ')"
+    echo "\$OUT holds $n_files files, $total bytes (limits: 8 files, 16 MiB each, 67108864 bytes in all)"
+    if [ "$n_files" -gt 8 ] || [ "$total" -gt 67108864 ]; then
+        echo "\$OUT is over its limits: some files will not come back"
+        return 1
+    fi
+    [ ${#missing[@]} = 0 ] || { echo "not packed (missing): ${missing[*]}"; return 1; }
+}
+step pack pack
+
+summarize() {
+    "$PY" - "$WORK/run/summary.json" <<'EOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
 print(f"steps {s['steps']}, {s['tokens_seen'] / 1e6:.1f}M tokens, {s['train_seconds']} s, {s['n_params'] / 1e6:.2f}M params")
@@ -111,4 +143,11 @@ if "speculative" in s:
     print(f"simulated greedy speculation: {sp['tokens_per_forward']:.2f} tokens per main forward "
           f"({sp['prompts']} held-out prompts, median {sp['per_prompt_median']:.2f})")
 EOF
-stamp "done"
+}
+step summary summarize
+
+if [ ${#FAILED[@]} -gt 0 ]; then
+    stamp "device-train FAILED: ${#FAILED[@]} step(s): $(printf '%s; ' "${FAILED[@]}" | sed 's/; $//')"
+    exit 1
+fi
+stamp "device-train passed: every step exited 0"

@@ -7,7 +7,10 @@ counts, measured numbers are positive and consistent with each other.
 
 from __future__ import annotations
 
+import ast
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -255,3 +258,22 @@ def test_context_ceiling_oracle() -> None:
     assert context_ceiling(prompt, [], period * 8, cheap, rebuild_s=1.0)["speedup"] == pytest.approx(
         63 / (4 * 2.5 + 1.0), rel=1e-3)
     assert context_ceiling(prompt, [], out[:3], cheap, rebuild_s=1.0)["copied"] == 0.0  # a draft pays no rebuild
+
+
+# The benchmark scripts, each run as ``python -m mtpcode.bench.<name>``.
+SCRIPTS = ("synthetic", "typists", "probe", "threads", "convert_memory", "gpu", "report")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_bench_script_answers_help_and_a_bad_argument_with_its_usage(name):
+    import mtpcode.bench
+
+    prog = f"python -m mtpcode.bench.{name}"
+    source = (Path(mtpcode.bench.__file__).parent / f"{name}.py").read_text(encoding="utf-8")
+    assert prog in (ast.get_docstring(ast.parse(source)) or "")  # the docstring gives the usage
+    for args, code in ((["--help"], 0), (["--no-such-option"], 2)):
+        proc = subprocess.run([sys.executable, "-m", f"mtpcode.bench.{name}", *args], capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == code, proc.stderr
+        assert (proc.stdout if code == 0 else proc.stderr).startswith(f"usage: {prog}")
+        assert "Traceback" not in proc.stderr

@@ -1,6 +1,8 @@
 """GPU checks of mtpcode's runtime through its public API, for one device call.
 
-    python scripts/device/gpu_check.py STAGE --out FILE.json [--gpu-layers N] [--threads N] ...
+    python -m mtpcode.bench.gpu STAGE --out FILE.json [--gpu-layers N] [--threads N] ...
+
+scripts/device/device-check.sh runs every stage in one device call (docs/gpu.md).
 
 Stages:
 
@@ -15,7 +17,8 @@ Stages:
              and plain decoding on the CPU alone (a child process that sees no GPU),
              token for token.
 ``costs``    the cost model: wall time of main forwards of 1..8 rows after a 64-token
-             prefix, and of one head forward, with the weights offloaded
+             prefix, and of one head forward (mtpcode.bench.measure.measure_costs,
+             flash attention on), with the weights offloaded
              (``--gpu-layers -1``) or on ``--threads`` CPU cores (``--gpu-layers 0``),
              for the built-in model and a synthetic shape (``--shape``, default the 7B;
              ``--quant``, default Q4_K_M and Q8_0). The shape
@@ -23,6 +26,8 @@ Stages:
              scaled to its full depth (mtpcode.bench.synthetic.scale_depth), and the
              speedup at the paper's acceptance is projected from the scaled costs
              (mtpcode.bench.synthetic.project).
+``plain``    plain greedy outputs of ``--ids`` on the CPU (the engine stage runs it in a
+             child process that sees no GPU).
 
 Results go to the JSON file; a short table to stdout.
 """
@@ -31,29 +36,35 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import numpy as np
+
+from mtpcode.bench.measure import common_prefix, measure_costs, median
+from mtpcode.bench.run import default_prompts
+from mtpcode.bench.synthetic import build_bundle, project, scale_depth, shape_params
+from mtpcode.bundle import open_bundle
+from mtpcode.errors import MtpError, UsageError
+from mtpcode.generation import Done, GenerationOptions, Piece, Stats
+from mtpcode.llama import Context, Model, TrunkCapture, native_capture_available
+from mtpcode.models import builtin_model_path
+from mtpcode.runtime import Engine
+
+PROG = "python -m mtpcode.bench.gpu"
 
 
 def _backend() -> dict[str, Any]:
-    import llama_cpp
-
-    from mtpcode.llama import native_capture_available
-
     return {"llama_cpp": llama_cpp.__version__, "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
             "native_capture": native_capture_available(),
             "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
-
-
-def _builtin() -> Path:
-    import mtpcode
-
-    return Path(mtpcode.__file__).resolve().parent / "builtin"
 
 
 # ---------------------------------------------------------------------------
@@ -62,9 +73,6 @@ def _builtin() -> Path:
 
 def check_capture(model_dir: Path, gpu_layers: int, threads: int) -> dict[str, Any]:
     """Trunk rows captured with the weights offloaded vs on the CPU, same prompt."""
-    from mtpcode.bundle import open_bundle
-    from mtpcode.llama import Context, Model, TrunkCapture
-
     bundle = open_bundle(model_dir)
     text = "import os\nimport sys\n\n\ndef walk_py(path):\n    for root, dirs, files in os.walk(path):\n"
     rows = {}
@@ -74,12 +82,10 @@ def check_capture(model_dir: Path, gpu_layers: int, threads: int) -> dict[str, A
             trunk = np.zeros((64, model.n_embd), dtype=np.float32)
             cap = TrunkCapture(bundle.manifest.trunk_tensor, trunk)
             with Context(model, n_ctx=64, n_batch=64, n_threads=threads, capture=cap, flash_attn=True) as ctx:
-                tokens = ctx.batch.tokens
-                assert tokens is not None  # a context for token input
-                tokens[:len(ids)] = ids
+                ctx.batch.token_ids[:len(ids)] = ids
                 ctx.decode(len(ids), 0, last_logits_only=True)
                 if cap.error:
-                    raise SystemExit(f"capture error with {layers} GPU layers: {cap.error}")
+                    raise MtpError(f"capture error with {layers} GPU layers: {cap.error}")
                 rows[layers] = trunk[:len(ids)].copy()
                 native = cap.native
     a, b = rows[gpu_layers], rows[0]
@@ -95,9 +101,8 @@ def check_capture(model_dir: Path, gpu_layers: int, threads: int) -> dict[str, A
 # engine
 
 
-def _run(engine: Any, ids: list[int], max_tokens: int, **opts: Any) -> tuple[list[int], Any]:
-    from mtpcode.generation import Done, GenerationOptions, Piece
-
+def _run(engine: Engine, ids: list[int], max_tokens: int, **opts: Any) -> tuple[list[int], Stats]:
+    """Decoding of ``ids`` with GenerationOptions ``opts``, from an empty cache: the tokens and the Stats."""
     # an empty cache for every run (a 1-token prompt shares at most BOS with the next)
     for _ in engine.generate(ids[:1], GenerationOptions(max_tokens=0, heads=0, context_draft=False)):
         pass
@@ -108,6 +113,8 @@ def _run(engine: Any, ids: list[int], max_tokens: int, **opts: Any) -> tuple[lis
             tokens.extend(ev.token_ids)
         elif isinstance(ev, Done):
             stats = ev.stats
+    if stats is None:
+        raise MtpError("a generation ended without its Done event")
     return tokens, stats
 
 
@@ -122,9 +129,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 def check_engine(model_dir: Path, gpu_layers: int, threads: int, n_prompts: int, max_tokens: int,
                  repeat: int) -> dict[str, Any]:
     """Speed and greedy identity of the engine with ``gpu_layers`` offloaded; CPU plain output for comparison."""
-    from mtpcode.bench.run import default_prompts
-    from mtpcode.runtime import Engine
-
     prompts = default_prompts(n_prompts)
     out: dict[str, Any] = {"model": str(model_dir), "gpu_layers": gpu_layers, "prompts": [p.name for p in prompts],
                            "max_tokens": max_tokens, "repeat": repeat}
@@ -150,12 +154,13 @@ def check_engine(model_dir: Path, gpu_layers: int, threads: int, n_prompts: int,
     for name, res in results.items():
         ratios = np.array(res["tps"]) / np.where(plain_tps > 0, plain_tps, np.nan)
         table[name] = {
-            "tokens_per_s_median": round(statistics.median(res["tps"]), 1),
+            "tokens_per_s_median": round(median(res["tps"]), 1),
             "speedup_median_of_paired_ratios": round(float(np.nanmedian(ratios)), 3),
-            "tokens_per_forward_median": round(statistics.median(res["tpf"]), 3),
+            "tokens_per_forward_median": round(median(res["tpf"]), 3),
             "identical_to_plain_gpu": sum(a == b for a, b in zip(res["tokens"], plain)),
             "identical_to_plain_cpu": sum(a == b for a, b in zip(res["tokens"], cpu_plain)),
-            "first_divergence_vs_plain_gpu": [_first_diff(a, b) for a, b in zip(res["tokens"], plain)],
+            "first_divergence_vs_plain_gpu": [None if a == b else common_prefix(a, b)
+                                              for a, b in zip(res["tokens"], plain)],
         }
     out["configs"] = table
     out["prompts_n"] = len(prompts)
@@ -170,15 +175,11 @@ def cpu_plain_tokens(model_dir: Path, ids: list[list[int]], threads: int,
     prompt's prefill) to the GPU; with ``CUDA_VISIBLE_DEVICES`` empty it cannot. Should
     the child fail, the outputs come from this process, and the label says so.
     """
-    import os
-    import subprocess
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "ids.json", Path(tmp) / "out.json"
         src.write_text(json.dumps(ids))
-        cmd = [sys.executable, __file__, "plain", "--model", str(model_dir), "--ids", str(src), "--out", str(dst),
-               "--threads", str(threads), "--max-tokens", str(max_tokens), "--gpu-layers", "0"]
+        cmd = [sys.executable, "-m", "mtpcode.bench.gpu", "plain", "--model", str(model_dir), "--ids", str(src),
+               "--out", str(dst), "--threads", str(threads), "--max-tokens", str(max_tokens), "--gpu-layers", "0"]
         proc = subprocess.run(cmd, env={**os.environ, "CUDA_VISIBLE_DEVICES": "",
                                                 "GGML_OP_OFFLOAD_MIN_BATCH": "1000000"}, capture_output=True, text=True)
         if proc.returncode == 0:
@@ -189,107 +190,24 @@ def cpu_plain_tokens(model_dir: Path, ids: list[list[int]], threads: int,
 
 def plain_tokens(model_dir: Path, ids: list[list[int]], threads: int, max_tokens: int) -> list[list[int]]:
     """Plain greedy outputs of the engine with no layer offloaded."""
-    from mtpcode.runtime import Engine
-
     with Engine(model_dir, n_ctx=2048, n_threads=threads, n_gpu_layers=0, flash_attn=True) as cpu:
         return [_run(cpu, prompt_ids, max_tokens, **CONFIGS["plain"])[0] for prompt_ids in ids]
-
-
-def _first_diff(a: list[int], b: list[int]) -> int | None:
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
 
 
 # ---------------------------------------------------------------------------
 # costs
 
 
-def time_forwards(bundle_dir: Path, gpu_layers: int, threads: int, *, max_batch: int = 8, repeat: int = 5,
-                  prefix: int = 64) -> dict[str, Any]:
-    """Median seconds of main forwards of 1..max_batch rows (trunk captured, as the runtime runs them)
-    and of one head forward, each timed after an untimed forward of the same shape (graph reuse)."""
-    import llama_cpp
-
-    from mtpcode.bundle import open_bundle
-    from mtpcode.llama import Context, Model, TrunkCapture
-
-    bundle = open_bundle(bundle_dir)
-    m = bundle.manifest
-    n_ctx, n_batch = prefix + max_batch + 16, max(prefix, max_batch)
-    rng = np.random.default_rng(0)
-    t0 = time.perf_counter()
-    main = Model(bundle.main_path, n_gpu_layers=gpu_layers, extra_bufts=False)
-    head = Model(bundle.head_paths[0], n_gpu_layers=gpu_layers, extra_bufts=False)
-    load_s = time.perf_counter() - t0
-    trunk = np.zeros((n_ctx, m.n_embd), dtype=np.float32)
-    cap = TrunkCapture(m.trunk_tensor, trunk)
-    ctx = Context(main, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, capture=cap, flash_attn=True)
-    hctx = Context(head, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads, embd_input=True, flash_attn=True)
-    tokens, embd = ctx.batch.tokens, hctx.batch.embd
-    assert tokens is not None and embd is not None  # token input for main, embeddings for the head
-    try:
-        tokens[:prefix] = rng.integers(3, m.n_vocab, prefix)
-        ctx.decode(prefix, 0, last_logits_only=True)
-        np.copyto(embd[:prefix], trunk[:prefix])
-        hctx.decode(prefix, 0, last_logits_only=True)
-
-        def main_forward(b: int) -> float:
-            dt = 0.0
-            for _ in range(2):
-                tokens[:b] = rng.integers(3, m.n_vocab, b)
-                t = time.perf_counter()
-                ctx.decode(b, prefix, last_logits_only=False)
-                llama_cpp.llama_synchronize(ctx.ptr)
-                dt = time.perf_counter() - t
-                ctx.trim(prefix)
-            return dt
-
-        def head_forward() -> float:
-            dt = 0.0
-            for _ in range(2):
-                np.copyto(embd[:1], trunk[prefix:prefix + 1])
-                t = time.perf_counter()
-                hctx.decode(1, prefix, last_logits_only=True)
-                llama_cpp.llama_synchronize(hctx.ptr)
-                dt = time.perf_counter() - t
-                hctx.trim(prefix)
-            return dt
-
-        sizes = list(range(1, max_batch + 1))
-        for b in sizes:  # warm-up
-            main_forward(b)
-        head_forward()
-        times: dict[int, list[float]] = {b: [] for b in sizes}
-        ratios: dict[int, list[float]] = {b: [] for b in sizes}
-        head_times, head_ratios = [], []
-        for r in range(repeat):
-            for b in sizes[1:][r % (max_batch - 1):] + sizes[1:][:r % (max_batch - 1)]:
-                t1, tb = main_forward(1), main_forward(b)
-                times[1].append(t1)
-                times[b].append(tb)
-                ratios[b].append(tb / t1)
-            t1, th = main_forward(1), head_forward()
-            head_times.append(th)
-            head_ratios.append(th / t1)
-    finally:
-        hctx.close()
-        ctx.close()
-        head.close()
-        main.close()
-    return {"bundle": str(bundle_dir), "quantization": m.quantization, "gpu_layers": gpu_layers, "threads": threads,
-            "load_s": round(load_s, 2), "prefix_tokens": prefix, "repeat": repeat,
-            "verify_s": {str(b): statistics.median(times[b]) for b in sizes},
-            "verify_rel": {str(b): (1.0 if b == 1 else round(statistics.median(ratios[b]), 4)) for b in sizes},
-            "head_s": statistics.median(head_times), "head_rel": round(statistics.median(head_ratios), 4)}
+def time_forwards(bundle_dir: Path, gpu_layers: int, threads: int) -> dict[str, Any]:
+    """Main forwards of 1..8 rows after a 64-token prefix (trunk captured, as the runtime runs them) and
+    one head forward, with ``gpu_layers`` offloaded and flash attention on (the GPU setting)."""
+    return measure_costs(bundle_dir, mode="off", max_batch=8, repeat=5, threads=threads, prefix=64,
+                         flash_attn=True, n_gpu_layers=gpu_layers)
 
 
 def costs_shape(shape: str, quant: str, gpu_layers: int, threads: int, cache: Path,
-                depths: tuple[int, int] = (1, 5)) -> dict:
+                depths: tuple[int, int] = (1, 5)) -> dict[str, Any]:
     """A synthetic shape's cost table from two shallow models (``depths`` trunk blocks), scaled to full depth."""
-    from mtpcode.bench.synthetic import build_bundle, project, scale_depth, shape_params
-
     full_blocks = shape_params(shape).n_trunk + 1
     measured, shallow = {}, {}
     for depth in depths:
@@ -299,7 +217,7 @@ def costs_shape(shape: str, quant: str, gpu_layers: int, threads: int, cache: Pa
         shallow[depth + 1] = {(int(b), threads): float(s) for b, s in r["verify_s"].items()}
     scaled = scale_depth(shallow, full_blocks)
     one = scaled[(1, threads)]
-    head_s = statistics.median([measured[k]["head_s"] for k in measured])
+    head_s = median([measured[k]["head_s"] for k in measured])
     costs = {"verify_s": {str(b): round(s, 6) for (b, _), s in sorted(scaled.items())},
              "verify_rel": {str(b): round(s / one, 4) for (b, _), s in sorted(scaled.items())},
              "head_s": round(head_s, 6), "head_rel": round(head_s / one, 4)}
@@ -313,8 +231,7 @@ def costs_shape(shape: str, quant: str, gpu_layers: int, threads: int, cache: Pa
 
 def check_costs(gpu_layers: int, threads: int, shape: str, quants: list[str], cache: Path,
                 model_dir: Path) -> dict[str, Any]:
-    from mtpcode.bench.synthetic import project
-
+    """The cost table of the built-in model (or ``model_dir``) and of ``shape`` in each of ``quants``."""
     out: dict[str, Any] = {"gpu_layers": gpu_layers, "threads": threads, "shape": shape}
     builtin = time_forwards(model_dir, gpu_layers, threads)
     builtin["projection"] = project(builtin)
@@ -330,8 +247,8 @@ def _cost_line(name: str, c: dict[str, Any]) -> str:
             + (f", projected speedup {pj['speedup']:.2f}x at {pj['drafts']} drafts" if pj else ""))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog=PROG, description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("stage", choices=("capture", "engine", "costs", "plain"))
     ap.add_argument("--ids", type=Path, help="plain: JSON list of prompts' token ids")
     ap.add_argument("--out", type=Path, required=True)
@@ -345,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="7b", help="synthetic shape of the cost table [default: 7b]")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/mtpcode-synthetic"))
     args = ap.parse_args(argv)
-    model = args.model or _builtin()
+    model = args.model or builtin_model_path()
+    if model is None:
+        raise UsageError("this install has no built-in model: pass --model")
     t0 = time.perf_counter()
     if args.stage == "capture":
         result = check_capture(model, args.gpu_layers, args.threads)
@@ -370,11 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     result["stage"] = args.stage
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["backend"] = _backend()
-    result["command"] = "python scripts/device/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = f"{PROG} " + " ".join(argv)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except MtpError as exc:  # one line, as the mtpcode commands print it
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -1,12 +1,13 @@
 """Peak memory of ``mtpcode convert`` on a large random checkpoint in Meta's format.
 
-    python -m converters.bench_memory --workdir /tmp/mem [--dim 2048 --n-layers 22 --vocab 8000] [--quant Q4_K_M]
+    python -m mtpcode.bench.convert_memory --workdir /tmp/mem --json docs/results/convert_memory.json \\
+        [--dim 2048 --n-layers 22 --vocab 8000] [--quant Q4_K_M]
 
 Builds the checkpoint in a separate process, then runs ``mtpcode convert`` in
 a child process and samples its memory from /proc: resident anonymous memory
 (what the converter itself allocates) and resident file-backed memory (the
 memory-mapped checkpoint, which the kernel can drop at any time). Writes a
-JSON result to ``--json`` (default docs/results/convert_memory.json).
+JSON result to ``--json``. Needs PyTorch (``mtpcode[convert]``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+from mtpcode.errors import MtpError
+
+PROG = "python -m mtpcode.bench.convert_memory"
 
 
 def _status(pid: int) -> dict[str, int]:
@@ -48,7 +55,9 @@ make_checkpoint(w / 'ckpt', tok, dim={dim}, n_layers={n_layers}, n_heads={n_head
 """
     ckpt = workdir / "ckpt"
     if not (ckpt / "consolidated.pth").is_file():
-        subprocess.run([sys.executable, "-c", code], check=True)
+        rc = subprocess.run([sys.executable, "-c", code]).returncode
+        if rc != 0:
+            raise MtpError(f"building the random checkpoint failed (exit status {rc}; its error is above)")
     return ckpt
 
 
@@ -71,7 +80,8 @@ def _child_pid(pid: int) -> int | None:
     return int(children[0]) if children else None
 
 
-def measure(ckpt: Path, out: Path, quant: str, threads: int) -> dict:
+def measure(ckpt: Path, out: Path, quant: str, threads: int) -> dict[str, Any]:
+    """Seconds and peak memory of ``mtpcode convert`` of ``ckpt`` to ``out`` in a child process."""
     cmd = [sys.executable, "-m", "mtpcode", "convert", str(ckpt), "--out", str(out), "--quant", quant,
            "--force", "--no-register", "--threads", str(threads)]
     start = time.monotonic()
@@ -96,7 +106,7 @@ def measure(ckpt: Path, out: Path, quant: str, threads: int) -> dict:
     done.set()
     t.join()
     if waiter.returncode != 0:
-        raise SystemExit(f"convert failed: {err.strip().splitlines()[-1] if err.strip() else waiter.returncode}")
+        raise MtpError(f"convert failed: {err.strip().splitlines()[-1] if err.strip() else waiter.returncode}")
     return {
         "seconds": round(time.monotonic() - start, 1),
         "peak_rss_bytes": int(out_text.strip().splitlines()[-1]),
@@ -105,8 +115,8 @@ def measure(ckpt: Path, out: Path, quant: str, threads: int) -> dict:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--n-layers", type=int, default=22)
@@ -115,13 +125,11 @@ def main() -> None:
     ap.add_argument("--n-future", type=int, default=4)
     ap.add_argument("--quant", default="Q4_K_M")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--json", type=Path,
-                    default=Path(__file__).resolve().parent.parent / "docs/results/convert_memory.json")
-    args = ap.parse_args()
+    ap.add_argument("--json", type=Path, required=True, help="write the result here")
+    args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt = _build(args.workdir, args.dim, args.n_layers, args.n_heads, args.vocab, args.n_future)
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from converters.checkpoint import open_checkpoint
+    from converters.checkpoint import open_checkpoint  # torch: imported by the one step that reads the checkpoint
 
     c = open_checkpoint(ckpt)
     params = c.parameter_count()
@@ -130,7 +138,7 @@ def main() -> None:
     del c
     result = measure(ckpt, args.workdir / "bundle", args.quant, args.threads)
     result.update(
-        command=" ".join(["python -m converters.bench_memory"] + sys.argv[1:]),
+        command=" ".join([PROG, *argv]),
         quant=args.quant,
         parameters=params,
         checkpoint_bytes=ckpt_bytes,
@@ -147,7 +155,12 @@ def main() -> None:
     print(f"peak RSS {result['peak_rss_bytes'] / gib:.2f} GiB = "
           f"anonymous {result['peak_rss_anon_bytes_sampled'] / gib:.2f} GiB "
           f"+ mapped checkpoint pages {result['peak_rss_file_bytes_sampled'] / gib:.2f} GiB (sampled)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except MtpError as exc:  # one line, as the mtpcode commands print it
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
