@@ -1,10 +1,14 @@
 """The REPL's ``/commands``: the table that ``/help`` prints and their handlers.
 
-A handler is a function of the running :class:`~mtpcode.repl.ui.Repl` and the
-text after the command's name. It changes the session through the REPL's
+A handler is a function of the running REPL and the text after the command's
+name. It changes the session through the REPL's
 :class:`~mtpcode.repl.session.SessionBuffer` and reports through the REPL's
 output; a bad argument is an :class:`~mtpcode.errors.MtpError`, which the REPL
 prints as one ``error:`` line before it goes on.
+
+The REPL is seen through :class:`Host`, the little the commands need of it, so
+that this module does not depend on the terminal UI: :mod:`mtpcode.repl.ui`
+imports the command table, and its ``Repl`` is the one ``Host``.
 
 ``/set`` changes the model's settings through :mod:`mtpcode.config`, which
 parses and checks them as it does for the config file, flags and ``serve``
@@ -16,16 +20,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from mtpcode.config import check_setting, override_settings, parse_bool
 from mtpcode.errors import DataError, OutputError, UsageError
 from mtpcode.files import atomic_write_text, read_file
 from mtpcode.repl.edit import language_name, lexer_by_name, lexer_for_filename
-from mtpcode.repl.session import count_lines, describe_stop, parse_stop
+from mtpcode.repl.session import SessionBuffer, count_lines, describe_stop, parse_stop
 
 if TYPE_CHECKING:
-    from mtpcode.repl.ui import Repl
+    from pygments.lexer import Lexer
+
+    from mtpcode.repl.suggest import ModelSuggest
+    from mtpcode.runtime import Engine
 
 # The settings of mtpcode.config that /set changes (the rest are fixed once the model is loaded).
 MODEL_SETTINGS = ("temperature", "top_k", "top_p", "min_p", "max_tokens", "heads", "seed", "adaptive")
@@ -40,16 +47,52 @@ SET_KEYS = MODEL_SETTINGS + tuple(SESSION_SETTINGS)
 MAX_SUGGEST_TOKENS = 256
 
 
+class Host(Protocol):
+    """What a command uses of the REPL that runs it."""
+
+    buffer: SessionBuffer
+    suggester: ModelSuggest
+    lexer: Lexer  # the session's language
+    model_path: Path | None
+    model_name: str | None
+
+    def print(self, text: Any, end: str = "\n") -> None:
+        """Print ``text`` (a string or prompt-toolkit formatted text) above the input box."""
+        ...
+
+    def info(self, message: str) -> None: ...
+
+    def print_code(self, text: str, context: str = "") -> None:
+        """Print ``text`` highlighted in the session's language."""
+        ...
+
+    def quit(self) -> None:
+        """Leave the loop once the current input is handled."""
+        ...
+
+    def warm_up(self) -> None:
+        """Prefill the session buffer in the background."""
+        ...
+
+    def load_engine(self, path: Path) -> Engine:
+        """Load the bundle at ``path`` with the session's settings."""
+        ...
+
+    def use_engine(self, engine: Engine, path: Path, name: str) -> None:
+        """Continue with ``engine`` (the session now owns it; the one it loaded before is closed)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Command:
     """One ``/command``: how it is used, what it does (for /help) and its handler."""
 
     usage: str
     what: str
-    run: Callable[[Repl, str], None]
+    run: Callable[[Host, str], None]
 
 
-def run_command(ui: Repl, line: str) -> None:
+def run_command(ui: Host, line: str) -> None:
     """Run a ``/command [args]`` line."""
     name, _, arg = line[1:].partition(" ")
     name = ALIASES.get(name.lower(), name.lower())
@@ -61,7 +104,7 @@ def run_command(ui: Repl, line: str) -> None:
 # --- the handlers ---------------------------------------------------------------------
 
 
-def cmd_help(ui: Repl, arg: str) -> None:
+def cmd_help(ui: Host, arg: str) -> None:
     width = max(len(c.usage) for c in COMMANDS.values())
     lines = ["Commands:"]
     lines += [f"  {c.usage.ljust(width)}  {c.what}" for c in COMMANDS.values()]
@@ -79,16 +122,16 @@ def cmd_help(ui: Repl, arg: str) -> None:
     ui.print("\n".join(lines))
 
 
-def cmd_quit(ui: Repl, arg: str) -> None:
+def cmd_quit(ui: Host, arg: str) -> None:
     ui.quit()
 
 
-def cmd_clear(ui: Repl, arg: str) -> None:
+def cmd_clear(ui: Host, arg: str) -> None:
     ui.buffer.replace("")
     ui.info("session buffer cleared")
 
 
-def cmd_undo(ui: Repl, arg: str) -> None:
+def cmd_undo(ui: Host, arg: str) -> None:
     if not ui.buffer.undo():
         ui.info("nothing to undo")
         return
@@ -96,7 +139,7 @@ def cmd_undo(ui: Repl, arg: str) -> None:
     ui.warm_up()
 
 
-def cmd_show(ui: Repl, arg: str) -> None:
+def cmd_show(ui: Host, arg: str) -> None:
     text = ui.buffer.text
     if not text:
         ui.info("the session buffer is empty")
@@ -106,7 +149,7 @@ def cmd_show(ui: Repl, arg: str) -> None:
         ui.print("")
 
 
-def cmd_save(ui: Repl, arg: str) -> None:
+def cmd_save(ui: Host, arg: str) -> None:
     if not arg:
         raise UsageError("usage: /save FILE")
     path = Path(arg).expanduser()
@@ -120,7 +163,7 @@ def cmd_save(ui: Repl, arg: str) -> None:
     ui.info(f"saved {count_lines(text)} lines ({len(text)} characters) to {path}")
 
 
-def cmd_load(ui: Repl, arg: str) -> None:
+def cmd_load(ui: Host, arg: str) -> None:
     if not arg:
         raise UsageError("usage: /load FILE")
     path = Path(arg).expanduser()
@@ -139,7 +182,7 @@ def cmd_load(ui: Repl, arg: str) -> None:
     ui.warm_up()
 
 
-def cmd_set(ui: Repl, arg: str) -> None:
+def cmd_set(ui: Host, arg: str) -> None:
     if not arg:
         ui.print("\n".join(f"  {k} = {v}" for k, v in current_settings(ui).items()))
         return
@@ -155,7 +198,7 @@ def cmd_set(ui: Repl, arg: str) -> None:
     ui.info(f"{key} = {current_settings(ui)[key]}")
 
 
-def set_value(ui: Repl, key: str, text: str) -> None:
+def set_value(ui: Host, key: str, text: str) -> None:
     """Set one /set key from its text as typed; UsageError naming the rule for a bad value."""
     buffer = ui.buffer
     if key in MODEL_SETTINGS:
@@ -191,7 +234,7 @@ def _parse(key: str, text: str, parse: Callable[[str], Any]) -> Any:
         raise UsageError(f"{key} must be {SESSION_SETTINGS[key]}, not {text!r}") from None
 
 
-def current_settings(ui: Repl) -> dict[str, str]:
+def current_settings(ui: Host) -> dict[str, str]:
     """Every /set key with its value, as /set shows them."""
     buffer = ui.buffer
     s = buffer.settings
@@ -206,7 +249,7 @@ def current_settings(ui: Repl) -> dict[str, str]:
     return {k: str(v) for k, v in values.items()}
 
 
-def cmd_model(ui: Repl, arg: str) -> None:
+def cmd_model(ui: Host, arg: str) -> None:
     if not arg:
         where = f" ({ui.model_path})" if ui.model_path else ""
         ui.info(f"model: {ui.model_name or 'none'}{where}")
@@ -225,7 +268,7 @@ def cmd_model(ui: Repl, arg: str) -> None:
     ui.warm_up()
 
 
-def cmd_stats(ui: Repl, arg: str) -> None:
+def cmd_stats(ui: Host, arg: str) -> None:
     buffer = ui.buffer
     lines = []
     if buffer.last_done is None:
