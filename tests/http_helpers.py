@@ -1,4 +1,5 @@
-"""A real `mtpcode serve --http` process for the HTTP tests, and small SSE helpers."""
+"""A real `mtpcode serve --http` process for the HTTP tests, small SSE helpers, and the request
+bodies editor plugins send (copied from their sources)."""
 
 from __future__ import annotations
 
@@ -121,3 +122,81 @@ def sse_events(raw: bytes) -> list[Any]:
         payload = block[len("data: "):]
         events.append(payload if payload == "[DONE]" else json.loads(payload))
     return events
+
+
+# --- plugins' own request bodies ------------------------------------------------------------------
+
+
+def llama_vim_fim_request(prefix: str, middle: str, suffix: str, extra: list[dict], indent: int) -> dict:
+    """llama.vim's FIM request (autoload/llama.vim, llama#fim), with its default settings."""
+    return {
+        "id_slot": 0,
+        "input_prefix": prefix,
+        "input_suffix": suffix,
+        "input_extra": extra,
+        "prompt": middle,
+        "n_predict": 128,
+        "stop": [],
+        "n_indent": indent,
+        "top_k": 40,
+        "top_p": 0.90,
+        "samplers": ["top_k", "top_p", "infill"],
+        "stream": False,
+        "cache_prompt": True,
+        "t_max_prompt_ms": 500,
+        "t_max_predict_ms": 250,
+        "response_fields": [
+            "content",
+            "timings/prompt_n",
+            "timings/prompt_ms",
+            "timings/prompt_per_token_ms",
+            "timings/prompt_per_second",
+            "timings/predicted_n",
+            "timings/predicted_ms",
+            "timings/predicted_per_token_ms",
+            "timings/predicted_per_second",
+            "truncated",
+            "tokens_cached",
+        ],
+        "model": "",
+    }
+
+
+def llama_vim_ring_request(extra: list[dict]) -> dict:
+    """llama.vim's background extra-context update (s:ring_update): n_predict 0, only fills the cache."""
+    return {
+        "id_slot": 0,
+        "input_prefix": "",
+        "input_suffix": "",
+        "input_extra": extra,
+        "prompt": "",
+        "n_predict": 0,
+        "temperature": 0.0,
+        "samplers": [],
+        "stream": False,
+        "cache_prompt": True,
+        "t_max_prompt_ms": 1,
+        "t_max_predict_ms": 1,
+        "response_fields": [""],
+        "model": "",
+    }
+
+
+def llama_vscode_request(prefix: str, suffix: str, chunks: list[dict], prompt: str, nindent: int,
+                         no_predict: bool = False) -> dict:
+    """llama.vscode's FIM request (src/llama-server.ts, createRequestPayload), with its defaults."""
+    if no_predict:
+        return {"id_slot": 0, "input_prefix": prefix, "input_suffix": suffix, "input_extra": chunks,
+                "prompt": prompt, "n_predict": 0, "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500,
+                "t_max_predict_ms": 1}
+    return {"id_slot": 0, "input_prefix": prefix, "input_suffix": suffix, "input_extra": chunks, "prompt": prompt,
+            "n_predict": 128, "n_cmpl": 3, "top_k": 40, "top_p": 0.99, "stream": False,
+            "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "n_indent": nindent,
+            "t_max_prompt_ms": 500, "t_max_predict_ms": 2500}
+
+
+def continue_llama_cpp_request(prompt: str) -> dict:
+    """Continue's llama.cpp provider (core/llm/llms/LlamaCpp.ts, _streamComplete): POST {apiBase}completion."""
+    return {"prompt": prompt, "stream": True, "n_predict": 48, "frequency_penalty": 0, "presence_penalty": 0,
+            "min_p": 0.05, "mirostat": 0, "stop": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|endoftext|>"],
+            "top_k": 40, "top_p": 0.9, "temperature": 0.0}

@@ -1,9 +1,14 @@
-"""Request parsing and response shapes of the HTTP server, in llama.cpp server's and OpenAI's formats.
+"""What every API of the HTTP server shares: the JSON spelling, request fields, typed results.
 
 Field names, their order and the JSON spelling (compact, UTF-8, no spaces
 after ``:``) follow llama.cpp's ``llama-server``, because some editor plugins
 look at the raw text (llama.vim checks for ``"content":"`` before it parses).
 Unknown request fields are ignored, as real clients send many.
+
+A request's common fields become :class:`Params`; a generation becomes
+:class:`Partial` pieces while it streams and one :class:`Result` per
+completion. Each API's adapter (:mod:`mtpcode.server.apis`) renders these
+typed values in its own shape.
 """
 
 from __future__ import annotations
@@ -15,10 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mtpcode import __version__
 from mtpcode.generation import Stats
+from mtpcode.server.errors import bad_request
 
-SYSTEM_FINGERPRINT = f"mtpcode-{__version__}"
 MAX_COMPLETIONS = 8  # n_cmpl / n: completions per request
 MAX_PREDICT = 1 << 20  # n_predict above this is refused as nonsense; up to it, the context is the limit
 
@@ -28,22 +32,17 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-class ApiError(Exception):
-    """A request the server answers with an error object, in OpenAI's shape."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
-        self.extra = extra
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"code": self.status, "message": self.message, "type": self.kind, **self.extra}}
+def sse(obj: Any) -> bytes:
+    """One server-sent event as llama-server frames it."""
+    return b"data: " + dumps(obj) + b"\n\n"
 
 
-def bad_request(message: str) -> ApiError:
-    return ApiError(400, message)
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def rfc3339(t: float) -> str:
+    """A Unix time as Ollama writes it: UTC, microseconds, ``Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
 
 
 # --- fields -------------------------------------------------------------------------
@@ -202,7 +201,18 @@ def finish_reason(reason: str) -> str:
     return "stop" if stop_type(reason) in ("eos", "word") else "length"
 
 
-@dataclass
+@dataclass(frozen=True)
+class Partial:
+    """A streamed piece of a completion, ready to be rendered in any of the formats."""
+
+    content: str  # the new text
+    n_decoded: int  # tokens generated so far
+    n_prompt: int
+    index: int = 0
+    created: float = field(default_factory=time.time)  # Unix time
+
+
+@dataclass(frozen=True)
 class Result:
     """One finished completion, ready to be rendered in any of the formats."""
 
@@ -214,6 +224,7 @@ class Result:
     stopping_word: str = ""
     truncated: bool = False
     index: int = 0
+    created: float = field(default_factory=time.time)  # Unix time the completion ended
 
 
 def timings(stats: Stats | None) -> dict[str, Any]:
@@ -248,41 +259,6 @@ def timings(stats: Stats | None) -> dict[str, Any]:
     return out
 
 
-def generation_settings(settings: dict[str, Any]) -> dict[str, Any]:
-    return dict(settings)
-
-
-def llama_final(r: Result, model: str, settings: dict[str, Any], *, stream: bool, n_ctx: int,
-                response_fields: Sequence[str] = ()) -> dict[str, Any]:
-    """The last object of /completion and /infill (llama-server's order; content empty when streamed)."""
-    stats = r.stats or Stats()
-    res: dict[str, Any] = {
-        "index": r.index,
-        "content": "" if stream else r.content,
-        "tokens": [],
-        "id_slot": 0,
-        "stop": True,
-        "model": model,
-        "tokens_predicted": stats.generated_tokens,
-        "tokens_evaluated": r.n_prompt,
-        "generation_settings": settings,
-        "prompt": r.prompt,
-        "has_new_line": "\n" in r.content,
-        "truncated": r.truncated or r.reason == "context",
-        "stop_type": stop_type(r.reason),
-        "stopping_word": r.stopping_word,
-        "tokens_cached": min(n_ctx, r.n_prompt + stats.generated_tokens),
-        "timings": timings(r.stats),
-        "stop_reason": r.reason,
-    }
-    return nested_fields(response_fields, res) if response_fields else res
-
-
-def llama_partial(content: str, n_decoded: int, n_prompt: int, index: int = 0) -> dict[str, Any]:
-    return {"index": index, "content": content, "tokens": [], "stop": False, "id_slot": 0,
-            "tokens_predicted": n_decoded, "tokens_evaluated": n_prompt}
-
-
 def nested_fields(paths: Sequence[str], res: dict[str, Any]) -> dict[str, Any]:
     """llama-server's ``response_fields``: keep these (``a/b`` unnests ``res["a"]["b"]`` as key ``"a/b"``)."""
     out: dict[str, Any] = {}
@@ -298,37 +274,3 @@ def nested_fields(paths: Sequence[str], res: dict[str, Any]) -> dict[str, Any]:
         if ok:
             out[path] = node
     return out
-
-
-def openai_final(results: Sequence[Result], model: str, cmpl_id: str, *, stream: bool) -> dict[str, Any]:
-    """A /v1/completions response (with ``stream``: its last chunk, text empty)."""
-    completion_tokens = sum((r.stats.generated_tokens if r.stats else 0) for r in results)
-    prompt_tokens = results[0].n_prompt if results else 0
-    res: dict[str, Any] = {
-        "choices": [{"text": "" if stream else r.content, "index": r.index, "logprobs": None,
-                     "finish_reason": finish_reason(r.reason)} for r in results],
-        "created": int(time.time()),
-        "model": model,
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-        "object": "text_completion",
-        "usage": {"completion_tokens": completion_tokens, "prompt_tokens": prompt_tokens,
-                  "total_tokens": completion_tokens + prompt_tokens},
-        "id": cmpl_id,
-    }
-    if results:
-        res["timings"] = timings(results[-1].stats)
-    return res
-
-
-def openai_partial(text: str, model: str, cmpl_id: str, index: int = 0) -> dict[str, Any]:
-    return {"choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": None}],
-            "created": int(time.time()), "model": model, "system_fingerprint": SYSTEM_FINGERPRINT,
-            "object": "text_completion", "id": cmpl_id}
-
-
-def sse(obj: Any) -> bytes:
-    """One server-sent event as llama-server frames it."""
-    return b"data: " + dumps(obj) + b"\n\n"
-
-
-SSE_DONE = b"data: [DONE]\n\n"

@@ -22,8 +22,9 @@ from typing import IO, Any
 
 from mtpcode.config import Settings
 from mtpcode.errors import ModelError, MtpError, UsageError
-from mtpcode.server.app import DEFAULT_MAX_BODY, ServerState, create_app
+from mtpcode.server.app import create_app
 from mtpcode.server.scheduler import Scheduler
+from mtpcode.server.state import DEFAULT_MAX_BODY, ServerState
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8012  # llama.vim's and llama.vscode's default endpoint

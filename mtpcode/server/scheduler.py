@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtpcode.errors import MtpError
-from mtpcode.generation import Done, GenerationOptions, Piece, Stats, StopCondition
+from mtpcode.generation import CompletionEngine, Done, GenerationOptions, Piece, Stats, StopCondition
 
 log = logging.getLogger("mtpcode.server")
 
@@ -130,7 +130,7 @@ class Counters:
 class Scheduler:
     """Runs jobs on ``engine`` one at a time, on a worker thread."""
 
-    def __init__(self, engine: Any, *, cancel_previous: bool = True) -> None:
+    def __init__(self, engine: CompletionEngine, *, cancel_previous: bool = True) -> None:
         self.engine = engine
         self.cancel_previous = cancel_previous
         self.counters = Counters()

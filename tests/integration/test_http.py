@@ -22,7 +22,15 @@ from runtime_helpers import greedy_done
 
 from mtpcode.generation import GenerationOptions
 from mtpcode.stops import code_stops
-from tests.http_helpers import HttpServer, env, sse_events
+from tests.http_helpers import (
+    HttpServer,
+    continue_llama_cpp_request,
+    env,
+    llama_vim_fim_request,
+    llama_vim_ring_request,
+    llama_vscode_request,
+    sse_events,
+)
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -151,74 +159,6 @@ def test_n_indent_and_time_limit(server: HttpServer, engine) -> None:
 # --- plugins' own request bodies ------------------------------------------------------------------
 
 
-def llama_vim_fim_request(prefix: str, middle: str, suffix: str, extra: list[dict], indent: int) -> dict:
-    """llama.vim's FIM request (autoload/llama.vim, llama#fim), with its default settings."""
-    return {
-        "id_slot": 0,
-        "input_prefix": prefix,
-        "input_suffix": suffix,
-        "input_extra": extra,
-        "prompt": middle,
-        "n_predict": 128,
-        "stop": [],
-        "n_indent": indent,
-        "top_k": 40,
-        "top_p": 0.90,
-        "samplers": ["top_k", "top_p", "infill"],
-        "stream": False,
-        "cache_prompt": True,
-        "t_max_prompt_ms": 500,
-        "t_max_predict_ms": 250,
-        "response_fields": [
-            "content",
-            "timings/prompt_n",
-            "timings/prompt_ms",
-            "timings/prompt_per_token_ms",
-            "timings/prompt_per_second",
-            "timings/predicted_n",
-            "timings/predicted_ms",
-            "timings/predicted_per_token_ms",
-            "timings/predicted_per_second",
-            "truncated",
-            "tokens_cached",
-        ],
-        "model": "",
-    }
-
-
-def llama_vim_ring_request(extra: list[dict]) -> dict:
-    """llama.vim's background extra-context update (s:ring_update): n_predict 0, only fills the cache."""
-    return {
-        "id_slot": 0,
-        "input_prefix": "",
-        "input_suffix": "",
-        "input_extra": extra,
-        "prompt": "",
-        "n_predict": 0,
-        "temperature": 0.0,
-        "samplers": [],
-        "stream": False,
-        "cache_prompt": True,
-        "t_max_prompt_ms": 1,
-        "t_max_predict_ms": 1,
-        "response_fields": [""],
-        "model": "",
-    }
-
-
-def llama_vscode_request(prefix: str, suffix: str, chunks: list[dict], prompt: str, nindent: int,
-                         no_predict: bool = False) -> dict:
-    """llama.vscode's FIM request (src/llama-server.ts, createRequestPayload), with its defaults."""
-    if no_predict:
-        return {"id_slot": 0, "input_prefix": prefix, "input_suffix": suffix, "input_extra": chunks,
-                "prompt": prompt, "n_predict": 0, "samplers": [], "cache_prompt": True, "t_max_prompt_ms": 500,
-                "t_max_predict_ms": 1}
-    return {"id_slot": 0, "input_prefix": prefix, "input_suffix": suffix, "input_extra": chunks, "prompt": prompt,
-            "n_predict": 128, "n_cmpl": 3, "top_k": 40, "top_p": 0.99, "stream": False,
-            "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "n_indent": nindent,
-            "t_max_prompt_ms": 500, "t_max_predict_ms": 2500}
-
-
 def test_llama_vim_bodies(server: HttpServer, engine) -> None:
     extra = [{"text": "def helper(x):\n    return x * 2\n", "time": 1733212345.5, "filename": "util.py"}]
     ring = server.post("/infill", llama_vim_ring_request(extra))
@@ -249,13 +189,6 @@ def test_llama_vscode_bodies(server: HttpServer, engine) -> None:
     assert isinstance(body, list) and [b["index"] for b in body] == [0, 1, 2]
     assert len({b["content"] for b in body}) == 1
     assert server.get("/health").json() == {"status": "ok"}
-
-
-def continue_llama_cpp_request(prompt: str) -> dict:
-    """Continue's llama.cpp provider (core/llm/llms/LlamaCpp.ts, _streamComplete): POST {apiBase}completion."""
-    return {"prompt": prompt, "stream": True, "n_predict": 48, "frequency_penalty": 0, "presence_penalty": 0,
-            "min_p": 0.05, "mirostat": 0, "stop": ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<|endoftext|>"],
-            "top_k": 40, "top_p": 0.9, "temperature": 0.0}
 
 
 def test_continue_llama_cpp_body(server: HttpServer, engine) -> None:
