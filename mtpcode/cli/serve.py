@@ -39,7 +39,7 @@ from mtpcode import __version__
 from mtpcode.cli.options import model_option, runtime_options
 from mtpcode.config import Settings, load_settings, override_settings
 from mtpcode.errors import Interrupted, MtpError, UsageError
-from mtpcode.generation import Done, GenerationOptions, Piece, StopCondition
+from mtpcode.generation import CompletionEngine, Done, GenerationOptions, Piece, StopCondition
 from mtpcode.stops import code_stops
 
 # Request keys that map onto settings; the others are handled here.
@@ -123,7 +123,8 @@ def parse_request(obj: Any, settings: Settings) -> Job | tuple[str, Any]:
 class Server:
     """Reads requests on the calling thread, generates on a worker thread."""
 
-    def __init__(self, engine: Any, settings: Settings, out: IO[bytes], log: IO[str] | None = None) -> None:
+    def __init__(self, engine: CompletionEngine, settings: Settings, out: IO[bytes],
+                 log: IO[str] | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.out = out
