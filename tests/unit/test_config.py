@@ -5,14 +5,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from mtpcode import config, models
 from mtpcode.bundle import FileEntry, Manifest, open_bundle
 from mtpcode.errors import DataError, ModelError, NoInputError, UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: tomli, which the install brings there (pyproject: tomli; python_version < '3.11')
+    import tomli as tomllib
 
 
 @pytest.fixture

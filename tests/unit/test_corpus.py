@@ -145,11 +145,14 @@ def test_per_package_cap_is_deterministic(site):
     assert [f.rel_path for f in again.train] == [f.rel_path for f in capped.train]
 
 
+# Real installed distributions: only ones the install command itself declares (platformdirs is a
+# runtime dependency, httpx one of the test extra's, click the held-out package), never whatever
+# else the machine happens to have.
 def test_installed_packages_and_the_stdlib_split():
-    result = corpus.build_corpus(["python", "idna", "six"], ["click"])
+    result = corpus.build_corpus(["python", "platformdirs", "httpx"], ["click"])
     records = {p["name"]: p for p in result.manifest()["packages"]}
-    assert records["idna"]["version"] == md.version("idna")
-    assert records["six"]["version"] == md.version("six")
+    assert records["platformdirs"]["version"] == md.version("platformdirs")
+    assert records["httpx"]["version"] == md.version("httpx")
     assert records["click"]["role"] == "eval" and records["click"]["files"] > 5
     # the stdlib's held-out split (mtpcode bench's default prompts) is not trained on
     from converters import data
@@ -176,10 +179,11 @@ def test_prepared_corpus_tokenizes_both_splits_and_is_cached(tmp_path, site):
 
 def test_cli_writes_the_record_and_heldout_prompts(tmp_path):
     out, prompts = tmp_path / "corpus.json", tmp_path / "prompts.jsonl"
-    assert corpus.main(["--out", str(out), "--packages", "six", "--eval-packages", "click",
+    assert corpus.main(["--out", str(out), "--packages", "platformdirs", "--eval-packages", "click",
                         "--prompts-out", str(prompts), "--n-prompts", "5"]) == 0
     manifest = json.loads(out.read_text())
-    assert [p["name"] for p in manifest["packages"]] == ["click", "six"]
+    assert [p["name"] for p in manifest["packages"]] == ["click", "platformdirs"]
+    assert all(p["status"] == "used" for p in manifest["packages"])
     lines = [json.loads(x) for x in prompts.read_text().splitlines()]
     assert len(lines) == 5 and all(x["name"].startswith("click/") and x["prompt"] for x in lines)
     from mtpcode.bench.run import load_prompts
