@@ -53,3 +53,13 @@ def greedy_done(engine: Any, prompt: str, max_tokens: int, stops: Sequence[Any] 
     *_, done = engine.generate(prompt, GenerationOptions(max_tokens=max_tokens), stops)
     assert isinstance(done, Done)
     return done
+
+
+def apply_stops(text: str, stops) -> tuple[str, str | None]:
+    """Cut a finished ``text`` with ``stops`` as a generation would: (text, reason or None)."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        cut = stop.check(text)
+        if cut is not None and (best is None or cut < best[0]):
+            best = (cut, stop.reason)
+    return (text, None) if best is None else (text[: best[0]], best[1])

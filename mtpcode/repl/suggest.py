@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 from prompt_toolkit.auto_suggest import AutoSuggest, Suggestion
 
 from mtpcode.errors import MtpError
-from mtpcode.generation import Done, StopStrings
+from mtpcode.generation import Done
+from mtpcode.stops import StopStrings
 
 if TYPE_CHECKING:
     from prompt_toolkit.buffer import Buffer

@@ -26,11 +26,8 @@ text.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-from mtpcode.generation import StopStrings
 
 # Lines of the prefix dropped at a time when it does not fit: a coarse step keeps the
 # cut (and with it the cached KV prefix) at the same line while the user types.
@@ -243,88 +240,3 @@ def truncate_tokens(ids: Sequence[int], budget: int, keep_first: int = 1) -> tup
     body = ids[keep_first:]
     drop = min(drop, max(0, len(body) - 1))
     return ids[:keep_first] + body[drop:], True
-
-
-# --- stops that editors ask for ----------------------------------------------------------
-
-
-class IndentLimit:
-    """llama.cpp's ``n_indent``: stop before a new line indented less than ``n`` columns.
-
-    Only lines the completion starts count (not the rest of the cursor's line);
-    a line is judged once it has text; the newline before it is not output.
-    """
-
-    reason = "limit"
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    @staticmethod
-    def _starts(text: str) -> list[int]:
-        starts = []
-        pos = text.find("\n")
-        while pos >= 0:
-            starts.append(pos + 1)
-            pos = text.find("\n", pos + 1)
-        return starts
-
-    def check(self, text: str) -> int | None:
-        for start in self._starts(text):
-            i = start
-            while i < len(text) and text[i] in " \t":
-                i += 1
-            if i < len(text) and text[i] not in "\r\n" and i - start < self.n:
-                return max(0, start - 1)
-        return None
-
-    def holdback(self, text: str) -> int:
-        # A newline followed by only blanks may turn out to start a line that ends the completion.
-        nl = text.rfind("\n")
-        if nl >= 0 and not text[nl + 1:].strip(" \t"):
-            return len(text) - nl
-        return 0
-
-
-class TimeLimit:
-    """llama.cpp's ``t_max_predict_ms``: once ``ms`` have passed since the first generated
-    text, stop after the next newline (the newline is kept, as llama-server keeps it)."""
-
-    reason = "limit"
-
-    def __init__(self, ms: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit_s = ms / 1000.0
-        self.clock = clock
-        self.started: float | None = None
-        self.seen = 0
-
-    def check(self, text: str) -> int | None:
-        now = self.clock()
-        if self.started is None:
-            self.started = now
-        new_from, self.seen = self.seen, len(text)
-        if now - self.started <= self.limit_s:
-            return None
-        nl = text.find("\n", new_from)
-        return None if nl < 0 else nl + 1
-
-    def holdback(self, text: str) -> int:
-        return 0
-
-
-class WordStop(StopStrings):
-    """The request's ``stop`` strings, remembering which one ended the completion
-    (llama-server's ``stopping_word``)."""
-
-    reason = "word"
-
-    def __init__(self, strings: Sequence[str]) -> None:
-        super().__init__(strings)
-        self.matched = ""
-
-    def check(self, text: str) -> int | None:
-        hits = [(i, s) for s in self.strings if (i := text.find(s)) >= 0]
-        if not hits:
-            return None
-        at, self.matched = min(hits)
-        return at

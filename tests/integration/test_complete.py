@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from runtime_helpers import apply_stops
 
 from mtpcode.cli import main
 from mtpcode.generation import Done, GenerationOptions
-from mtpcode.stops import BlockEnd, LineLimit, SuffixReached, apply_stops
+from mtpcode.stops import BlockEnd, LineLimit, SuffixReached
 
 REPO = Path(__file__).resolve().parents[2]
 

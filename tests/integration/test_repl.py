@@ -23,12 +23,12 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output.vt100 import Vt100_Output
 
 from mtpcode.config import load_settings
-from mtpcode.generation import Done, GenerationOptions, SamplingOptions, StopStrings
+from mtpcode.generation import Done, GenerationOptions, SamplingOptions
 from mtpcode.repl.commands import COMMANDS
 from mtpcode.repl.edit import enter_submits, lexer_by_name, newline_indent
 from mtpcode.repl.suggest import showable
 from mtpcode.repl.ui import Repl, StreamPrinter, visible
-from mtpcode.stops import code_stops
+from mtpcode.stops import StopStrings, code_stops
 
 ALT_ENTER = "\x1b\r"
 UP = "\x1b[A"

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from mtpcode.generation import GenerationOptions, SamplingOptions, StopStrings
+from mtpcode.generation import GenerationOptions, SamplingOptions
 from mtpcode.repl.suggest import showable
 from mtpcode.repl.ui import visible
+from mtpcode.stops import StopStrings
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install -y tmux)")
 

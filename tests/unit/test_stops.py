@@ -5,9 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
+from runtime_helpers import apply_stops
 
-from mtpcode.generation import StopStrings
-from mtpcode.stops import BlockEnd, LineLimit, SuffixReached, apply_stops, code_stops
+from mtpcode.stops import BlockEnd, LineLimit, StopStrings, SuffixReached, code_stops
 
 
 def stream(text: str, stops) -> tuple[str, str | None, str]:
