@@ -34,6 +34,7 @@ from typing import Any
 from mtpcode.errors import DataError, UsageError
 from mtpcode.files import atomic_write_text
 from mtpcode.generation import GenerationOptions, SamplingOptions
+from mtpcode.policy.store import PolicyStore
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,6 +68,7 @@ class Settings:
     heads: int | None = None
     adaptive: bool = True
     context_draft: bool = True  # draft from the context (prompt, suffix, output) too, when heads draft
+    repeat_stop: bool = True  # stop a degenerate loop (mtpcode.stops.RepeatStop)
     # llama.cpp threads: ``threads`` for one-row forwards (steps; None: 1 under 50M parameters, else every
     # core), ``threads_batch`` for several rows (prefill, verify; None: as many as ``threads``)
     threads: int | None = None
@@ -95,7 +97,7 @@ class Settings:
         """GenerationOptions from these settings; ``changes`` overrides fields (e.g. ``stop``)."""
         opts = GenerationOptions(
             max_tokens=self.max_tokens, sampling=self.sampling(), heads=self.heads, adaptive=self.adaptive,
-            context_draft=None if self.context_draft else False,
+            context_draft=None if self.context_draft else False, repeat_stop=self.repeat_stop,
         )
         return dataclasses.replace(opts, **changes)
 
@@ -109,7 +111,7 @@ class Settings:
             "n_gpu_layers": self.gpu_layers,
             "extra_bufts": self.extra_bufts,
             "flash_attn": self.flash_attn,
-            "policy_dir": cache_dir() / "policy",
+            "policies": PolicyStore(cache_dir() / "policy"),
         }
 
 
@@ -125,6 +127,7 @@ _KEYS: dict[str, str] = {
     "heads": "int?",
     "adaptive": "bool",
     "context_draft": "bool",
+    "repeat_stop": "bool",
     "threads": "int?",
     "threads_batch": "int?",
     "gpu_layers": "int",

@@ -1,5 +1,5 @@
 """Types shared by the runtime and its front ends: options, the event stream, stats,
-and stop conditions.
+draft sources, and the engine contract (:class:`CompletionEngine`).
 
 ``Engine.generate()`` (mtpcode.runtime) yields ``Piece`` events while it
 decodes and ends with exactly one ``Done`` event carrying the ``Stats``.
@@ -11,7 +11,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 from typing import Any, Protocol
+
+from mtpcode.stops import StopCondition, StopReason
 
 
 @dataclass(frozen=True)
@@ -45,46 +48,31 @@ class GenerationOptions:
     # The text after the cursor, when completing in the middle of a file: never generated from,
     # only a source of context drafts (a line being retyped before identical text).
     suffix: str = ""
+    # Stop a degenerate loop (mtpcode.stops.RepeatStop). Off here, so that the library decodes
+    # exactly as long as asked; every front end turns it on by default (setting repeat_stop).
+    repeat_stop: bool = False
 
 
-class StopCondition(Protocol):
-    """Decides where generated text ends. Front ends add their own (lines, blocks, suffix).
+class DraftSource(str, Enum):
+    """Where a drafted token came from."""
 
-    ``check`` gets the whole text generated so far; it returns the length at
-    which the output must be cut (generation stops) or None to go on.
-    ``holdback`` returns how many trailing characters must not be shown yet
-    because they may turn out to be the start of a stop (e.g. a partial stop
-    string). ``reason`` names the stop in ``Done.stop_reason``.
-    """
+    HEADS = "heads"  # the bundle's extra heads
+    CONTEXT = "context"  # the text so far or the text after the cursor (prompt lookup)
 
-    reason: str
-
-    def check(self, text: str) -> int | None: ...
-
-    def holdback(self, text: str) -> int: ...
+    def __str__(self) -> str:
+        return self.value
 
 
-class StopStrings:
-    """Stop at the first occurrence of any of ``strings``, which is not output."""
+class StepKind(str, Enum):
+    """What drafted a step's tokens (``Plan.kind``; the keys of ``Stats.forwards_by_source``)."""
 
-    reason = "stop"
+    PLAIN = "plain"
+    HEADS = "heads"
+    CONTEXT = "context"
+    CONTEXT_HEADS = "context+heads"  # a context draft that the heads extend
 
-    def __init__(self, strings: Sequence[str]) -> None:
-        self.strings = tuple(s for s in strings if s)
-
-    def check(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s) for s in self.strings) if i >= 0]
-        return min(hits) if hits else None
-
-    def holdback(self, text: str) -> int:
-        # Longest suffix of text that is a proper prefix of some stop string.
-        best = 0
-        for s in self.strings:
-            for n in range(min(len(s) - 1, len(text)), best, -1):
-                if text.endswith(s[:n]):
-                    best = n
-                    break
-        return best
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -103,6 +91,9 @@ class Piece:
     drafted: tuple[bool, ...]
 
 
+_SOURCES = tuple(s.value for s in DraftSource)
+
+
 @dataclass
 class Stats:
     """Numbers for one generation. Times are seconds; rates are per second."""
@@ -115,9 +106,9 @@ class Stats:
     drafted_tokens: list[int] = field(default_factory=list)  # per head: drafts proposed
     accepted_tokens: list[int] = field(default_factory=list)  # per head: drafts accepted
     context_draft: bool = False  # whether drafting from the context was on
-    # per source of a drafted token ("heads", "context"): drafts proposed and accepted
-    drafted_by_source: dict[str, int] = field(default_factory=lambda: {"heads": 0, "context": 0})
-    accepted_by_source: dict[str, int] = field(default_factory=lambda: {"heads": 0, "context": 0})
+    # per source of a drafted token (DraftSource: "heads", "context"): drafts proposed and accepted
+    drafted_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_SOURCES, 0))
+    accepted_by_source: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_SOURCES, 0))
     # per kind of step ("plain", "heads", "context", "context+heads": a context draft extended by
     # heads): main forwards, and the tokens they yielded (accepted drafts + the main model's own)
     forwards_by_source: dict[str, int] = field(default_factory=dict)
@@ -176,7 +167,8 @@ class Stats:
         acc = " ".join(f"{a:.0%}" for a in self.acceptance) or "-"
         ctx = ""
         if self.context_draft:
-            d, a = self.drafted_by_source.get("context", 0), self.accepted_by_source.get("context", 0)
+            source = DraftSource.CONTEXT
+            d, a = self.drafted_by_source.get(source, 0), self.accepted_by_source.get(source, 0)
             ctx = f", context drafts {a}/{d}"
         return (
             f"{self.generated_tokens} tokens, {self.decode_tps:.1f} tok/s, "
@@ -190,7 +182,7 @@ class Done:
     """Last event of a generation. ``text`` is the whole output (after stop cuts)."""
 
     text: str
-    stop_reason: str  # "eos", "max_tokens", "stop", "context", "interrupted", or a front end's reason
+    stop_reason: StopReason
     stats: Stats
 
 

@@ -64,6 +64,14 @@ _TYPE_F32 = 0
 
 
 @functools.cache
+def _logits_address() -> Any:
+    """``llama_get_logits`` returning the address as an int (llama-cpp-python's binding returns a
+    float pointer, which costs a cast per call on the decoding path)."""
+    fn = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(("llama_get_logits", llama_cpp.llama_cpp._lib))
+    return fn
+
+
+@functools.cache
 def _ggml_base() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(LIB_DIR / "libggml-base.so"))
     lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
@@ -351,6 +359,8 @@ class Model(_Handle):
         self.bos = int(llama_cpp.llama_vocab_bos(self.vocab))
         self.eos = int(llama_cpp.llama_vocab_eos(self.vocab))
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._bytes: dict[int, bytes] = {}  # token_bytes and is_eog, per token (ctypes calls on the decoding path)
+        self._eog: dict[int, bool] = {}
         self._tok_buf = (llama_cpp.llama_token * 0)()
 
     @property
@@ -386,6 +396,12 @@ class Model(_Handle):
 
     def token_bytes(self, token: int) -> bytes:
         """The raw bytes of one token as it continues a text (byte-fallback tokens give single bytes)."""
+        data = self._bytes.get(token)
+        if data is None:
+            data = self._bytes[token] = self._piece(token)
+        return data
+
+    def _piece(self, token: int) -> bytes:
         buf = self._piece_buf
         n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
         if n < 0:
@@ -394,7 +410,10 @@ class Model(_Handle):
         return buf.raw[:n]
 
     def is_eog(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        return eog
 
     def close(self) -> None:
         if getattr(self, "_ptr", None) is not None:
@@ -456,6 +475,13 @@ class Batch:
         if i + n > self.capacity:
             raise MtpError(f"internal: batch of {i + n} rows exceeds capacity {self.capacity}")
         end = i + n
+        if n == 1:  # a decoding step: scalars cost less than slices
+            self.pos[i] = start_pos
+            self.seq_ids[i] = seq_id
+            self.logits[i] = 1 if logits else 0
+            self.n_outputs += 1 if logits else 0
+            self.n = end
+            return i
         np.add(self._arange[:n], start_pos, out=self.pos[i:end])
         self.seq_ids[i:end] = seq_id
         if logits == 2:
@@ -561,6 +587,7 @@ class TrunkCapture:
         self.capacity = out.shape[0]
         self.pending: BaseException | None = None
         self.write_start = 0
+        self._active = True
         if self.native:
             base = _ggml_base()
             want = tensor_name.encode()
@@ -592,14 +619,16 @@ class TrunkCapture:
     def active(self) -> bool:
         """Whether forwards capture: off, the callback wants no node and llama.cpp computes
         each forward as one graph (decoding without drafts needs no trunk rows)."""
-        return bool(self._state.active) if self.native else self._py_active
+        return self._active
 
     @active.setter
     def active(self, on: bool) -> None:
         if self.native:
-            self._state.active = int(on)
+            if self._active != on:
+                self._state.active = int(on)
         else:
             self._py_active = bool(on)
+        self._active = bool(on)
 
     def retarget(self, out: np.ndarray) -> None:
         """Write the next forwards' rows into ``out`` (same row width, C-contiguous float32)."""
@@ -754,6 +783,7 @@ class Context(_Handle):
         self._mem = llama_cpp.llama_get_memory(ptr)
         self.batch = Batch(n_batch, model.n_embd if embd_input else 0)
         self.serial = 0  # forwards run: logits read after a forward are valid while it is unchanged
+        self._get_logits = _logits_address()
         self._logits_addr = 0
         self._logits_view: np.ndarray | None = None
 
@@ -808,13 +838,13 @@ class Context(_Handle):
 
     def logits(self, n_rows: int) -> np.ndarray:
         """The logits of the last decode's output rows, shape (n_rows, n_vocab), a view (valid until next decode)."""
-        ptr = llama_cpp.llama_get_logits(self.ptr)
-        addr = ctypes.cast(ptr, ctypes.c_void_p).value or 0
+        addr = self._get_logits(self.ptr) or 0
         if addr == 0:
             raise MtpError(f"llama_get_logits on {self.model.path.name} returned NULL")
         view = self._logits_view
         if addr != self._logits_addr or view is None or view.shape[0] < n_rows:
-            view = np.ctypeslib.as_array(ptr, shape=(max(n_rows, self.batch.capacity), self.n_vocab))
+            rows = max(n_rows, self.batch.capacity)
+            view = np.ctypeslib.as_array(ctypes.cast(addr, ctypes.POINTER(ctypes.c_float)), shape=(rows, self.n_vocab))
             self._logits_addr, self._logits_view = addr, view
         return view[:n_rows]
 

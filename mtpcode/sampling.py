@@ -37,7 +37,7 @@ def new_seed() -> int:
 
 def greedy(logits: np.ndarray) -> int:
     """The most likely token (the first one on exact ties, like llama.cpp's greedy sampler)."""
-    return int(np.argmax(logits))
+    return int(logits.argmax())
 
 
 class Warper:
@@ -136,5 +136,23 @@ def residual(p: np.ndarray, q: np.ndarray, rng: np.random.Generator, scratch: np
     np.maximum(scratch, 0.0, out=scratch)
     if scratch.sum() <= 0.0:
         # p == q up to round-off: a rejection is (almost) impossible; p is the right law.
+        return sample(p, rng)
+    return sample(scratch, rng)
+
+
+def accept_deterministic(p: np.ndarray, token: int, rng: np.random.Generator) -> bool:
+    """The test for a draft that was not drawn (``q`` one-hot on ``token``): True with probability p[token].
+
+    The same draw as :func:`accept` with a one-hot ``q``.
+    """
+    return rng.random() < p[token]
+
+
+def residual_deterministic(p: np.ndarray, token: int, rng: np.random.Generator, scratch: np.ndarray) -> int:
+    """Replacement after rejecting a deterministic draft: a draw from ``p`` without ``token``
+    (:func:`residual` with a one-hot ``q``: ``max(p - q, 0)`` is ``p`` with ``token`` removed)."""
+    np.copyto(scratch, p)
+    scratch[token] = 0.0
+    if scratch.sum() <= 0.0:
         return sample(p, rng)
     return sample(scratch, rng)

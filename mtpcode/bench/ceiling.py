@@ -1,6 +1,6 @@
 """The most that drafting from the context could gain on a prompt set: its ceiling.
 
-An oracle replays :class:`~mtpcode.drafting.ContextDrafter` over the plain
+An oracle replays :class:`~mtpcode.drafters.context.ContextDrafter` over the plain
 (greedy) output of each prompt, knowing at every token how many of the
 drafter's tokens the main model would accept there, and picks the cheapest
 sequence of steps through the output (dynamic programming over positions and
@@ -21,7 +21,7 @@ from typing import Any
 
 from mtpcode.bench.costmodel import interpolate
 from mtpcode.bench.measure import common_prefix, median
-from mtpcode.drafting import ContextDrafter
+from mtpcode.drafters.context import ContextDrafter
 
 
 def context_ceiling(prompt: Sequence[int], suffix: Sequence[int], tokens: Sequence[int],
@@ -39,7 +39,7 @@ def context_ceiling(prompt: Sequence[int], suffix: Sequence[int], tokens: Sequen
     drafter.begin(prompt, suffix)
     accept = []
     for i in range(steps):
-        match = drafter.draft(tokens[i])
+        match = drafter.lookup(tokens[i])
         accept.append(common_prefix(match.tokens, tokens[i + 1:]) if match is not None else 0)
         drafter.accept(tokens[i: i + 1])
     one = verify_s[1]

@@ -52,7 +52,7 @@ from mtpcode.bench.measure import (
 )
 from mtpcode.bench.svg import Panel, Series, render
 from mtpcode.bundle import open_bundle
-from mtpcode.drafting import ContextDrafter
+from mtpcode.drafters.context import ContextDrafter
 from mtpcode.errors import DataError, NoInputError, UsageError
 from mtpcode.files import atomic_write_text
 from mtpcode.generation import Done, GenerationOptions, Piece, Stats

@@ -42,6 +42,7 @@ from mtpcode.repl.commands import run_command
 from mtpcode.repl.edit import editing_key_bindings, is_command, language_name, lexer_by_name
 from mtpcode.repl.session import SessionBuffer, SessionTotals, StopMode, describe_stop
 from mtpcode.repl.suggest import EngineThread, ModelSuggest
+from mtpcode.stops import StopReason
 
 if TYPE_CHECKING:
     from prompt_toolkit.input import Input
@@ -563,8 +564,8 @@ class Repl:
         finally:
             self.generating.clear()
         future.result()
-        if cancel.is_set() and done.stop_reason != "interrupted":
-            done = dataclasses.replace(done, stop_reason="interrupted")
+        if cancel.is_set() and done.stop_reason != StopReason.INTERRUPTED:
+            done = dataclasses.replace(done, stop_reason=StopReason.INTERRUPTED)
         return done, "".join(shown)
 
 

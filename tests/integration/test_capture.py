@@ -86,9 +86,9 @@ def test_engine_output_is_the_same_with_the_python_fallback(tiny_bundle, monkeyp
         return engine.tokenize(PROMPT + done.text, add_bos=True)
 
     with Engine(tiny_bundle, n_ctx=128, n_threads=1) as native:
-        assert native._capture.native
+        assert native.native_capture
         want = tokens(native)
     monkeypatch.setattr(llama, "_native_capture", None)  # as on an install without a C compiler
     with Engine(tiny_bundle, n_ctx=128, n_threads=1) as fallback:
-        assert not fallback._capture.native
+        assert not fallback.native_capture
         assert tokens(fallback) == want

@@ -20,8 +20,9 @@ import pytest
 
 from mtpcode.errors import ContextOverflowError, ModelError, UsageError
 from mtpcode.generation import Done, GenerationOptions, Piece, SamplingOptions
-from mtpcode.llama import cpu_has_amx, reference_llama, repack_pattern, use_extra_bufts
-from mtpcode.runtime import Engine, _Output
+from mtpcode.llama import Model, cpu_has_amx, reference_llama, repack_pattern, use_extra_bufts
+from mtpcode.output import TextOutput
+from mtpcode.runtime import Engine
 
 PROMPTS = [
     "def main():\n    ",
@@ -276,7 +277,8 @@ def test_incremental_detokenization_waits_for_whole_utf8_characters(tiny_bundle)
     with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as engine:
         ids = engine.tokenize("\u20ac\u00e9", add_bos=False)  # not in the 512-piece vocabulary: byte fallback
         assert len(ids) == 5
-        out = _Output(engine._model, ())
+    with Model(tiny_bundle / "main.gguf") as model:
+        out = TextOutput(model.token_bytes, ())
         shown = [out.push([t]) for t in ids]
         assert shown == ["", "", "\u20ac", "", "\u00e9"]
         assert out.push([], final=True) == ""
@@ -338,21 +340,14 @@ def test_cancel_during_a_long_prefill_stops_it_and_keeps_the_evaluated_prefix(ti
         common = next(i for i, (a, b) in enumerate(zip(before, other)) if a != b)
         assert len(other) - common > 4 * 16
         cancel = threading.Event()
-        decode = engine._main.decode
-        calls = []
-
-        def decode_then_cancel(*args, **kwargs):  # Ctrl-C in the REPL while the 3rd batch runs
-            calls.append(args)
-            if len(calls) == 3:
-                cancel.set()
-            return decode(*args, **kwargs)
-
-        engine._main.decode = decode_then_cancel
-        try:
-            events = list(engine.generate(other, GenerationOptions(max_tokens=8, heads=3), cancel=cancel))
-        finally:
-            del engine._main.decode
-        assert len(calls) == 3  # no 4th batch
+        gen = engine.start(other, GenerationOptions(max_tokens=8, heads=3), cancel=cancel)
+        for _ in range(3):  # three prompt chunks of 16 tokens, then Ctrl-C in the REPL
+            engine.step([gen])
+            assert not gen.take_events()
+        cancel.set()
+        engine.step([gen])  # no 4th chunk
+        events = gen.take_events()
+        engine.release(gen)
         assert len(events) == 1 and events[0].stop_reason == "interrupted" and events[0].text == ""
         assert events[0].stats.prompt_tokens_processed == 3 * 16
         assert engine.cached_tokens == other[: common + 3 * 16]  # the evaluated prefix stays cached
@@ -410,7 +405,7 @@ def test_steps_and_batches_get_their_own_thread_counts(tiny_bundle) -> None:
     import llama_cpp
 
     def counts(engine: Engine) -> set[tuple[int, int]]:
-        ctxs = [engine._main, *engine._heads]
+        ctxs = [engine.forwards.main, *engine.forwards.heads]
         return {(llama_cpp.llama_n_threads(c.ptr), llama_cpp.llama_n_threads_batch(c.ptr)) for c in ctxs}
 
     with Engine(tiny_bundle, n_ctx=64) as e:
@@ -464,47 +459,6 @@ def test_ctrl_c_during_prefill_propagates_and_engine_recovers(tiny_bundle, capfd
         assert run(engine, ids, max_tokens=8, heads=3)[0] == ref
 
 
-def test_draft_policy_follows_acceptance_and_cost() -> None:
-    from mtpcode.runtime import DraftPolicy
-
-    # heads never accepted: drafting costs verify rows and head forwards for nothing
-    policy = DraftPolicy(3, adaptive=True)
-    chosen = []
-    for _ in range(64):
-        k = policy.choose()
-        chosen.append(k)
-        policy.observe(k, accepted=0, verify_s=0.010 * (1 + 0.5 * k), head_s=0.001 * k, heads_run=k)
-    assert chosen[:6] == [0, 0, 1, 1, 1, 1]  # warm-up: plain, then one head
-    assert chosen[-16:].count(0) >= 14  # then plain decoding, with an occasional probe
-    # heads always accepted and verify rows nearly free: keep all heads
-    policy = DraftPolicy(3, adaptive=True)
-    for _ in range(64):
-        k = policy.choose()
-        policy.observe(k, accepted=k, verify_s=0.010 * (1 + 0.1 * k), head_s=0.001 * k, heads_run=k)
-    assert policy.k == 3
-    # probes back off while they confirm the choice: useless heads are tried rarely ...
-    policy = DraftPolicy(3, adaptive=True)
-
-    def steps(n: int, accept: bool) -> list[int]:
-        out = []
-        for _ in range(n):
-            k = policy.choose()
-            out.append(k)
-            policy.observe(k, accepted=k if accept else 0, verify_s=0.010 * (1 + 0.3 * k), head_s=0.0005 * k,
-                           heads_run=k)
-        return out
-
-    chosen = steps(4000, accept=False)
-    assert sum(1 for k in chosen[8:] if k) <= 12  # log2(4000 / 16) probes, give or take
-    # ... yet heads that start being accepted are found again quickly
-    chosen = steps(1000, accept=True)
-    assert policy.k == 3 and chosen[-500:].count(3) >= 490
-    assert chosen.index(3) < 600
-    # not adaptive: always every head
-    policy = DraftPolicy(2, adaptive=False)
-    assert {policy.choose() for _ in range(40)} == {2}
-
-
 def test_adaptive_policy_learns_across_calls(tiny_bundle) -> None:
     """Random heads are never accepted: after one long call the next starts without them."""
     with Engine(tiny_bundle, n_ctx=CTX, n_threads=1) as engine:
@@ -518,11 +472,13 @@ def test_adaptive_policy_learns_across_calls(tiny_bundle) -> None:
 
 
 def test_what_the_policy_learned_starts_the_next_engine(tiny_bundle, tmp_path) -> None:
-    """With policy_dir (the CLI's cache), a new engine (a new `mtpcode complete`) skips the warm-up."""
+    """With a policy store (the CLI's cache), a new engine (a new `mtpcode complete`) skips the warm-up."""
     import json
 
+    from mtpcode.policy.store import PolicyStore
+
     policies = tmp_path / "policy"
-    with Engine(tiny_bundle, n_ctx=CTX, n_threads=1, policy_dir=policies) as first:
+    with Engine(tiny_bundle, n_ctx=CTX, n_threads=1, policies=PolicyStore(policies)) as first:
         run(first, PROMPTS[0], max_tokens=80, heads=3)  # random heads: never accepted
     (saved,) = policies.glob("*.json")
     state = json.loads(saved.read_text())["3 heads, greedy"]
@@ -532,15 +488,15 @@ def test_what_the_policy_learned_starts_the_next_engine(tiny_bundle, tmp_path) -
         with Engine(tiny_bundle, n_ctx=CTX, n_threads=1, **kwargs) as engine:
             return run(engine, PROMPTS[2], max_tokens=20, heads=3)[3].stats.drafted_tokens
 
-    assert sum(drafted(policy_dir=policies)) <= 2  # no warm-up: at most a probe
+    assert sum(drafted(policies=PolicyStore(policies))) <= 2  # no warm-up: at most a probe
     assert drafted()[0] >= 4  # without it, the warm-up drafts with one head
-    assert drafted(policy_dir=tmp_path / "other")[0] >= 4  # nothing saved there yet
+    assert drafted(policies=PolicyStore(tmp_path / "other"))[0] >= 4  # nothing saved there yet
     # a damaged or foreign file is only a lost head start
     for bad in ("{not json", json.dumps({"3 heads, greedy": {**state, "chain": [2.0, 0.0, 0.0]}}), "[]"):
         saved.write_text(bad)
-        assert drafted(policy_dir=policies)[0] >= 4
+        assert drafted(policies=PolicyStore(policies))[0] >= 4
     # another thread count is another file (timings differ)
-    with Engine(tiny_bundle, n_ctx=CTX, n_threads=2, policy_dir=policies) as two:
+    with Engine(tiny_bundle, n_ctx=CTX, n_threads=2, policies=PolicyStore(policies)) as two:
         run(two, PROMPTS[0], max_tokens=40, heads=3)
     assert len(list(policies.glob("*.json"))) == 2
 
