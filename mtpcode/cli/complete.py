@@ -21,12 +21,12 @@ from typing import IO, TYPE_CHECKING, Any
 import click
 
 from mtpcode.cli.frontend import isatty, load_engine, sigint_cancels, silence_stdout, stats_dict
-from mtpcode.cli.options import heads_option, model_option, runtime_options, sampling_options
+from mtpcode.cli.options import heads_option, model_option, repeat_stop_option, runtime_options, sampling_options
 from mtpcode.config import load_settings
 from mtpcode.errors import DataError, Interrupted, OutputError, UsageError
 from mtpcode.files import read_file
-from mtpcode.generation import Done, Piece, StopCondition
-from mtpcode.stops import code_stops
+from mtpcode.generation import Done, Piece
+from mtpcode.stops import StopCondition, code_stops
 
 if TYPE_CHECKING:
     from mtpcode.generation import GenerationOptions
@@ -168,6 +168,7 @@ def stream_completion(
 @click.option("--no-speculative", is_flag=True, help="Plain decoding, no draft heads (same as --heads 0).")
 @click.option("--no-context-draft", is_flag=True,
               help="Draft with the heads only, not from the context (the input, the suffix, the output so far).")
+@repeat_stop_option
 @runtime_options
 @click.option("--cursor", metavar="LINE:COL",
               help="Complete at this point of the input (1-based); the rest is the suffix.")
@@ -189,6 +190,7 @@ def complete(
     heads: int | None,
     no_speculative: bool,
     no_context_draft: bool,
+    repeat_stop: bool | None,
     threads: int | None,
     threads_batch: int | None,
     gpu_layers: int | None,
@@ -225,8 +227,7 @@ def complete(
     settings = load_settings(
         model=model, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, seed=seed, heads=heads, threads=threads, threads_batch=threads_batch, gpu_layers=gpu_layers,
-        ctx=ctx,
-        context_draft=False if no_context_draft else None,
+        ctx=ctx, context_draft=False if no_context_draft else None, repeat_stop=repeat_stop,
     )
     request = build_request(file, cursor)
     stop_strings = tuple(unescape(s) for s in stop)

@@ -51,3 +51,12 @@ def runtime_options(f: F) -> F:
         click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (-1 = all; default 0)."),
         click.option("--ctx", type=int, help="Context size in tokens [default: 4096]."),
     )
+
+
+def repeat_stop_option(f: F) -> F:
+    """--repeat-stop/--no-repeat-stop: whether a degenerate loop ends the completion."""
+    return click.option(
+        "--repeat-stop/--no-repeat-stop", "repeat_stop", default=None,
+        help="Stop when the output loops (a line, or a group of lines, repeated many times in a row; "
+             "a short unit repeated along a line) [default: on; setting repeat_stop].",
+    )(f)

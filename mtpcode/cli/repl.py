@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from mtpcode.cli.frontend import isatty
-from mtpcode.cli.options import heads_option, model_option, runtime_options, sampling_options
+from mtpcode.cli.options import heads_option, model_option, repeat_stop_option, runtime_options, sampling_options
 from mtpcode.errors import UsageError
 
 NOT_A_TERMINAL = (
@@ -31,6 +31,7 @@ NOT_A_TERMINAL = (
 @click.option("-n", "--max-tokens", type=int, help="Most tokens per completion [default: 256].")
 @sampling_options
 @heads_option
+@repeat_stop_option
 @runtime_options
 @click.option(
     "--stop",
@@ -52,6 +53,7 @@ def repl(
     min_p: float | None,
     seed: int | None,
     heads: int | None,
+    repeat_stop: bool | None,
     threads: int | None,
     threads_batch: int | None,
     gpu_layers: int | None,
@@ -79,7 +81,8 @@ def repl(
     run_repl(
         file=file, model=model, language=language, stop=stop, suggest=suggest, suggest_tokens=suggest_tokens,
         style=style, max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        seed=seed, heads=heads, threads=threads, threads_batch=threads_batch, gpu_layers=gpu_layers, ctx=ctx,
+        seed=seed, heads=heads, repeat_stop=repeat_stop, threads=threads, threads_batch=threads_batch,
+        gpu_layers=gpu_layers, ctx=ctx,
     )
 
 

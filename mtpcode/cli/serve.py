@@ -36,11 +36,11 @@ from typing import IO, Any
 import click
 
 from mtpcode import __version__
-from mtpcode.cli.options import model_option, runtime_options
+from mtpcode.cli.options import model_option, repeat_stop_option, runtime_options
 from mtpcode.config import Settings, load_settings, override_settings
 from mtpcode.errors import Interrupted, MtpError, UsageError
-from mtpcode.generation import CompletionEngine, Done, GenerationOptions, Piece, StopCondition
-from mtpcode.stops import code_stops
+from mtpcode.generation import CompletionEngine, Done, GenerationOptions, Piece
+from mtpcode.stops import StopCondition, code_stops
 
 # Request keys that map onto settings; the others are handled here.
 _SETTING_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "heads", "adaptive",
@@ -287,12 +287,11 @@ class Server:
 @click.option("--heads", type=int, help="Default draft heads per request (0 = no speculation).")
 @click.option("--max-tokens", type=int, help="Default max_tokens per request [default: 256].")
 @click.option("--temperature", type=float, help="Default temperature per request [default: 0, greedy].")
+@repeat_stop_option
 @runtime_options
 @click.option("-v", "--verbose", is_flag=True, help="Log requests and stats on stderr.")
 def serve(stdio: bool, http: bool, host: str | None, port: int | None, api_key: str | None, cancel_previous: bool,
-          model: str | None, heads: int | None, max_tokens: int | None, temperature: float | None,
-          threads: int | None, threads_batch: int | None, gpu_layers: int | None, ctx: int | None,
-          verbose: bool) -> None:
+          model: str | None, verbose: bool, **setting_flags: Any) -> None:
     """Serve completions to an editor: over stdin/stdout (--stdio) or HTTP (--http).
 
     \b
@@ -322,15 +321,15 @@ def serve(stdio: bool, http: bool, host: str | None, port: int | None, api_key: 
         if given or not cancel_previous:
             raise UsageError(f"{(given or ['--no-cancel-previous'])[0]} goes with --http, not --stdio")
     else:
-        _serve_http(host=host, port=port, api_key=api_key, cancel_previous=cancel_previous, model=model, heads=heads,
-                    max_tokens=max_tokens, temperature=temperature, threads=threads, threads_batch=threads_batch,
-                    gpu_layers=gpu_layers, ctx=ctx, verbose=verbose)
+        if port is not None and not 0 <= port <= 65535:
+            raise UsageError(f"--port {port}: a port is 0..65535 (0 = any free port)")
+        settings = load_settings(model=model, api_key=api_key, **setting_flags)
+        _serve_http(settings, model, host=host, port=port, cancel_previous=cancel_previous, verbose=verbose)
         return
     from mtpcode.cli.frontend import load_engine
     from mtpcode.models import is_builtin
 
-    settings = load_settings(model=model, heads=heads, max_tokens=max_tokens, temperature=temperature,
-                             threads=threads, threads_batch=threads_batch, gpu_layers=gpu_layers, ctx=ctx)
+    settings = load_settings(model=model, **setting_flags)
     engine, path = load_engine(settings, model, note=sys.stderr)
     out = sys.stdout.buffer
     log = sys.stderr if verbose else None
@@ -341,21 +340,15 @@ def serve(stdio: bool, http: bool, host: str | None, port: int | None, api_key: 
         server.serve(sys.stdin.buffer)
 
 
-def _serve_http(*, host: str | None, port: int | None, api_key: str | None, cancel_previous: bool, model: str | None,
-                heads: int | None, max_tokens: int | None, temperature: float | None, threads: int | None,
-                threads_batch: int | None, gpu_layers: int | None, ctx: int | None, verbose: bool) -> None:
+def _serve_http(settings: Settings, model: str | None, *, host: str | None, port: int | None, cancel_previous: bool,
+                verbose: bool) -> None:
     """``mtpcode serve --http``: load the model and serve the HTTP API until SIGINT/SIGTERM."""
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         raise UsageError("serve --http needs Starlette and uvicorn: pip install 'mtpcode[server]'") from None
-    from mtpcode.server.run import DEFAULT_HOST, DEFAULT_PORT, serve_http
+    from mtpcode.server.run import DEFAULT_HOST, DEFAULT_PORT, serve_http  # (the server's imports: only for --http)
 
-    if port is not None and not 0 <= port <= 65535:
-        raise UsageError(f"--port {port}: a port is 0..65535 (0 = any free port)")
-    settings = load_settings(model=model, heads=heads, max_tokens=max_tokens, temperature=temperature,
-                             threads=threads, threads_batch=threads_batch, gpu_layers=gpu_layers, ctx=ctx,
-                             api_key=api_key)
     serve_http(settings, model, host=host or DEFAULT_HOST, port=DEFAULT_PORT if port is None else port,
                api_key=settings.api_key or None, cancel_previous=cancel_previous, verbose=verbose)

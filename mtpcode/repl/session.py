@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mtpcode.config import Settings
-from mtpcode.generation import Done, GenerationOptions, SamplingOptions, StopCondition
+from mtpcode.generation import Done, GenerationOptions, SamplingOptions
 from mtpcode.repl.edit import is_command
+from mtpcode.stops import StopCondition
 
 if TYPE_CHECKING:
     from mtpcode.runtime import Engine

@@ -189,6 +189,7 @@ def parse_params(body: dict[str, Any], n_ctx: int, default_n_predict: int, *, op
 
 # mtpcode's stop reasons in llama.cpp's terms (stop_type) and OpenAI's (finish_reason).
 _STOP_TYPE = {"eos": "eos", "word": "word", "stop": "word", "suffix": "word", "block": "word", "lines": "word",
+              "repeat": "word",
               "max_tokens": "limit", "context": "limit", "limit": "limit", "cancelled": "limit",
               "interrupted": "limit"}
 

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mtpcode.errors import MtpError
-from mtpcode.generation import CompletionEngine, Done, GenerationOptions, Piece, Stats, StopCondition
+from mtpcode.generation import CompletionEngine, Done, GenerationOptions, Piece, Stats
+from mtpcode.stops import StopCondition
 
 log = logging.getLogger("mtpcode.server")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from mtpcode.config import override_settings
 from mtpcode.errors import UsageError
-from mtpcode.generation import CompletionEngine, GenerationOptions, StopCondition
+from mtpcode.generation import CompletionEngine, GenerationOptions
 from mtpcode.server.errors import ApiError, bad_request
 from mtpcode.server.infill import (
     Chunk,
@@ -33,7 +33,7 @@ from mtpcode.server.infill import (
 from mtpcode.server.protocol import Params, Result, parse_params
 from mtpcode.server.scheduler import Job, Outcome
 from mtpcode.server.state import ServerState, loaded_engine
-from mtpcode.stops import IndentLimit, TimeLimit, WordStop, code_stops
+from mtpcode.stops import IndentLimit, StopCondition, TimeLimit, WordStop, code_stops
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from runtime_helpers import apply_stops
 
 from mtpcode.cli import main
 from mtpcode.generation import Done, GenerationOptions
-from mtpcode.stops import BlockEnd, LineLimit, SuffixReached
+from mtpcode.stops import SAME_LINE_REPEATS, BlockEnd, LineLimit, SuffixReached
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -264,6 +264,32 @@ def test_builtin_model_note(tiny_bundle: Path) -> None:
     assert result.exit_code == 0 and result.stderr.count("small built-in model") == 1
     quiet = CliRunner().invoke(main, ["complete", "-n", "4", "--threads", "2"], input=b"import os\n")
     assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+@pytest.mark.parametrize("prompt", ["def fib(n):\n", "def fibonacci(n):\n"])
+def test_a_degenerate_loop_ends_the_first_run_within_a_few_lines(prompt: str, monkeypatch) -> None:
+    """A new user's first run: the small built-in model loops (a digit along a line, a line over
+    and over); the repeat stop ends it, and --no-repeat-stop or the setting lets it run on."""
+    from mtpcode.models import builtin_model_path
+
+    if builtin_model_path() is None:
+        pytest.skip("this checkout has no built-in model (mtpcode/builtin/)")
+
+    def run(*args: str) -> dict:
+        result = CliRunner().invoke(main, ["complete", "--block", "--json", "--threads", "2", *args],
+                                    input=prompt.encode())
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)
+
+    on = run()
+    assert on["stop_reason"] == "repeat"
+    lines = [line for line in on["text"].split("\n") if line.strip()]
+    assert len(lines) <= 16 and max(lines.count(line) for line in lines) <= SAME_LINE_REPEATS
+    assert on["stats"]["generated_tokens"] < 256
+    off = run("--no-repeat-stop")
+    assert off["stop_reason"] == "max_tokens" and off["text"].startswith(on["text"])
+    monkeypatch.setenv("MTPCODE_REPEAT_STOP", "off")
+    assert run()["stop_reason"] == "max_tokens"
 
 
 # --- real processes: Ctrl-C and a closed pipe --------------------------------------------------
