@@ -76,6 +76,9 @@ class Settings:
     gpu_layers: int = 0
     ctx: int = 4096
     batch: int = 512
+    # Slots of `mtpcode serve`: requests that run at once, batched, each with its own KV cache
+    # (llama-server's -np). None: 4 for --http (several editors), 1 for --stdio (one client).
+    parallel: int | None = None
     extra_bufts: str = "auto"
     # Off: llama.cpp's CPU flash-attention kernel walks the KV cache once per query row, so a verify of
     # b rows costs nearly b steps at editor-sized contexts (docs/PERFORMANCE.md); on a GPU it pays.
@@ -111,6 +114,7 @@ class Settings:
             "n_gpu_layers": self.gpu_layers,
             "extra_bufts": self.extra_bufts,
             "flash_attn": self.flash_attn,
+            "n_seq": self.parallel or 1,
             "policies": PolicyStore(cache_dir() / "policy"),
         }
 
@@ -133,6 +137,7 @@ _KEYS: dict[str, str] = {
     "gpu_layers": "int",
     "ctx": "int",
     "batch": "int",
+    "parallel": "int?",
     "extra_bufts": "str",
     "flash_attn": "bool",
     "api_key": "str?",
@@ -251,6 +256,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gpu_layers": (lambda v: v >= -1, "must be >= 0, or -1 for all layers"),
     "ctx": (lambda v: v >= 16, "must be at least 16 tokens"),
     "batch": (lambda v: v >= 1, "must be at least 1"),
+    "parallel": (lambda v: v is None or 1 <= v <= 64, "must be from 1 to 64"),
     "seed": (lambda v: v is None or v >= 0, "must be >= 0"),
     "extra_bufts": (lambda v: v in EXTRA_BUFTS_POLICIES, "must be " + ", ".join(EXTRA_BUFTS_POLICIES)),
 }

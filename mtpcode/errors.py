@@ -48,6 +48,10 @@ class ContextOverflowError(DataError):
     """The prompt does not fit in the context window."""
 
 
+class NoRoom(MtpError):
+    """A request cannot start yet: the running requests leave too few of the context's KV cells."""
+
+
 class Interrupted(MtpError):
     """The user pressed Ctrl-C."""
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import abc
 import collections
+import contextlib
 import ctypes
 import functools
 import importlib
 import logging
 import os
-import signal
-import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from mtpcode.config import EXTRA_BUFTS_POLICIES
 from mtpcode.errors import ModelError, MtpError
+from mtpcode.signals import on_signals
 
 log = logging.getLogger("mtpcode.llama")
 
@@ -699,37 +699,21 @@ class TrunkCapture:
             raise exc
 
 
-class _DeferSigint:
-    """Record Ctrl-C instead of raising it while llama_decode runs Python callbacks.
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Record Ctrl-C instead of raising it while llama_decode runs Python callbacks, and raise it
+    once llama_decode returns.
 
     Python runs signal handlers at the next bytecode boundary, which during
     llama_decode is inside the eval callback, even before its ``try``; ctypes
-    then prints the KeyboardInterrupt and drops it. Only the main thread gets
-    signals, and only the default handler is replaced (an application's own
-    handler is left alone); the interrupt is raised once llama_decode returns.
+    then prints the KeyboardInterrupt and drops it. Only the default handler
+    is replaced: an application's own (a front end's cancel) is left alone.
     """
-
-    def __init__(self) -> None:
-        self.hit = False
-        self._old: Any = None
-
-    def _record(self, signum: int, frame: object) -> None:
-        self.hit = True
-
-    def __enter__(self) -> _DeferSigint:
-        self.hit = False
-        self._old = None
-        if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._old = signal.signal(signal.SIGINT, self._record)
-        return self
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
-            self._old = None
-            if self.hit and exc_type is None:
-                raise KeyboardInterrupt
+    hit: list[int] = []
+    with on_signals(lambda signum, frame: hit.append(signum), only_default=True):
+        yield
+    if hit:
+        raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------------------
@@ -767,7 +751,6 @@ class Context(_Handle):
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self.capture = capture
-        self._defer_sigint = _DeferSigint()
         if capture is not None:
             params.cb_eval = capture.callback
             params.cb_eval_user_data = capture.user_data
@@ -813,7 +796,7 @@ class Context(_Handle):
         capture = self.capture
         self.serial += 1
         if capture is not None and not capture.native and capture.active:  # Python code runs inside llama_decode
-            with self._defer_sigint:
+            with _sigint_deferred():
                 rc = llama_cpp.llama_decode(self.ptr, batch.struct)
             capture.raise_pending()
         else:

@@ -25,7 +25,7 @@ import numpy as np
 from mtpcode import sampling
 from mtpcode.bundle import KV_FINGERPRINT, KV_HEAD_INDEX, KV_ROLE, Bundle, Manifest, open_bundle
 from mtpcode.drafters.context import ContextDrafter
-from mtpcode.errors import ContextOverflowError, DataError, ModelError, MtpError, UsageError
+from mtpcode.errors import ContextOverflowError, DataError, ModelError, MtpError, NoRoom, UsageError
 from mtpcode.generation import Done, GenerationOptions, Piece
 from mtpcode.llama import Context, Model, TrunkCapture, default_threads, repack_pattern, use_extra_bufts
 from mtpcode.policy.chooser import DraftPolicy
@@ -44,18 +44,25 @@ class Engine:
     Not thread-safe: one thread drives it (``cancel`` events may be set from
     others). Starting a request on a slot ends the previous stream on that slot.
 
-    ``n_ctx`` is the context of each slot (llama-server's per-slot context:
-    the contexts hold ``n_ctx * n_seq`` cells). ``n_threads`` computes one-row
-    forwards (decoding steps, head drafts), ``n_threads_batch`` forwards of
-    several rows (prefill, verification); None: :func:`~mtpcode.llama.default_threads`,
-    and the same for both (llama.cpp's rule for ``-t`` and ``-tb``). ``policies``
-    keeps what the drafting policies learn between processes.
+    The ``n_seq`` slots share the context's ``n_ctx`` KV cells: any one request
+    may use all of them (its prompt and output up to ``n_ctx`` tokens), and
+    together the slots hold at most ``n_ctx``. A request starts only when what
+    it may come to need fits beside the running ones' (:class:`NoRoom` otherwise);
+    idle slots give their cached prompts up for it, least recently used first.
+    ``n_chunk``: the most prompt tokens one step reads while other requests
+    decode, so that a long prompt does not stall their steps.
+
+    ``n_threads`` computes one-row forwards (decoding steps, head drafts),
+    ``n_threads_batch`` forwards of several rows (prefill, verification); None:
+    :func:`~mtpcode.llama.default_threads`, and the same for both (llama.cpp's
+    rule for ``-t`` and ``-tb``). ``policies`` keeps what the drafting policies
+    learn between processes.
     """
 
     def __init__(self, bundle: str | os.PathLike[str] | Bundle, *, n_ctx: int = 4096, n_batch: int = 512,
                  n_threads: int | None = None, n_gpu_layers: int = 0, head_gpu_layers: int | None = None,
                  extra_bufts: str = "auto", flash_attn: bool = False, n_threads_batch: int | None = None,
-                 n_seq: int = 1, policies: PolicyStore | None = None) -> None:
+                 n_seq: int = 1, n_chunk: int = 128, policies: PolicyStore | None = None) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else open_bundle(bundle)
         self.manifest: Manifest = self.bundle.manifest
         self.n_heads = self.manifest.n_heads
@@ -65,7 +72,7 @@ class Engine:
             raise UsageError(f"batch size {n_batch} must be positive")
         if n_seq < 1:
             raise UsageError(f"the number of slots must be positive, not {n_seq}")
-        n_batch = max(min(n_batch, n_ctx * n_seq), self.n_heads + 1, n_seq)
+        n_batch = max(min(n_batch, n_ctx), self.n_heads + 1, n_seq)
         extra = use_extra_bufts(extra_bufts)
         head_layers = n_gpu_layers if head_gpu_layers is None else head_gpu_layers
         self.extra_bufts = extra
@@ -90,7 +97,7 @@ class Engine:
             n_embd = self._main_model.n_embd
             # the capture writes a forward's trunk rows here, in batch order (mtpcode.slots.Forwards)
             capture = TrunkCapture(self.manifest.trunk_tensor, np.zeros((n_batch, n_embd), dtype=np.float32))
-            cells = n_ctx * n_seq
+            cells = n_ctx
             main = Context(self._main_model, n_ctx=cells, n_batch=n_batch, n_threads=threads,
                            n_threads_batch=threads_batch, capture=capture, flash_attn=flash_attn, n_seq=n_seq)
             self._contexts.append(main)
@@ -101,8 +108,9 @@ class Engine:
         except BaseException:
             self.close()
             raise
-        self.n_ctx = min(n_ctx, *(ctx.n_ctx // n_seq for ctx in self._contexts))
+        self.n_ctx = min(n_ctx, *(ctx.n_ctx for ctx in self._contexts))
         self.n_batch = n_batch
+        self.n_chunk = max(1, min(n_chunk, n_batch))
         self.n_seq = n_seq
         self.n_threads = threads
         self.n_threads_batch = threads_batch
@@ -114,6 +122,9 @@ class Engine:
         self._context_drafters = [ContextDrafter() for _ in range(n_seq)]
         self._policies: dict[tuple[int, int, bool], DraftPolicy] = {}
         self._owners: list[Generation | None] = [None] * n_seq
+        self._needs = [0] * n_seq  # KV cells each slot's current request may come to use
+        self._last_used = [0] * n_seq  # when each slot was last released (for evicting idle caches)
+        self._clock = 0
         self._saved: SavedPolicies | None = policies.for_runtime(self.runtime_id) if policies else None
         # The policy's clock: with one llama.cpp thread for every forward (which then computes in
         # this thread) the thread's CPU time, which leaves out the time other programs held the CPU:
@@ -245,6 +256,7 @@ class Engine:
         context = self._context_drafting(options, heads)
         suffix = self.tokenize(options.suffix, add_bos=False) if context and options.suffix else []
         seq = self.slots[slot]
+        self._make_room(slot, min(self.n_ctx, len(ids) + options.max_tokens))
         # Reuse the cached prefix; the last prompt token is evaluated again (its logits choose the
         # first token). Drafting from the heads needs the trunk rows of every cached token.
         reuse = min(seq.common_prefix(ids), len(ids) - 1)
@@ -258,6 +270,29 @@ class Engine:
         self._owners[slot] = gen
         return gen
 
+    def last_used(self, slot: int) -> int:
+        """When ``slot`` was last released (a count of releases; 0: never used)."""
+        return self._last_used[slot]
+
+    def _make_room(self, slot: int, need: int) -> None:
+        """Reserve ``need`` KV cells for a request on ``slot``: evict idle slots' caches (least
+        recently used first) until its need, the running requests' and the idle caches fit in
+        the cells; NoRoom when the running requests leave too little."""
+        others = [i for i in range(self.n_seq) if i != slot]
+        running = sum(self._needs[i] for i in others if self._owners[i] is not None)
+        if running + need > self.n_ctx:
+            raise NoRoom(f"the context's {self.n_ctx} tokens are taken by running requests ({running}); "
+                         f"this one may need {need}")
+        idle = sorted((i for i in others if self._owners[i] is None and self.slots[i].n_main),
+                      key=lambda i: self._last_used[i])
+        cached = sum(self.slots[i].n_main for i in idle)
+        for i in idle:
+            if running + need + cached <= self.n_ctx:
+                break
+            cached -= self.slots[i].n_main
+            self.forwards.rewind(self.slots[i], 0)
+        self._needs[slot] = need
+
     def step(self, gens: Sequence[Generation]) -> None:
         """One main forward for every generation in ``gens`` (at most one per slot): a prompt chunk
         for those still reading their prompt, a verify of the pending token and its drafts for the
@@ -268,10 +303,15 @@ class Engine:
                 gen.finish(StopReason.INTERRUPTED)  # between steps, or between prompt chunks
         live = [gen for gen in gens if not gen.finished]
         decoding = [gen for gen in live if gen.phase is Phase.DECODE]
+        share = self.n_batch // max(1, len(decoding))  # the rows each verify may have
         for gen in decoding:  # 1. propose: the policy picks a drafter and a length ...
-            gen.plan()
+            gen.plan(share - 1)
+        if len(decoding) > 1:
+            self._feed_heads(decoding)
         segments: list[Segment] = [gen.propose() for gen in decoding]  # ... which drafts
         budget = self.n_batch - sum(len(s.tokens) for s in segments)
+        if decoding:
+            budget = min(budget, self.n_chunk)
         for gen in live:
             if gen.phase is Phase.PREFILL and budget > 0:
                 segments.append(gen.prompt_chunk(budget))
@@ -291,12 +331,32 @@ class Engine:
         for gen in live:
             gen.account(wall, cpu)
 
+    def _feed_heads(self, gens: Sequence[Generation]) -> None:
+        """The heads that the generations' plans draft with, one forward per head for all of them
+        (each generation's head drafter then finds its logits there). The time goes to each
+        generation's share."""
+        clock = self._cost_clock
+        for k in range(self.n_heads):
+            drafting = [gen for gen in gens if gen.plan_.context <= k < gen.plan_.heads]
+            if not drafting:
+                continue
+            for gen in drafting:
+                gen.head_catch_up(k)
+            c0 = clock()
+            native = self.forwards.feed_head(k, [gen.seq for gen in drafting])
+            cost = clock() - c0
+            for gen in drafting:
+                gen.charge_heads(native / len(drafting), cost / len(drafting))
+
     def release(self, gen: Generation) -> None:
         """The caller is done with ``gen`` (finished or not): make its slot's caches hold exactly
         what the bookkeeping says, and free the slot for the next request."""
         slot = gen.seq.id
         if self._owners[slot] is gen:
             self._owners[slot] = None
+            self._needs[slot] = 0
+            self._clock += 1
+            self._last_used[slot] = self._clock
             if self._contexts:
                 self.forwards.reconcile(gen.seq)
 

@@ -214,18 +214,20 @@ class Generation:
 
     # -- a step ------------------------------------------------------------------
 
-    def room(self) -> int:
-        """Drafts this step may verify: the context and the output limit leave room for them."""
+    def room(self, share: int) -> int:
+        """Drafts this step may verify: the context, the output limit and the step's ``share`` of
+        the batch (other sequences verify beside it) leave room for them."""
         room = min(self.seq.n_ctx - self.n_total - 1, self.options.max_tokens - self.stats.generated_tokens - 1)
-        return max(0, min(room, self.max_drafts))
+        return max(0, min(room, self.max_drafts, share))
 
-    def plan(self) -> Plan:
+    def plan(self, share: int) -> Plan:
         """1. propose, first half: the policy's choice, from the context's match (free to look up)."""
         draft = self.draft
         draft.clear()
+        self.propose_cost = 0.0
         if not self.drafting:
             return self.plan_  # always Plan(): plain
-        room = self.room()
+        room = self.room(share)
         match = self.context.lookup(self.pending) if self.context is not None and room else None
         self.plan_ = self.policy.plan(match, room, self.seq.n_main)
         draft.match = match
@@ -238,7 +240,7 @@ class Generation:
         drafter = self.by_kind.get(plan.kind)
         if drafter is not None:
             drafter.propose(self.pending, plan.drafts, draft)
-        self.propose_cost = self.cost_clock() - c0
+        self.propose_cost += self.cost_clock() - c0
         if not self._reading:
             self.native_s += draft.native_s
         n = draft.n
@@ -250,6 +252,17 @@ class Generation:
         seg.verify = True
         seg.logits = ALL_LOGITS
         return seg
+
+    def head_catch_up(self, k: int) -> None:
+        """Head ``k`` (0-based) is about to be fed with other sequences': a head that sat out steps
+        catches up on many rows, which is not what a draft costs."""
+        if self.forwards.head_lag(self.seq, k) > len(self.forwards.heads) + 1:
+            self.draft.typical = False
+
+    def charge_heads(self, native: float, cost: float) -> None:
+        """This generation's share of head forwards run for several sequences at once."""
+        self.draft.native_s += native
+        self.propose_cost += cost
 
     def settle(self, verify_native: float, verify_cost: float) -> None:
         """3. accept, 4. commit, 5. observe, after the verify forward."""

@@ -53,6 +53,7 @@ class StopReason(str, Enum):
     MAX_TOKENS = "max_tokens"
     CONTEXT = "context"  # the context is full
     INTERRUPTED = "interrupted"  # the caller's cancel event (Ctrl-C, a newer keystroke)
+    CANCELLED = "cancelled"  # a server's request that ended before it ran, or was cancelled
     STOP = "stop"  # a stop string
     WORD = "word"  # a stop string of an editor request (llama-server's "word")
     LINES = "lines"

@@ -20,12 +20,13 @@ from typing import IO, TYPE_CHECKING, Any
 
 import click
 
-from mtpcode.cli.frontend import isatty, load_engine, sigint_cancels, silence_stdout, stats_dict
+from mtpcode.cli.frontend import isatty, load_engine, silence_stdout, stats_dict
 from mtpcode.cli.options import heads_option, model_option, repeat_stop_option, runtime_options, sampling_options
 from mtpcode.config import load_settings
 from mtpcode.errors import DataError, Interrupted, OutputError, UsageError
 from mtpcode.files import read_file
 from mtpcode.generation import Done, Piece
+from mtpcode.signals import ctrl_c_cancels
 from mtpcode.stops import StopCondition, code_stops
 
 if TYPE_CHECKING:
@@ -270,7 +271,7 @@ def _run(engine: Engine, path: Path, request: CompletionRequest, options: Genera
     written: list[str] = []
     cancel = threading.Event()
     try:
-        with sigint_cancels(cancel):
+        with ctrl_c_cancels(cancel.set):
             text, done = stream_completion(engine, request.prompt, options, stops, None if as_json else out,
                                            written, cancel)
     except KeyboardInterrupt:  # a second Ctrl-C, or one before generation started

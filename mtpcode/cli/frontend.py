@@ -4,12 +4,8 @@ and asking whether a stream is a terminal."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 from typing import IO, TYPE_CHECKING, Any
 
 from mtpcode.config import Settings
@@ -55,31 +51,6 @@ def stats_dict(stats: Stats) -> dict[str, Any]:
         python_ms=round(stats.python_s * 1000, 3),
     )
     return data
-
-
-@contextlib.contextmanager
-def sigint_cancels(cancel: threading.Event) -> Iterator[None]:
-    """While active, Ctrl-C sets ``cancel`` instead of raising KeyboardInterrupt.
-
-    The engine then ends the generation cleanly (``stop_reason ==
-    "interrupted"``) between steps, instead of an exception landing inside
-    llama.cpp's eval callback. A second Ctrl-C raises KeyboardInterrupt.
-    Only the main thread can own signal handlers; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if cancel.is_set():
-            raise KeyboardInterrupt
-        cancel.set()
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
 
 
 def isatty(stream: Any) -> bool:

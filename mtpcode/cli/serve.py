@@ -27,20 +27,21 @@ from __future__ import annotations
 import json
 import sys
 import threading
-import traceback
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import click
 
 from mtpcode import __version__
+from mtpcode.cli.frontend import load_engine, silence_stdout, stats_dict
 from mtpcode.cli.options import model_option, repeat_stop_option, runtime_options
 from mtpcode.config import Settings, load_settings, override_settings
 from mtpcode.errors import Interrupted, MtpError, UsageError
-from mtpcode.generation import CompletionEngine, Done, GenerationOptions, Piece
-from mtpcode.stops import StopCondition, code_stops
+from mtpcode.generation import Piece
+from mtpcode.models import is_builtin
+from mtpcode.scheduler import Event, Job, Outcome, Scheduler, SlotEngine
+from mtpcode.stops import code_stops
 
 # Request keys that map onto settings; the others are handled here.
 _SETTING_OPTIONS = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "heads", "adaptive",
@@ -56,23 +57,13 @@ class RequestError(Exception):
         self.request_id = request_id
 
 
-@dataclass
-class Job:
-    """One accepted request."""
-
-    id: Any
-    prompt: str
-    options: GenerationOptions
-    stops: list[StopCondition]
-    cancel: threading.Event = field(default_factory=threading.Event)
-
-
 def _valid_id(value: Any) -> bool:
     return (isinstance(value, (str, int)) and not isinstance(value, bool))
 
 
-def parse_request(obj: Any, settings: Settings) -> Job | tuple[str, Any]:
-    """A decoded JSON line -> a Job, or ("cancel", target_id). RequestError if invalid."""
+def parse_request(obj: Any, settings: Settings) -> StdioJob | tuple[str, Any]:
+    """A decoded JSON line -> a scheduler Job (its ``label`` the request id), or ("cancel", target_id).
+    RequestError if invalid."""
     if not isinstance(obj, dict):
         raise RequestError(f"a request must be a JSON object, not {type(obj).__name__}")
     request_id = obj.get("id")
@@ -117,25 +108,31 @@ def parse_request(obj: Any, settings: Settings) -> Job | tuple[str, Any]:
         raise RequestError(str(exc), request_id) from None
     options = effective.generation_options(stop=tuple(s for s in stop if s), suffix=suffix or "")
     stops = code_stops(prompt, suffix=suffix, lines=lines, block=block)
-    return Job(id=request_id, prompt=prompt, options=options, stops=stops)
+    return StdioJob(request_id=request_id, prompt=prompt, options=options, stops=stops)
+
+
+@dataclass(eq=False)
+class StdioJob(Job):
+    """A scheduler job for one request line, known to the client by ``request_id``."""
+
+    request_id: Any = None
 
 
 class Server:
-    """Reads requests on the calling thread, generates on a worker thread."""
+    """Reads requests on the calling thread; the shared scheduler (mtpcode.scheduler) generates
+    on its worker thread. Requests run in the order they arrive, as many at once as the engine
+    has slots; the client cancels one by its id (a newer request never cancels an older one)."""
 
-    def __init__(self, engine: CompletionEngine, settings: Settings, out: IO[bytes],
-                 log: IO[str] | None = None) -> None:
+    def __init__(self, engine: SlotEngine, settings: Settings, out: IO[bytes], log: IO[str] | None = None) -> None:
         self.engine = engine
         self.settings = settings
         self.out = out
         self.log = log
+        self.scheduler = Scheduler(engine, supersede=False)
         self._write_lock = threading.Lock()
-        self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()
-        self._current: Job | None = None
-        self._closing = False  # no more requests: finish the queue and stop
+        self._jobs: dict[Any, StdioJob] = {}  # by request id, until their last message
+        self._idle = threading.Condition()
         self.broken = False  # the client stopped reading our output
-        self._worker = threading.Thread(target=self._work, name="mtpcode-generate", daemon=True)
 
     # -- output --
 
@@ -149,11 +146,28 @@ class Server:
                 self.out.write(data)
                 self.out.flush()
             except (BrokenPipeError, ValueError):
-                from mtpcode.cli.frontend import silence_stdout
-
                 self.broken = True
                 silence_stdout()  # nothing left in the buffer can fail again at exit
-                self._cancel_all()
+                self.scheduler.cancel_all("disconnected")
+
+    def _on_event(self, job: StdioJob, event: Event) -> None:  # on the worker thread
+        if isinstance(event, Piece):
+            self.send({"id": job.request_id, "text": event.text})
+        elif isinstance(event, Outcome):
+            if event.error is not None:
+                exc = event.error
+                message = str(exc) if isinstance(exc, MtpError) else f"internal error: {type(exc).__name__}: {exc}"
+                self.send({"id": job.request_id, "error": message})
+            else:
+                reason = "cancelled" if event.cancelled is not None else event.stop_reason
+                self.send({"id": job.request_id, "done": True, "text": event.text, "stop_reason": reason,
+                           "stats": stats_dict(event.stats) if event.stats is not None else None})
+                if self.log is not None and event.stats is not None:
+                    print(f"mtpcode: request {job.request_id!r}: {reason}: {event.stats.summary()}", file=self.log,
+                          flush=True)
+            with self._idle:
+                self._jobs.pop(job.request_id, None)
+                self._idle.notify_all()
 
     # -- input --
 
@@ -172,106 +186,47 @@ class Server:
         except RequestError as exc:
             self.send({"id": exc.request_id, "error": str(exc)})
             return
-        if isinstance(parsed, Job):
+        except RecursionError:
+            self.send({"id": None, "error": "request nests arrays and objects too deeply"})
+            return
+        if isinstance(parsed, StdioJob):
             self._submit(parsed)
         else:
             self._cancel(parsed[1])
 
-    def _submit(self, job: Job) -> None:
-        with self._cond:
-            busy = {j.id for j in self._queue} | ({self._current.id} if self._current else set())
-            if job.id in busy:
-                duplicate = True
-            else:
-                duplicate = False
-                self._queue.append(job)
-                self._cond.notify()
+    def _submit(self, job: StdioJob) -> None:
+        with self._idle:
+            duplicate = job.request_id in self._jobs
+            if not duplicate:
+                self._jobs[job.request_id] = job
         if duplicate:
-            self.send({"id": job.id, "error": f"request {job.id!r} is still running or queued; use a new id"})
+            self.send({"id": job.request_id, "error": f"request {job.request_id!r} is still running or queued; "
+                                                      "use a new id"})
+            return
+        job.sink = lambda event: self._on_event(job, event)
+        self.scheduler.submit(job)
 
     def _cancel(self, target: Any) -> None:
-        dropped: Job | None = None
-        with self._cond:
-            if self._current is not None and self._current.id == target:
-                self._current.cancel.set()
-            else:
-                for job in self._queue:
-                    if job.id == target:
-                        dropped = job
-                        break
-                if dropped is not None:
-                    self._queue.remove(dropped)
-        # Unknown or already finished ids are ignored: the race is normal.
-        if dropped is not None:
-            self.send({"id": dropped.id, "done": True, "text": "", "stop_reason": "cancelled", "stats": None})
-
-    def _cancel_all(self) -> None:
-        with self._cond:
-            self._queue.clear()
-            if self._current is not None:
-                self._current.cancel.set()
-            self._closing = True
-            self._cond.notify_all()
-
-    # -- generation --
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing:
-                    self._cond.wait()
-                if not self._queue:
-                    return
-                job = self._current = self._queue.popleft()
-            try:
-                self._run(job)
-            finally:
-                with self._cond:
-                    self._current = None
-
-    def _run(self, job: Job) -> None:
-        from mtpcode.cli.frontend import stats_dict
-
-        try:
-            for event in self.engine.generate(job.prompt, job.options, job.stops, cancel=job.cancel):
-                if isinstance(event, Piece):
-                    if event.text:
-                        self.send({"id": job.id, "text": event.text})
-                elif isinstance(event, Done):
-                    cancelled = job.cancel.is_set() and event.stop_reason == "interrupted"
-                    reason = "cancelled" if cancelled else event.stop_reason
-                    self.send({"id": job.id, "done": True, "text": event.text, "stop_reason": reason,
-                               "stats": stats_dict(event.stats)})
-                    if self.log is not None:
-                        print(f"mtpcode: request {job.id!r}: {reason}: {event.stats.summary()}", file=self.log,
-                              flush=True)
-                    return
-            self.send({"id": job.id, "error": "internal error: generation ended without a result"})
-        except MtpError as exc:
-            self.send({"id": job.id, "error": str(exc)})
-        except Exception as exc:  # keep serving; the editor gets the message, stderr the traceback
-            if self.log is not None:
-                traceback.print_exc(file=self.log)
-            self.send({"id": job.id, "error": f"internal error: {type(exc).__name__}: {exc}"})
+        job = self._jobs.get(target)
+        if job is not None:  # unknown or already finished ids are ignored: the race is normal
+            self.scheduler.abandon(job, "cancelled")
 
     # -- main loop --
 
     def serve(self, stdin: IO[bytes]) -> None:
-        """Answer requests from ``stdin`` until EOF (then finish the queue) or Ctrl-C."""
-        self._worker.start()
+        """Answer requests from ``stdin`` until EOF (then finish what is queued) or Ctrl-C."""
         try:
             for line in iter(stdin.readline, b""):
                 self.handle_line(line)
                 if self.broken:
                     break
+            with self._idle:
+                while self._jobs and not self.broken:
+                    self._idle.wait()
         except KeyboardInterrupt:
-            self._cancel_all()
-            self._worker.join()
+            self.scheduler.close()
             raise Interrupted("interrupted") from None
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._worker.join()
+        self.scheduler.close()
 
 
 @click.command("serve")
@@ -282,7 +237,12 @@ class Server:
 @click.option("--port", type=int, help="--http: port to listen on (0 = any free port) [default: 8012].")
 @click.option("--api-key", help="--http: require 'Authorization: Bearer KEY' (also MTPCODE_API_KEY, config api_key).")
 @click.option("--cancel-previous/--no-cancel-previous", default=True, show_default=True,
-              help="--http: a new completion request cancels the running one and drops queued ones.")
+              help="--http: a client's next keystroke (a request whose text before the cursor differs from a "
+                   "running or queued one's only near its end) cancels that one; off: only a client that "
+                   "disconnects cancels its request.")
+@click.option("-np", "--parallel", type=int,
+              help="Requests served at once, each in a slot with its own KV cache, batched together "
+                   "(llama-server's -np) [default: 4 with --http, 1 with --stdio; setting parallel].")
 @model_option
 @click.option("--heads", type=int, help="Default draft heads per request (0 = no speculation).")
 @click.option("--max-tokens", type=int, help="Default max_tokens per request [default: 256].")
@@ -326,9 +286,6 @@ def serve(stdio: bool, http: bool, host: str | None, port: int | None, api_key: 
         settings = load_settings(model=model, api_key=api_key, **setting_flags)
         _serve_http(settings, model, host=host, port=port, cancel_previous=cancel_previous, verbose=verbose)
         return
-    from mtpcode.cli.frontend import load_engine
-    from mtpcode.models import is_builtin
-
     settings = load_settings(model=model, **setting_flags)
     engine, path = load_engine(settings, model, note=sys.stderr)
     out = sys.stdout.buffer

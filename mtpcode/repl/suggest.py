@@ -1,11 +1,12 @@
-"""Model-backed ghost text for the REPL, and the one thread that talks to the Engine.
+"""Model-backed ghost text for the REPL.
 
-All Engine work of a REPL (suggestions, completions, model loads) runs on one
-:class:`EngineThread`, so there is never more than one generation at a time.
-:class:`ModelSuggest` is a prompt-toolkit ``AutoSuggest``: the UI thread only
-schedules work and awaits it, so typing never waits for the model. A
-suggestion whose input has changed is cancelled through the ``cancel`` event
-of ``Engine.generate`` as soon as the next key is typed, and never shown.
+All Engine work of a REPL (suggestions, completions, warm-ups, counting
+tokens) goes through the engine's scheduler (mtpcode.scheduler), whose worker
+thread owns the engine, as in the servers. :class:`ModelSuggest` is a
+prompt-toolkit ``AutoSuggest``: the UI thread only submits a job and awaits
+it, so typing never waits for the model. A suggestion whose input has changed
+is cancelled as soon as the next key is typed (the scheduler's keystroke rule
+does it for text typed on, the UI for any other change), and never shown.
 Because the Engine reuses the KV cache of the longest common prefix, a
 keystroke costs only the tokens that changed.
 """
@@ -15,16 +16,13 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prompt_toolkit.auto_suggest import AutoSuggest, Suggestion
 
-from mtpcode.errors import MtpError
-from mtpcode.generation import Done
+from mtpcode.scheduler import Event, Job, Outcome, Scheduler
 from mtpcode.stops import StopStrings
 
 if TYPE_CHECKING:
@@ -45,24 +43,6 @@ def showable(text: str) -> str:
     """
     match = _SHOWABLE.match(text)
     return match.group(0) if match else ""
-
-
-class EngineThread:
-    """A single worker thread that owns every call into the Engine."""
-
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtpcode-engine")
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        """Queue ``fn(*args)`` behind the work already queued; returns its future."""
-        return self._pool.submit(fn, *args)
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run ``fn(*args)`` on the engine thread and wait for its result (or exception)."""
-        return self.submit(fn, *args).result()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -93,14 +73,14 @@ class ModelSuggest(AutoSuggest):
 
     debounce_s = 0.06
 
-    def __init__(self, session: SessionBuffer, worker: EngineThread) -> None:
+    def __init__(self, session: SessionBuffer, scheduler: Callable[[], Scheduler | None]) -> None:
         self.session = session
-        self.worker = worker
+        self.scheduler = scheduler  # the current model's scheduler (None: no model)
         self.stats = SuggestStats()
         self._cache: tuple[str, str] | None = None  # (prompt, completion up to end of line)
-        self._pending: threading.Event | None = None
+        self._pending: Job | None = None
         self._lock = threading.Lock()
-        self.busy = False  # an engine run for a suggestion is queued or running
+        self.busy = False  # a suggestion is queued or running
         session.on_change(self.forget)
 
     # The synchronous API is not used by prompt-toolkit once the async one exists.
@@ -110,8 +90,10 @@ class ModelSuggest(AutoSuggest):
     def cancel_pending(self) -> None:
         """Cancel the suggestion being computed, if any (called before a completion)."""
         with self._lock:
-            if self._pending is not None:
-                self._pending.set()
+            job, self._pending = self._pending, None
+        sched = self.scheduler()
+        if job is not None and sched is not None:
+            sched.abandon(job, "stale")
 
     def forget(self) -> None:
         """Drop the cached suggestion (the session text or the model changed)."""
@@ -130,7 +112,8 @@ class ModelSuggest(AutoSuggest):
         return None
 
     async def get_suggestion_async(self, buffer: Buffer, document: Document) -> Suggestion | None:
-        if not self.session.suggest_enabled or self.session.engine is None or not document.is_cursor_at_the_end:
+        sched = self.scheduler()
+        if not self.session.suggest_enabled or sched is None or not document.is_cursor_at_the_end:
             return None
         prompt = self.session.prompt_for(document.text)
         if not prompt:
@@ -144,28 +127,55 @@ class ModelSuggest(AutoSuggest):
         await asyncio.sleep(self.debounce_s)
         if buffer.document != document:
             return None
-        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[Outcome] = loop.create_future()
+
+        def end(outcome: Outcome) -> None:
+            if not ended.done():
+                ended.set_result(outcome)
+
+        def on_event(event: Event) -> None:  # on the engine's worker thread
+            if isinstance(event, Outcome):
+                loop.call_soon_threadsafe(end, event)
+
+        # ``key``: the next keystroke's suggestion supersedes this one in the scheduler
+        job = Job(prompt=prompt, options=self.session.suggestion_options(), stops=(StopStrings(["\n"]),),
+                  key=prompt, pieces=False, sink=on_event)
+        self.cancel_pending()
         with self._lock:
-            if self._pending is not None:
-                self._pending.set()
-            self._pending = cancel
+            self._pending = job
 
         def on_change(_: Any) -> None:
-            cancel.set()
+            sched.abandon(job, "stale")
 
         buffer.on_text_changed += on_change
         self._set_busy(True)
+        self.stats.requested += 1
         try:
-            text = await asyncio.wrap_future(self.worker.submit(self._compute, prompt, cancel))
+            sched.submit(job)
+            outcome = await ended
         except asyncio.CancelledError:
-            cancel.set()  # the input box closed (submit, Ctrl-C): stop the engine run too
+            sched.abandon(job, "stale")  # the input box closed (submit, Ctrl-C): stop the engine run too
             raise
         finally:
             buffer.on_text_changed -= on_change
+            with self._lock:
+                if self._pending is job:
+                    self._pending = None
             self._set_busy(False)
-        if text is None or buffer.document != document:
+        if outcome.error is not None:
+            self.stats.errors += 1
             return None
-        text = showable(text)
+        if outcome.cancelled is not None or outcome.stats is None:  # superseded, or stale
+            self.stats.dropped += 1
+            return None
+        self.stats.completed += 1
+        self.stats.compute_s += outcome.stats.prefill_s + outcome.stats.decode_s
+        # Kept even when the text moved on: typing along it is answered from here.
+        self._cache = (prompt, outcome.text)
+        if buffer.document != document:
+            return None
+        text = showable(outcome.text)
         if not text:
             return None
         self.stats.shown += 1
@@ -177,34 +187,3 @@ class ModelSuggest(AutoSuggest):
 
         self.busy = busy
         get_app().invalidate()
-
-    def _compute(self, prompt: str, cancel: threading.Event) -> str | None:
-        """On the engine thread: the model's greedy text up to the end of the line, or None if cancelled."""
-        if cancel.is_set():
-            self.stats.dropped += 1
-            return None
-        engine = self.session.engine
-        if engine is None:
-            return None
-        options = self.session.suggestion_options()
-        self.stats.requested += 1
-        start = time.perf_counter()
-        done: Done | None = None
-        try:
-            for event in engine.generate(prompt, options, stops=(StopStrings(["\n"]),), cancel=cancel):
-                if isinstance(event, Done):
-                    done = event
-        except MtpError:
-            self.stats.errors += 1
-            return None
-        if done is None or done.stop_reason == "interrupted":
-            self.stats.dropped += 1
-            return None
-        self.stats.completed += 1
-        self.stats.compute_s += time.perf_counter() - start
-        # Kept even when the text moved on: typing along it is answered from here.
-        self._cache = (prompt, done.text)
-        if cancel.is_set():
-            self.stats.dropped += 1
-            return None
-        return done.text

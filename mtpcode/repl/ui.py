@@ -17,11 +17,9 @@ through a pipe; the Engine is used only from the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import queue
 import re
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,11 +35,13 @@ from pygments.token import Token
 
 from mtpcode.config import Settings
 from mtpcode.errors import MtpError, UsageError
-from mtpcode.generation import Done, GenerationOptions, Piece
+from mtpcode.generation import Done, GenerationOptions, Piece, Stats
 from mtpcode.repl.commands import run_command
 from mtpcode.repl.edit import editing_key_bindings, is_command, language_name, lexer_by_name
 from mtpcode.repl.session import SessionBuffer, SessionTotals, StopMode, describe_stop
-from mtpcode.repl.suggest import EngineThread, ModelSuggest
+from mtpcode.repl.suggest import ModelSuggest
+from mtpcode.scheduler import Event, Job, Outcome, Scheduler
+from mtpcode.signals import ctrl_c_cancels
 from mtpcode.stops import StopReason
 
 if TYPE_CHECKING:
@@ -222,8 +222,8 @@ class Repl:
         self.lexer = lexer_by_name(language or "python")
         self.generating = threading.Event()  # set while a completion streams
         self._quit = False
-        self.worker = EngineThread()
-        self.suggester = ModelSuggest(self.buffer, self.worker)
+        self.scheduler: Scheduler | None = None  # the engine's worker (mtpcode.scheduler), once there is one
+        self.suggester = ModelSuggest(self.buffer, lambda: self.scheduler)
         self.style = self._make_style(style)
         self._lexers: dict[type, PygmentsLexer] = {}
         self._notes: list[str] = []
@@ -306,35 +306,30 @@ class Repl:
         return self._lexers[cls]
 
     def load_engine(self, path: Path) -> Engine:
-        """Load the Engine for bundle ``path`` on the engine thread, with this session's settings."""
-        from mtpcode.runtime import Engine
+        """Load the Engine for bundle ``path`` with this session's settings."""
+        from mtpcode.runtime import Engine  # (llama.cpp: loaded with the first model, not at start-up)
 
-        future = self.worker.submit(lambda: Engine(path, **self.settings.engine_kwargs()))
-        try:
-            return future.result()
-        except KeyboardInterrupt:
-            # The load cannot be stopped half way; close what it makes once it is done.
-            future.add_done_callback(lambda f: f.exception() is None and f.result().close())
-            raise
+        return Engine(path, **self.settings.engine_kwargs())
 
     def use_engine(self, engine: Engine, path: Path, name: str) -> None:
         """Continue with ``engine`` (loaded from ``path``, shown as ``name``), which the session now owns;
         an Engine the session loaded before is closed."""
-        old = self.engine if self._owns_engine else None
-        if old is not None:
-            self.worker.call(old.close)
+        self._close_engine()
         self.buffer.set_engine(engine)
+        self.scheduler = Scheduler(engine)
         self._owns_engine = True
         self.model_path = path
         self.model_name = name
 
     def open(self) -> None:
-        """Load the model if one was named and none was given."""
+        """Load the model if one was named and none was given; start its scheduler."""
         if self.engine is None and self.model_path is not None:
             self.info(f"loading {self.model_path} ...")
             self.buffer.engine = self.load_engine(self.model_path)
             self._owns_engine = True
         engine, heads = self.engine, self.settings.heads
+        if engine is not None and self.scheduler is None:
+            self.scheduler = Scheduler(engine)
         if engine is not None and heads is not None and heads > engine.n_heads:
             raise UsageError(
                 f"--heads {heads}: the model has {engine.n_heads} draft heads; use --heads 0..{engine.n_heads}"
@@ -343,11 +338,17 @@ class Repl:
     def close(self) -> None:
         """Stop suggestions, finish engine work, close an Engine this session loaded."""
         self.suggester.forget()
-        self.worker.close()
+        self._close_engine()
+
+    def _close_engine(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.close()
+            self.scheduler = None
         engine = self.engine
         if self._owns_engine and engine is not None:
             engine.close()
             self.buffer.engine = None
+        self._owns_engine = False
 
     def quit(self) -> None:
         """Leave the loop once the current input is handled."""
@@ -433,30 +434,26 @@ class Repl:
     # --- completions --------------------------------------------------------------------
 
     def _count_on_engine_thread(self, text: str) -> int:
-        engine = self.engine
-        assert engine is not None
-        return len(self.worker.call(engine.tokenize, text))
+        engine, sched = self.engine, self.scheduler
+        assert engine is not None and sched is not None
+        return sched.call(lambda: len(engine.tokenize(text)))
 
     def warm_up(self) -> None:
-        """Prefill the session buffer in the background (the engine thread).
+        """Prefill the session buffer in the background (a cache warm-up job on the scheduler).
 
         The first keystroke's suggestion then costs only its own tokens, and
         a buffer longer than the context gets its window before the first submit.
         """
-        engine = self.engine
-        if engine is None or not self.text.strip() or not self.suggest_enabled:
+        engine, sched = self.engine, self.scheduler
+        if engine is None or sched is None or not self.text.strip() or not self.suggest_enabled:
             return
         buffer = self.buffer
 
-        def warm() -> None:
-            try:
-                prompt = buffer.fit_window(buffer.text, lambda t: len(engine.tokenize(t)))
-                for _ in engine.generate(prompt, GenerationOptions(max_tokens=0)):
-                    pass
-            except MtpError:
-                pass  # e.g. one line longer than the context: the submit will say so
+        def prepare() -> tuple[str, tuple[()], None]:  # on the worker thread, where tokenizing is safe
+            return buffer.fit_window(buffer.text, lambda t: len(engine.tokenize(t))), (), None
 
-        self.worker.submit(warm)
+        # (a failure, e.g. one line longer than the context, is the submit's to report)
+        sched.submit(Job(options=GenerationOptions(max_tokens=0), prepare=prepare, background=True, pieces=False))
 
     def submit(self, typed: str) -> None:
         """Append ``typed`` to the session buffer and stream the model's continuation."""
@@ -522,71 +519,40 @@ class Repl:
         return True
 
     def _stream(self, prompt: str, printer: StreamPrinter) -> tuple[Done, str]:
-        """Generate on the engine thread, print pieces as they come; Ctrl-C cancels.
+        """Generate on the engine's worker, print pieces as they come; Ctrl-C cancels.
 
-        Returns the Done event and the text shown. The queue is small, so the
-        engine never runs far ahead of the screen and a Ctrl-C stops it soon.
+        Returns the Done event and the text shown.
         """
-        events: queue.Queue = queue.Queue(maxsize=8)
-        cancel = threading.Event()
-        engine = self.engine
-        assert engine is not None  # submit checked
-        options = self.buffer.completion_options()
-        stops = self.buffer.stops(prompt)
-
-        def work() -> None:
-            try:
-                for event in engine.generate(prompt, options, stops=stops, cancel=cancel):
-                    events.put(event)
-            except BaseException as exc:  # handed to the UI thread, which re-raises it
-                events.put(_Failed(exc))
-
+        events: queue.Queue[Event] = queue.Queue()
+        sched = self.scheduler
+        assert sched is not None  # submit checked
+        job = Job(prompt=prompt, options=self.buffer.completion_options(), stops=self.buffer.stops(prompt),
+                  sink=events.put)
         self.generating.set()
-        future = self.worker.submit(work)
         shown: list[str] = []
-        done: Done | None = None
+        outcome: Outcome | None = None
         try:
-            with _typeahead_kept(self.session.input), _sigint_sets(cancel):
-                while done is None:
+            with _typeahead_kept(self.session.input), ctrl_c_cancels(lambda: sched.abandon(job, "interrupted"),
+                                                                     twice_raises=False):
+                sched.submit(job)
+                while outcome is None:
                     try:
                         event = events.get(timeout=0.1)
-                        if isinstance(event, _Failed):
-                            raise event.exc
-                        if isinstance(event, Done):
-                            done = event
-                        elif isinstance(event, Piece) and not cancel.is_set():
+                        if isinstance(event, Outcome):
+                            outcome = event
+                        elif isinstance(event, Piece) and not job.cancel.is_set():
                             shown.append(event.text)
                             printer.feed(event.text)
                     except queue.Empty:
                         continue
-                    except KeyboardInterrupt:
-                        cancel.set()  # keep draining until the engine says Done
+                    except KeyboardInterrupt:  # (off the main thread, where Ctrl-C cannot be a cancel)
+                        sched.abandon(job, "interrupted")  # keep draining until the job ends
         finally:
             self.generating.clear()
-        future.result()
-        if cancel.is_set() and done.stop_reason != StopReason.INTERRUPTED:
-            done = dataclasses.replace(done, stop_reason=StopReason.INTERRUPTED)
-        return done, "".join(shown)
-
-
-@contextlib.contextmanager
-def _sigint_sets(cancel: threading.Event) -> Iterator[None]:
-    """While a completion streams, Ctrl-C (SIGINT) sets ``cancel`` instead of raising
-    KeyboardInterrupt, which could land outside the loop's handler (at its ``while``
-    test, between two statements) and leave the completion without its stats line.
-    Only the main thread can install a handler; elsewhere KeyboardInterrupt stays."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_sigint(signum: int, frame: object) -> None:
-        cancel.set()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+        if outcome.error is not None:
+            raise outcome.error
+        reason = StopReason.INTERRUPTED if job.cancel.is_set() else outcome.stop_reason
+        return Done(text=outcome.text, stop_reason=reason, stats=outcome.stats or Stats()), "".join(shown)
 
 
 @contextlib.contextmanager

@@ -56,6 +56,7 @@ def routes(state: ServerState) -> list[Route]:
         info_route("/models", info.models),
         info_route("/v1/models", info.models),
         info_route("/metrics", info.metrics),
+        info_route("/slots", info.slots),
         completion_route("/infill", llama.INFILL),
         completion_route("/completion", llama.COMPLETION),
         completion_route("/completions", llama.COMPLETION),

@@ -19,12 +19,12 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from mtpcode.generation import Piece
+from mtpcode.scheduler import Outcome, Scheduler, Started
 from mtpcode.server.apis import Api
 from mtpcode.server.errors import api_error
 from mtpcode.server.protocol import Partial, Result, sse
-from mtpcode.server.scheduler import Job, Outcome, Scheduler, Started
 from mtpcode.server.state import ServerState, ready
-from mtpcode.server.task import Spec, make_job, to_result
+from mtpcode.server.task import ServerJob, Spec, make_job, to_result
 from mtpcode.server.transport import EventStream, json_response, read_json, wait_disconnect
 
 NO_CONTENT = 204  # the answer to a client that left before its answer was ready
@@ -59,7 +59,7 @@ async def run_all(request: Request, scheduler: Scheduler, spec: Spec) -> list[Re
             return None
         if outcome.error is not None:
             raise api_error(outcome.error)
-        results.append(to_result(job.plan, outcome, index=i))
+        results.append(to_result(job, outcome, index=i))
     while len(results) < n:
         results.append(replace(results[0], index=len(results)))
     return results
@@ -82,30 +82,26 @@ async def stream(request: Request, scheduler: Scheduler, api: Api, spec: Spec) -
 
     async def chunks() -> AsyncIterator[bytes]:
         events = job.events
-        if events is None:  # make_job binds every job to the loop
-            raise RuntimeError("job not bound to an event loop")
         item = first
         n_decoded = 0
         while True:
             if isinstance(item, Piece):
                 n_decoded += len(item.token_ids)
-                yield api.render_piece(spec, Partial(item.text, n_decoded, job.plan.n_prompt))
+                yield api.render_piece(spec, Partial(item.text, n_decoded, job.plan.n_prompt, slot=job.ran_on))
             elif isinstance(item, Outcome):
                 if item.error is not None:
                     yield sse(api_error(item.error).body())
                 else:
-                    yield api.render_end(spec, to_result(job.plan, item))
+                    yield api.render_end(spec, to_result(job, item))
                 return
             item = await events.get()
 
     return EventStream(chunks(), lambda: scheduler.abandon(job), media_type=api.media_type)
 
 
-async def next_event(request: Request, scheduler: Scheduler, job: Job) -> Piece | Outcome | Started | None:
+async def next_event(request: Request, scheduler: Scheduler, job: ServerJob) -> Piece | Outcome | Started | None:
     """The job's next event; None if the client disconnected first (the job is then cancelled)."""
     events = job.events
-    if events is None:
-        raise RuntimeError("job not bound to an event loop")
     get = asyncio.ensure_future(events.get())
     watch = asyncio.ensure_future(wait_disconnect(request.receive))
     try:
@@ -119,7 +115,7 @@ async def next_event(request: Request, scheduler: Scheduler, job: Job) -> Piece 
         watch.cancel()
 
 
-async def run_once(request: Request, scheduler: Scheduler, job: Job) -> Outcome | None:
+async def run_once(request: Request, scheduler: Scheduler, job: ServerJob) -> Outcome | None:
     """Submit ``job`` and wait for its Outcome; None if the client disconnected (the job is cancelled)."""
     scheduler.submit(job)
     while True:

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mtpcode import __version__
-from mtpcode.server.errors import ApiError, loading
+from mtpcode.server.errors import loading
 from mtpcode.server.protocol import rfc3339
 from mtpcode.server.state import ServerState
 from mtpcode.server.transport import error_response, json_response, read_json
@@ -73,19 +73,23 @@ async def models(request: Request, state: ServerState) -> Response:
                           "data": [model_object(state)]})
 
 
-async def props(request: Request, state: ServerState) -> Response:
-    """llama-server's /props: the default generation settings, the slot, and mtpcode's own facts."""
+def _generation_settings(state: ServerState) -> dict[str, Any]:
+    """The default generation settings (llama-server's ``params`` of a slot)."""
     s = state.settings
-    engine, sched = state.engine, state.scheduler
-    params: dict[str, Any] = {
-        "n_predict": s.max_tokens, "seed": -1 if s.seed is None else s.seed, "temperature": s.temperature,
-        "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p, "stop": [], "max_tokens": s.max_tokens,
-        "stream": False, "speculative.n_max": engine.n_heads if engine else None}
+    engine = state.engine
+    return {"n_predict": s.max_tokens, "seed": -1 if s.seed is None else s.seed, "temperature": s.temperature,
+            "top_k": s.top_k, "top_p": s.top_p, "min_p": s.min_p, "stop": [], "max_tokens": s.max_tokens,
+            "stream": False, "speculative.n_max": engine.n_heads if engine else None}
+
+
+async def props(request: Request, state: ServerState) -> Response:
+    """llama-server's /props: the default generation settings, the slots, and mtpcode's own facts."""
+    sched = state.scheduler
     return json_response({
         "default_generation_settings": {"id": 0, "id_task": -1, "n_ctx": state.n_ctx, "speculative": True,
-                                        "is_processing": bool(sched and sched.busy), "params": params,
-                                        "prompt": ""},
-        "total_slots": 1,
+                                        "is_processing": bool(sched and sched.busy),
+                                        "params": _generation_settings(state), "prompt": ""},
+        "total_slots": state.n_slots,
         "model_path": str(state.model_path),
         "chat_template": "",
         "chat_template_caps": {},
@@ -93,9 +97,24 @@ async def props(request: Request, state: ServerState) -> Response:
         "build_info": f"mtpcode-{__version__}",
         "is_sleeping": False,
         "mtpcode": {"version": __version__, "model": state.model_id, "heads": model_meta(state)["n_heads"],
-                    "n_ctx": state.n_ctx, "loaded": sched is not None,
+                    "n_ctx": state.n_ctx, "loaded": sched is not None, "parallel": state.n_slots,
                     "cancel_previous": state.cancel_previous, "infill": "emulated (no FIM tokens)"},
     })
+
+
+async def slots(request: Request, state: ServerState) -> Response:
+    """llama-server's /slots: each slot's state, never its prompt (slots serve other clients)."""
+    sched = state.scheduler
+    if sched is None:
+        raise loading()
+    params = _generation_settings(state)
+    return json_response([
+        {"id": slot.id, "id_task": slot.id_task, "n_ctx": slot.n_ctx, "speculative": True,
+         "is_processing": slot.is_processing, "params": params,
+         "next_token": {"has_next_token": slot.is_processing, "n_decoded": slot.n_decoded},
+         "n_cached": slot.n_cached}
+        for slot in sched.slots()
+    ])
 
 
 async def metrics(request: Request, state: ServerState) -> Response:
@@ -109,22 +128,22 @@ async def metrics(request: Request, state: ServerState) -> Response:
         ("llamacpp:tokens_predicted_total", "counter", "Tokens generated.", c.tokens_predicted if c else 0),
         ("llamacpp:tokens_predicted_seconds_total", "counter", "Generation time.",
          c.predict_seconds if c else 0),
-        ("llamacpp:requests_processing", "gauge", "Generations running.", int(bool(sched and sched.busy))),
-        ("llamacpp:requests_deferred", "gauge", "Generations queued.", sched.queued if sched else 0),
+        ("llamacpp:requests_processing", "gauge", "Slots generating.", sched.busy if sched else 0),
+        ("llamacpp:requests_deferred", "gauge", "Requests waiting for a slot.", sched.queued if sched else 0),
+        ("mtpcode:slots_total", "gauge", "Slots (--parallel).", state.n_slots),
         ("mtpcode:requests_total", "counter", "Generations submitted.", c.requests if c else 0),
         ("mtpcode:requests_finished_total", "counter", "Generations that ran to their end.",
          c.finished if c else 0),
-        ("mtpcode:requests_cancelled_total", "counter", "Generations cut short (newer request, disconnect).",
-         c.cancelled if c else 0),
+        ("mtpcode:requests_cancelled_total", "counter",
+         "Generations cut short (their client left, or sent its next keystroke).", c.cancelled if c else 0),
         ("mtpcode:requests_dropped_total", "counter", "Queued generations dropped before they ran.",
          c.dropped if c else 0),
         ("mtpcode:requests_failed_total", "counter", "Generations that failed.", c.errors if c else 0),
         ("mtpcode:prompt_tokens_requested_total", "counter", "Prompt tokens, cached or evaluated.",
          c.prompt_tokens if c else 0),
-        ("mtpcode:draft_tokens_total", "counter", "Draft tokens proposed by the heads.",
-         sum(c.drafted) if c else 0),
-        ("mtpcode:draft_tokens_accepted_total", "counter", "Draft tokens accepted.",
-         sum(c.accepted) if c else 0),
+        ("mtpcode:draft_tokens_total", "counter", "Draft tokens proposed (heads and context).",
+         c.drafted if c else 0),
+        ("mtpcode:draft_tokens_accepted_total", "counter", "Draft tokens accepted.", c.accepted if c else 0),
     ]
     lines = []
     for name, kind, help_text, value in rows:
@@ -138,11 +157,8 @@ async def ollama_tags(request: Request, state: ServerState) -> Response:
 
 
 async def ollama_show(request: Request, state: ServerState) -> Response:
-    """Ollama's /api/show for ``model`` (or ``name``): 404 for a model this server does not run."""
-    body = await read_json(request, state.max_body)
-    name = body.get("model", body.get("name"))
-    if name not in (None, "") and name not in state.model_names:
-        raise ApiError(404, f"model {name!r} not found: this server runs {state.model_id!r}", "not_found_error")
+    """Ollama's /api/show: whatever ``model`` (or ``name``) it asks about, the model this server runs."""
+    await read_json(request, state.max_body)
     return json_response({"modelfile": "", "parameters": "", "template": "{{ .Prompt }}", "details": MODEL_DETAILS,
                           "model_info": {"general.architecture": "llama", "llama.context_length": state.n_ctx},
                           "capabilities": ["completion", "insert"]})

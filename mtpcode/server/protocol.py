@@ -140,10 +140,13 @@ class Params:
     t_max_predict_ms: float = 0.0
     n_cmpl: int = 1
     response_fields: list[str] = field(default_factory=list)
+    id_slot: int | None = None  # llama-server's slot to run on (None: the server picks)
 
 
-def parse_params(body: dict[str, Any], n_ctx: int, default_n_predict: int, *, openai: bool = False) -> Params:
-    """The common fields of ``body``. ``n_predict`` -1 means "until the context is full"."""
+def parse_params(body: dict[str, Any], n_ctx: int, default_n_predict: int, *, openai: bool = False,
+                 n_slots: int = 1) -> Params:
+    """The common fields of ``body``. ``n_predict`` -1 means "until the context is full"; ``id_slot``
+    -1 (or absent) lets the server pick one of its ``n_slots`` slots."""
     if openai:
         n = get_int(body, "max_tokens", None, lo=-1)
         n = get_int(body, "max_completion_tokens", n, lo=-1)
@@ -177,11 +180,15 @@ def parse_params(body: dict[str, Any], n_ctx: int, default_n_predict: int, *, op
     fields = body.get("response_fields") or []
     if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
         raise bad_request('"response_fields" must be an array of strings')
+    id_slot = get_int(body, "id_slot", -1, lo=-1)
+    if id_slot is not None and id_slot >= n_slots:
+        raise bad_request(f'"id_slot" {id_slot}: this server has {n_slots} slot(s), 0..{n_slots - 1} '
+                          "(or -1: any); start it with --parallel for more")
     return Params(
         n_predict=n_predict, n_predict_requested=n, sampling=sampling, stop=get_stop(body),
         stream=get_bool(body, "stream", False), n_indent=get_int(body, "n_indent", 0, lo=0) or 0,
         t_max_predict_ms=get_float(body, "t_max_predict_ms", 0.0) or 0.0, n_cmpl=n_cmpl or 1,
-        response_fields=[f for f in fields if f],
+        response_fields=[f for f in fields if f], id_slot=None if id_slot is None or id_slot < 0 else id_slot,
     )
 
 
@@ -211,6 +218,7 @@ class Partial:
     n_prompt: int
     index: int = 0
     created: float = field(default_factory=time.time)  # Unix time
+    slot: int = 0  # the slot it runs on
 
 
 @dataclass(frozen=True)
@@ -226,6 +234,7 @@ class Result:
     truncated: bool = False
     index: int = 0
     created: float = field(default_factory=time.time)  # Unix time the completion ended
+    slot: int = 0  # the slot it ran on
 
 
 def timings(stats: Stats | None) -> dict[str, Any]:

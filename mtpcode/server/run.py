@@ -17,17 +17,21 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
 from mtpcode.config import Settings
 from mtpcode.errors import ModelError, MtpError, UsageError
+from mtpcode.models import BUILTIN_NAME, is_builtin, resolve_model
+from mtpcode.scheduler import Scheduler
 from mtpcode.server.app import create_app
-from mtpcode.server.scheduler import Scheduler
 from mtpcode.server.state import DEFAULT_MAX_BODY, ServerState
+from mtpcode.signals import on_signals
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8012  # llama.vim's and llama.vscode's default endpoint
+DEFAULT_PARALLEL = 4  # slots, as llama-server's -np auto: a few editors at once
 
 
 def is_loopback(host: str) -> bool:
@@ -61,20 +65,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def model_names(model: str | None, path: Path) -> tuple[str, frozenset[str]]:
-    """The id /v1/models shows, and every name a request's "model" may use for it."""
-    from mtpcode.models import BUILTIN_NAME, is_builtin
-
+def model_id(model: str | None, path: Path) -> str:
+    """The name the server gives its model (/v1/models, and the "model" of every answer)."""
     if is_builtin(path):
-        model_id = BUILTIN_NAME
-    elif model and "/" not in model and not Path(model).expanduser().exists():
-        model_id = model  # a registered name
-    else:
-        model_id = path.name
-    names = {model_id, path.name, str(path), str(path.resolve())}
-    if model:
-        names.add(model)
-    return model_id, frozenset(names)
+        return BUILTIN_NAME
+    if model and "/" not in model and not Path(model).expanduser().exists():
+        return model  # a registered name
+    return path.name
 
 
 def serve_http(settings: Settings, model: str | None, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
@@ -84,19 +81,20 @@ def serve_http(settings: Settings, model: str | None, *, host: str = DEFAULT_HOS
     import uvicorn
 
     from mtpcode.cli.frontend import load_engine
-    from mtpcode.models import resolve_model
 
     path = resolve_model(model, settings)
-    model_id, names = model_names(model, path)
+    name = model_id(model, path)
+    n_slots = settings.parallel or DEFAULT_PARALLEL
     if not is_loopback(host):
         guard = "with an API key" if api_key else "WITHOUT an API key (set one with --api-key)"
         print(f"mtpcode: warning: listening on {host}, reachable from other machines, {guard}", file=log, flush=True)
     sock = bind(host, port)
     bound_port = sock.getsockname()[1]
-    state = ServerState(settings=settings, model_id=model_id, model_path=path, model_names=names, api_key=api_key,
-                        max_body=max_body, cancel_previous=cancel_previous)
+    settings = replace(settings, parallel=n_slots)
+    state = ServerState(settings=settings, model_id=name, model_path=path, api_key=api_key, max_body=max_body,
+                        cancel_previous=cancel_previous, n_slots=n_slots)
     shown_host = f"[{host}]" if ":" in host else host
-    print(f"mtpcode: listening on http://{shown_host}:{bound_port} (model {model_id}: {path}; loading)",
+    print(f"mtpcode: listening on http://{shown_host}:{bound_port} (model {name}: {path}; loading)",
           file=log, flush=True)
 
     server = _Server(uvicorn.Config(create_app(state), log_level="info" if verbose else "warning",
@@ -116,9 +114,9 @@ def serve_http(settings: Settings, model: str | None, *, host: str = DEFAULT_HOS
             server.should_exit = True
             return
         state.engine = engine
-        state.scheduler = Scheduler(engine, cancel_previous=cancel_previous)
-        print(f"mtpcode: model loaded ({engine.n_heads} heads, context {engine.n_ctx} tokens); ready",
-              file=log, flush=True)
+        state.scheduler = Scheduler(engine, supersede=cancel_previous)
+        print(f"mtpcode: model loaded ({engine.n_heads} heads, {n_slots} slots sharing a context of "
+              f"{engine.n_ctx} tokens); ready", file=log, flush=True)
 
     loader = threading.Thread(target=load, name="mtpcode-load", daemon=True)
     loader.start()
@@ -157,15 +155,8 @@ class _Server:
 
             @contextlib.contextmanager
             def capture_signals(self) -> Iterator[None]:
-                if threading.current_thread() is not threading.main_thread():
+                with on_signals(self.handle_exit, (signal.SIGINT, signal.SIGTERM)):
                     yield
-                    return
-                previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
-                try:
-                    yield
-                finally:
-                    for sig, handler in previous.items():
-                        signal.signal(sig, handler)
 
         self.state = state
         self.server = Server(config)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from mtpcode.config import Settings
 from mtpcode.generation import CompletionEngine
+from mtpcode.scheduler import Scheduler
 from mtpcode.server.errors import loading
-from mtpcode.server.scheduler import Scheduler
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024  # bytes: far more than editors send (llama.vim's ring is ~64 KiB)
 
@@ -22,13 +22,14 @@ class ServerState:
     settings: Settings
     model_id: str
     model_path: Path
-    model_names: frozenset[str]  # names accepted in a request's "model" field
     api_key: str | None = None
     max_body: int = DEFAULT_MAX_BODY
     cancel_previous: bool = True
     engine: CompletionEngine | None = None
     scheduler: Scheduler | None = None
     started: float = field(default_factory=time.time)
+
+    n_slots: int = 1
 
     @property
     def n_ctx(self) -> int:

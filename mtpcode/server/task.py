@@ -20,6 +20,7 @@ from typing import Any
 from mtpcode.config import override_settings
 from mtpcode.errors import UsageError
 from mtpcode.generation import CompletionEngine, GenerationOptions
+from mtpcode.scheduler import Event, Job, Outcome
 from mtpcode.server.errors import ApiError, bad_request
 from mtpcode.server.infill import (
     Chunk,
@@ -31,7 +32,6 @@ from mtpcode.server.infill import (
     truncate_tokens,
 )
 from mtpcode.server.protocol import Params, Result, parse_params
-from mtpcode.server.scheduler import Job, Outcome
 from mtpcode.server.state import ServerState, loaded_engine
 from mtpcode.stops import IndentLimit, StopCondition, TimeLimit, WordStop, code_stops
 
@@ -56,6 +56,11 @@ class Spec:
     suffix: str = ""
     chunks: list[Chunk] = field(default_factory=list)
 
+    @property
+    def key(self) -> str | list[int]:
+        """What the keystroke rule compares (mtpcode.scheduler): the text before the cursor."""
+        return self.before if self.infill else self.prompt
+
 
 @dataclass
 class Plan:
@@ -72,16 +77,12 @@ class Plan:
 # --- parsing: the helpers the adapters share -------------------------------------------------
 
 
-def check_model(state: ServerState, body: dict[str, Any]) -> None:
-    """404 when the request names a model this server does not run (no name, or "", is fine)."""
+def check_model(body: dict[str, Any]) -> None:
+    """A request may name any model (clients send whatever name they were configured with): the
+    server runs the one it loaded, as llama-server does, and its answer names that one."""
     name = body.get("model")
-    if name is None or name == "":
-        return
-    if not isinstance(name, str):
+    if name is not None and not isinstance(name, str):
         raise bad_request('"model" must be a string')
-    if name not in state.model_names:
-        raise ApiError(404, f"model {name!r} not found: this server runs {state.model_id!r} (see GET /v1/models)",
-                       "not_found_error")
 
 
 def base_spec(state: ServerState, body: dict[str, Any], *, openai: bool = False) -> Spec:
@@ -90,10 +91,10 @@ def base_spec(state: ServerState, body: dict[str, Any], *, openai: bool = False)
     ``openai``: ``n_predict`` is not one of the request's fields (OpenAI's
     ``max_tokens`` only).
     """
-    check_model(state, body)
+    check_model(body)
     engine = loaded_engine(state)
     n_ctx = state.n_ctx
-    params = parse_params(body, n_ctx, state.settings.max_tokens, openai=openai)
+    params = parse_params(body, n_ctx, state.settings.max_tokens, openai=openai, n_slots=state.n_slots)
     if params.stream and params.n_cmpl > 1:
         raise bad_request("streaming gives one completion: ask for n_cmpl (or n) 1")
     try:
@@ -229,11 +230,32 @@ def _plan_plain(engine: CompletionEngine, spec: Spec) -> Plan:
 # --- the job and its result ---------------------------------------------------------------------
 
 
-def make_job(engine: CompletionEngine, spec: Spec, *, pieces: bool, seed_offset: int = 0) -> Job:
+@dataclass(eq=False)
+class ServerJob(Job):
+    """A scheduler job whose events go to an asyncio queue of the event loop that serves its request."""
+
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    loop: asyncio.AbstractEventLoop | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.sink = self._post
+
+    def _post(self, event: Event) -> None:  # on the worker thread
+        if self.loop is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server is shutting down
+            pass
+
+
+def make_job(engine: CompletionEngine, spec: Spec, *, pieces: bool, seed_offset: int = 0) -> ServerJob:
     """The scheduler job running ``spec`` once on ``engine`` (bound to the running event loop).
 
     ``pieces``: post the text as it comes (to stream it); ``seed_offset``: the
     how-many-th of a request's completions this is, so each samples differently.
+    A request that only fills the cache (``n_predict`` 0) is a background job.
     """
     options = spec.options
     if spec.infill and spec.suffix:  # the text after the cursor: a source of context drafts, never generated from
@@ -245,16 +267,19 @@ def make_job(engine: CompletionEngine, spec: Spec, *, pieces: bool, seed_offset:
         plan = build_plan(engine, spec)
         return plan.prompt, plan.stops, plan
 
-    job = Job(prompt="", options=options, prepare=prepare, supersedes=spec.params.n_predict > 0, pieces=pieces)
+    job = ServerJob(options=options, prepare=prepare, slot=spec.params.id_slot, key=spec.key,
+                    background=spec.params.n_predict == 0, pieces=pieces)
     job.bind(asyncio.get_running_loop())
     return job
 
 
-def to_result(plan: Plan | None, outcome: Outcome, index: int = 0) -> Result:
-    """The typed result of a job that ended (``plan`` None: it was dropped before its turn came)."""
+def to_result(job: Job, outcome: Outcome, index: int = 0) -> Result:
+    """The typed result of a job that ended (without a plan: it was dropped before its turn came)."""
     reason = "cancelled" if outcome.cancelled is not None else (outcome.stop_reason or "limit")
+    plan: Plan | None = job.plan
+    slot = max(job.ran_on, 0)
     if plan is None:
-        return Result(content="", reason=reason, stats=None, prompt="", n_prompt=0, index=index)
+        return Result(content="", reason=reason, stats=None, prompt="", n_prompt=0, index=index, slot=slot)
     return Result(content=outcome.text, reason=reason, stats=outcome.stats, prompt=plan.prompt_text,
                   n_prompt=plan.n_prompt, stopping_word=plan.word.matched if reason == "word" else "",
-                  truncated=plan.truncated, index=index)
+                  truncated=plan.truncated, index=index, slot=slot)

@@ -60,7 +60,7 @@ def test_health_models_props(server: HttpServer, tiny_bundle: Path) -> None:
     assert models["object"] == "list" and models["data"][0]["id"] == tiny_bundle.name
     assert models["data"][0]["meta"]["n_heads"] == 3 and models["data"][0]["meta"]["n_ctx"] == 4096
     props = server.get("/props").json()
-    assert props["default_generation_settings"]["n_ctx"] == 4096 and props["total_slots"] == 1
+    assert props["default_generation_settings"]["n_ctx"] == 4096 and props["total_slots"] == 4  # --parallel
     assert props["model_path"] == str(tiny_bundle) and props["mtpcode"]["heads"] == 3
 
 
@@ -220,8 +220,9 @@ def test_openai_client(server: HttpServer, engine, tiny_bundle: Path) -> None:
     before = PREFIX + MIDDLE
     fill = client.completions.create(model=tiny_bundle.name, prompt=before, suffix=SUFFIX, max_tokens=48)
     assert fill.choices[0].text == greedy_done(engine, before, 48, code_stops(before, suffix=SUFFIX)).text
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="gpt-4o", prompt=PROMPT, max_tokens=4)
+    # whatever model a client names, the loaded one answers, and says so
+    other = client.completions.create(model="gpt-4o", prompt=PROMPT, max_tokens=10, temperature=0)
+    assert other.model == tiny_bundle.name and other.choices[0].text == c.choices[0].text
 
 
 def test_openai_stream_framing(server: HttpServer) -> None:
@@ -295,7 +296,10 @@ BAD = [
     ("/infill", b'{"input_prefix": 3}', 400, "input_prefix"),
     ("/infill", b'{"input_extra": [{"filename": "a"}]}', 400, "input_extra[0]"),
     ("/infill", b'{"input_extra": "text"}', 400, "input_extra"),
-    ("/v1/completions", b'{"model": "no-such-model", "prompt": "x"}', 404, "not found"),
+    ("/v1/completions", b'{"model": ["a"], "prompt": "x"}', 400, '"model" must be a string'),
+    ("/completion", b'{"prompt": "x", "id_slot": 9}', 400, "slot"),
+    ("/completion", b'{"prompt": "x", "nested": ' + b"[" * 100 + b"]" * 100 + b"}", 400, "levels deep"),
+    ("/completion", b"[" * 100_000 + b"]" * 100_000, 400, "levels deep"),
     ("/v1/completions", b'{"prompt": "x", "max_tokens": -3}', 400, "max_tokens"),
     ("/v1/completions", b'{"prompt": "x", "n": 2, "stream": true}', 400, "one completion"),
 ]
@@ -408,37 +412,59 @@ class Gate:
         return 0
 
 
-def test_scheduler_supersedes_and_drops_stale_jobs(engine) -> None:
-    from mtpcode.server.scheduler import Job, Outcome, Scheduler
+def test_scheduler_supersedes_and_drops_a_clients_stale_jobs(engine) -> None:
+    """A client's next keystroke (its text before the cursor changed near the end) cancels its
+    running job and drops its queued one; another client's job is never touched."""
+    from mtpcode.scheduler import Job, Outcome, Scheduler
 
     expected = greedy_done(engine, PROMPT, 50).text
+    other_prompt = "import os\n\nclass Other:\n"
+    other_expected = greedy_done(engine, other_prompt, 20).text
+    sched = Scheduler(engine)
+    gate = Gate()
+    outcomes: dict[str, Outcome] = {}
+    ended = threading.Event()
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        sched = Scheduler(engine)
-        gate = Gate()
-        jobs = {name: Job(prompt=PROMPT, options=GenerationOptions(max_tokens=50)) for name in "abc"}
-        jobs["a"].stops = [gate]
-        for job in jobs.values():
-            job.bind(loop)
-        sched.submit(jobs["a"])
-        assert await asyncio.to_thread(gate.entered.wait, 60)  # a is running, held in its first step
-        sched.submit(jobs["b"])  # cancels a, waits in the queue
-        sched.submit(jobs["c"])  # drops b, which never runs
-        gate.release.set()
-        outcomes = {}
-        for name, job in jobs.items():
-            while not isinstance(item := await job.events.get(), Outcome):
-                pass
-            outcomes[name] = item
-        a, b, c = outcomes["a"], outcomes["b"], outcomes["c"]
-        assert a.ran and a.cancelled == "superseded" and a.stats.generated_tokens < 50
-        assert not b.ran and b.cancelled == "superseded" and b.stats is None
-        assert c.ran and c.cancelled is None and c.stop_reason == "max_tokens" and c.text == expected
-        assert (sched.counters.cancelled, sched.counters.dropped, sched.counters.finished) == (1, 1, 1)
-        sched.close()
+    def job(name: str, prompt: str, key: str, n: int, stops=()) -> Job:
+        def sink(event) -> None:
+            if isinstance(event, Outcome):
+                outcomes[name] = event
+                if len(outcomes) == 4:
+                    ended.set()
 
-    asyncio.run(main())
+        return Job(prompt=prompt, options=GenerationOptions(max_tokens=n), stops=stops, key=key, sink=sink)
+
+    a = job("a", PROMPT, PROMPT, 50, stops=[gate])
+    sched.submit(a)
+    assert gate.entered.wait(60)  # a is running, held in its first step
+    sched.submit(job("other", other_prompt, other_prompt, 20))  # another client: waits for the slot
+    sched.submit(job("b", PROMPT, PROMPT + "x", 50))  # a's client typed a key: a ends, b waits
+    sched.submit(job("c", PROMPT, PROMPT + "xy", 50))  # and another: b is dropped, c waits
+    gate.release.set()
+    assert ended.wait(120)
+    sched.close()
+    a_, b, c, other = outcomes["a"], outcomes["b"], outcomes["c"], outcomes["other"]
+    assert a_.ran and a_.cancelled == "superseded" and a_.stats.generated_tokens < 50
+    assert not b.ran and b.cancelled == "superseded" and b.stats is None
+    assert c.ran and c.cancelled is None and c.stop_reason == "max_tokens" and c.text == expected
+    assert other.ran and other.cancelled is None and other.text == other_expected
+    assert (sched.counters.cancelled, sched.counters.dropped, sched.counters.finished) == (1, 1, 2)
+
+
+def test_keystroke_rule() -> None:
+    from mtpcode.scheduler import KEYSTROKE_CHARS, keystroke
+
+    file = "".join(f"line {i} = compute({i})\n" for i in range(400))
+    at = file.index("line 200")
+    before = file[:at]
+    assert keystroke(before, before + "x") and keystroke(before + "x", before)  # a key, a backspace
+    assert keystroke(before, before + "line 200 = compute(200)\n    ")  # Enter after a line
+    window = before.split("\n", 2)[2]  # an editor's window slid down two lines
+    assert keystroke(before, window + "y") and keystroke(window, before + "y")
+    assert not keystroke(before, file[:at + 2 * KEYSTROKE_CHARS])  # a typist further down the file
+    assert not keystroke(before, file[:at // 2])  # ... or further up
+    assert not keystroke(before, "import os\n")  # another file
+    assert keystroke([1, 5, 6, 7], [1, 5, 6, 8]) and not keystroke([1, 5], [2, 5])  # token prompts
 
 
 # --- load -------------------------------------------------------------------------------------------

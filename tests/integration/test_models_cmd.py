@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 from click.testing import CliRunner
 
 from mtpcode.cli import main
 from mtpcode.config import load_settings
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the project declares tomli for 3.10
+    import tomli as tomllib
 
 
 def run(*args: str):

@@ -379,8 +379,10 @@ def test_typing_never_waits_for_the_model_and_stale_suggestions_are_dropped(engi
         buffer = ui.session.default_buffer
 
         def typist() -> None:
-            # Keep the engine thread busy, as a slow model would.
-            ui.worker.submit(release.wait, 60)
+            # Keep the engine's worker busy, as a slow model would.
+            wait_for(lambda: ui.scheduler is not None, what="the model")
+            busy = ui.scheduler
+            threading.Thread(target=lambda: busy.call(lambda: release.wait(60)), daemon=True).start()
             inp.send_text(typed[0])
             wait_for(lambda: ui.suggester.busy, what="a suggestion request")
             t0 = time.monotonic()

@@ -94,7 +94,8 @@ def _greedy(bundle, prompt: str, max_tokens: int, line_only: bool = False) -> st
 def _repl_argv(bundle) -> list[str]:
     exe = shutil.which("mtpcode")
     base = [exe] if exe else [sys.executable, "-m", "mtpcode"]
-    return base + ["repl", "--model", str(bundle), "--threads", "2", "--stop", "none", "-n", "8"]
+    # (--no-repeat-stop: the long completion that Ctrl-C cuts must not end by itself first)
+    return base + ["repl", "--model", str(bundle), "--threads", "2", "--stop", "none", "-n", "8", "--no-repeat-stop"]
 
 
 def test_repl_in_a_real_terminal(tmux, tiny_bundle, tmp_path):

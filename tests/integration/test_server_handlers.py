@@ -13,10 +13,10 @@ from runtime_helpers import greedy_done
 from starlette.requests import Request
 
 from mtpcode.config import load_settings
+from mtpcode.scheduler import Scheduler
 from mtpcode.server.apis import Api, llama, ollama, openai
 from mtpcode.server.completion import complete
 from mtpcode.server.errors import ApiError
-from mtpcode.server.scheduler import Scheduler
 from mtpcode.server.state import ServerState
 from mtpcode.stops import code_stops
 from tests.http_helpers import llama_vim_fim_request, sse_events
@@ -30,8 +30,8 @@ SUFFIX = "\n\n\ndef write(path, text):\n    pass\n"
 @pytest.fixture(scope="module")
 def state(engine, tiny_bundle: Path):
     scheduler = Scheduler(engine)
-    yield ServerState(settings=load_settings(), model_id=tiny_bundle.name, model_path=tiny_bundle,
-                      model_names=frozenset({tiny_bundle.name}), engine=engine, scheduler=scheduler)
+    yield ServerState(settings=load_settings(), model_id=tiny_bundle.name, model_path=tiny_bundle, engine=engine,
+                      scheduler=scheduler)
     scheduler.close()
 
 

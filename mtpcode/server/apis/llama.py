@@ -27,7 +27,7 @@ def final_object(r: Result, spec: Spec, *, stream: bool) -> dict[str, Any]:
         "index": r.index,
         "content": "" if stream else r.content,
         "tokens": [],
-        "id_slot": 0,
+        "id_slot": r.slot,
         "stop": True,
         "model": spec.model,
         "tokens_predicted": stats.generated_tokens,
@@ -46,7 +46,7 @@ def final_object(r: Result, spec: Spec, *, stream: bool) -> dict[str, Any]:
 
 def partial_object(p: Partial) -> dict[str, Any]:
     """One streamed piece of /completion and /infill."""
-    return {"index": p.index, "content": p.content, "tokens": [], "stop": False, "id_slot": 0,
+    return {"index": p.index, "content": p.content, "tokens": [], "stop": False, "id_slot": p.slot,
             "tokens_predicted": p.n_decoded, "tokens_evaluated": p.n_prompt}
 
 

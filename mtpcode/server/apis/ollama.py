@@ -38,7 +38,7 @@ class Generate:
     media_type = "application/x-ndjson"
 
     def parse(self, state: ServerState, body: dict[str, Any]) -> Spec:
-        check_model(state, body)  # the top level's "model": options cannot name one
+        check_model(body)  # the top level's "model": options cannot name one
         options = body.get("options")
         body = {**(options if isinstance(options, dict) else {}), **body, "model": None}
         if "num_predict" in body:
