@@ -19,10 +19,11 @@ slot is free, or the free KV cells are too few for it, it waits in the queue.
 **Cancelling.** A job ends early only for its own reasons: its client went away
 (:meth:`Scheduler.abandon`), the server shuts down, or - with ``supersede`` -
 the same client sent its next keystroke. A keystroke is recognised by its
-text: a new job whose ``key`` (the text before the cursor) differs from a
-queued or running job's only in the last :data:`KEYSTROKE_CHARS` characters
-(after at most :data:`WINDOW_LINES` lines dropped at either start, as editors
-slide their window over the file) supersedes it. Another client's request,
+text: a new job whose ``key`` (the text before the cursor) continues a queued
+or running job's by at most :data:`KEYSTROKE_CHARS` characters, or is that
+text less at most as many (typing, a backspace; after at most
+:data:`WINDOW_LINES` lines dropped at either start, as editors slide their
+window over the file), supersedes it (:func:`keystroke`). Another client's request,
 about other text, never cuts a completion short. Background jobs (cache
 warm-ups) never supersede anything.
 """
@@ -184,11 +185,15 @@ class SlotEngine(CompletionEngine, Protocol):
 
 
 def keystroke(old: str | Sequence[int], new: str | Sequence[int]) -> bool:
-    """Whether ``new`` looks like the next keystroke of the client that sent ``old``: the two
-    differ only near their ends, after at most WINDOW_LINES lines dropped at either start."""
+    """Whether ``new`` looks like the next keystroke of the client that sent ``old``: one is the
+    other plus at most KEYSTROKE_CHARS at the end (typing; a backspace or the cursor moving back),
+    after at most WINDOW_LINES lines dropped at either start, and what they share is at least half
+    of the longer. Two clients' texts are not each other's continuation (four prompts that differ
+    in their last words, typists at different places of a file)."""
     for a, b in _windows(old, new):
         common = _common_prefix(a, b)
-        if len(a) - common <= KEYSTROKE_CHARS and len(b) - common <= KEYSTROKE_CHARS and common > 0:
+        longer = max(len(a), len(b))
+        if common == min(len(a), len(b)) and longer - common <= KEYSTROKE_CHARS and 2 * common >= longer > 0:
             return True
     return False
 

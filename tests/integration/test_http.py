@@ -464,7 +464,8 @@ def test_keystroke_rule() -> None:
     assert not keystroke(before, file[:at + 2 * KEYSTROKE_CHARS])  # a typist further down the file
     assert not keystroke(before, file[:at // 2])  # ... or further up
     assert not keystroke(before, "import os\n")  # another file
-    assert keystroke([1, 5, 6, 7], [1, 5, 6, 8]) and not keystroke([1, 5], [2, 5])  # token prompts
+    assert not keystroke("def f1(x):\n", "def f2(x):\n")  # two requests, not one typed over
+    assert keystroke([1, 5, 6, 7], [1, 5, 6, 7, 8]) and not keystroke([1, 5, 6, 7], [1, 5, 6, 8])  # token prompts
 
 
 # --- load -------------------------------------------------------------------------------------------
