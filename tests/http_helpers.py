@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,8 +33,12 @@ class HttpServer:
         cmd = [sys.executable, "-m", "mtpcode", "serve", "--http", "--port", "0", "--threads", "2"]
         if bundle is not None:
             cmd += ["-m", str(bundle)]
+        extra_env = dict(extra_env or {})
+        # a home of its own: what the drafting policy learns stays out of the user's cache
+        self._home = tempfile.TemporaryDirectory(prefix="mtpcode-server-home-")
+        extra_env.setdefault("MTPCODE_HOME", self._home.name)
         self.proc = subprocess.Popen([*cmd, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, env=env(**(extra_env or {})), text=True)
+                                     stderr=subprocess.PIPE, env=env(**extra_env), text=True)
         self.stderr: list[str] = []
         self.url = ""
         self._port_seen = threading.Event()
@@ -107,6 +112,7 @@ class HttpServer:
                     stream.close()
                 except OSError:
                     pass
+        self._home.cleanup()
 
 
 def sse_events(raw: bytes) -> list[Any]:
