@@ -62,10 +62,55 @@ static bool mtp_capture_eval(void *tensor, bool ask, void *user_data)
     return true;
 }
 
+/*
+ * argmax(get_logits_ith, ctx, i, n_vocab) -> int: the most likely token of the logits of batch
+ * row i (the first one on ties, as numpy's argmax and llama.cpp's greedy sampler). Greedy
+ * decoding reads one per step right after a forward; in Python that is a ctypes call, an array
+ * view and numpy's argmax, on caches the forward has just flushed.
+ */
+static PyObject *mtp_argmax(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "argmax(get_logits_ith, ctx, i, n_vocab)");
+        return NULL;
+    }
+    float *(*get)(void *, int32_t) = (float *(*)(void *, int32_t))PyLong_AsVoidPtr(args[0]);
+    void *ctx = PyLong_AsVoidPtr(args[1]);
+    long i = PyLong_AsLong(args[2]);
+    Py_ssize_t n = PyLong_AsSsize_t(args[3]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (get == NULL || ctx == NULL || n <= 0) {
+        PyErr_SetString(PyExc_ValueError, "argmax: no logits function, context or vocabulary");
+        return NULL;
+    }
+    const float *row = get(ctx, (int32_t)i);
+    if (row == NULL) {
+        PyErr_Format(PyExc_IndexError, "llama_get_logits_ith(%ld) returned NULL", i);
+        return NULL;
+    }
+    Py_ssize_t best = 0;
+    float top = row[0];
+    for (Py_ssize_t k = 1; k < n; k++) {
+        if (row[k] > top) {
+            top = row[k];
+            best = k;
+        }
+    }
+    return PyLong_FromSsize_t(best);
+}
+
+static PyMethodDef capture_methods[] = {
+    {"argmax", (PyCFunction)(void (*)(void))mtp_argmax, METH_FASTCALL,
+     "argmax(get_logits_ith, ctx, i, n_vocab): the most likely token of batch row i."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef capture_module = {
     PyModuleDef_HEAD_INIT, "mtpcode._capture",
-    "The trunk-capture eval callback for llama.cpp, in C (see mtpcode.llama.TrunkCapture).",
-    -1, NULL, NULL, NULL, NULL, NULL,
+    "The trunk-capture eval callback for llama.cpp, and a greedy pick, in C (see mtpcode.llama).",
+    -1, capture_methods, NULL, NULL, NULL, NULL,
 };
 
 PyMODINIT_FUNC PyInit__capture(void)

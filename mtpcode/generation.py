@@ -75,7 +75,7 @@ class StepKind(str, Enum):
         return self.value
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Piece:
     """A chunk of output text and the tokens that produced it.
 
@@ -94,7 +94,7 @@ class Piece:
 _SOURCES = tuple(s.value for s in DraftSource)
 
 
-@dataclass
+@dataclass(slots=True)
 class Stats:
     """Numbers for one generation. Times are seconds; rates are per second."""
 
@@ -116,8 +116,9 @@ class Stats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     python_s: float = 0.0  # decode time spent in Python (sampling, bookkeeping), not in llama.cpp
-    # CPU time of the generating thread during decode_s: with one llama.cpp thread (which computes in
-    # the calling thread) all of the decode's work, without the time other programs took the CPU
+    # CPU time of the generating thread from the first decode step to the last (what a consumer on the
+    # same thread does between steps included): with one llama.cpp thread, which computes in the calling
+    # thread, all of the decode's work, without the time other programs took the CPU
     decode_cpu_s: float = 0.0
     seed: int | None = None
 

@@ -72,6 +72,12 @@ def _logits_address() -> Any:
 
 
 @functools.cache
+def _logits_ith_address() -> int:
+    """The address of ``llama_get_logits_ith``, for the C greedy pick (mtpcode/_capture.c)."""
+    return ctypes.cast(llama_cpp.llama_cpp._lib.llama_get_logits_ith, ctypes.c_void_p).value or 0
+
+
+@functools.cache
 def _ggml_base() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(LIB_DIR / "libggml-base.so"))
     lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
@@ -766,7 +772,9 @@ class Context(_Handle):
         self._mem = llama_cpp.llama_get_memory(ptr)
         self.batch = Batch(n_batch, model.n_embd if embd_input else 0)
         self.serial = 0  # forwards run: logits read after a forward are valid while it is unchanged
+        self._offloaded = bool(model.n_gpu_layers)
         self._get_logits = _logits_address()
+        self._ctx_addr = ctypes.cast(ptr, ctypes.c_void_p).value or 0  # for the C greedy pick
         self._logits_addr = 0
         self._logits_view: np.ndarray | None = None
 
@@ -792,25 +800,24 @@ class Context(_Handle):
         sets it to ``start_pos``).
         """
         batch = self.batch
-        n = batch.n
-        capture = self.capture
+        capture = self.capture if self.capture is not None and self.capture.active else None
         self.serial += 1
-        if capture is not None and not capture.native and capture.active:  # Python code runs inside llama_decode
+        if capture is not None and not capture.native:  # Python code runs inside llama_decode
             with _sigint_deferred():
                 rc = llama_cpp.llama_decode(self.ptr, batch.struct)
             capture.raise_pending()
         else:
             rc = llama_cpp.llama_decode(self.ptr, batch.struct)
-        if rc == 0 and self.model.n_gpu_layers:
+        if rc:
+            what = {1: "no free KV slot (context full)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
+            raise MtpError(f"llama_decode on {self.model.path.name} failed: {what} (rc={rc}, {batch.n} rows at "
+                           f"{int(batch.pos[0]) if batch.n else 0})")
+        if self._offloaded:
             # an offloaded decode returns before the device finishes: wait, so that every caller's
             # clock (the policy's costs, the bench) sees the forward, as on a CPU
             llama_cpp.llama_synchronize(self.ptr)
-        if rc != 0:
-            what = {1: "no free KV slot (context full)", 2: "aborted", -1: "invalid batch"}.get(rc, "fatal error")
-            raise MtpError(f"llama_decode on {self.model.path.name} failed: {what} (rc={rc}, {n} rows at "
-                           f"{int(batch.pos[0]) if n else 0})")
-        if capture is not None and capture.active:
-            start = capture.write_start
+        if capture is not None:
+            start, n = capture.write_start, batch.n
             if capture.error:
                 raise MtpError(f"{self.model.path.name}: {capture.error}")
             if capture.write_pos != start + n:
@@ -821,15 +828,24 @@ class Context(_Handle):
 
     def logits(self, n_rows: int) -> np.ndarray:
         """The logits of the last decode's output rows, shape (n_rows, n_vocab), a view (valid until next decode)."""
-        addr = self._get_logits(self.ptr) or 0
-        if addr == 0:
-            raise MtpError(f"llama_get_logits on {self.model.path.name} returned NULL")
+        addr = self._get_logits(self.ptr)
         view = self._logits_view
-        if addr != self._logits_addr or view is None or view.shape[0] < n_rows:
-            rows = max(n_rows, self.batch.capacity)
-            view = np.ctypeslib.as_array(ctypes.cast(addr, ctypes.POINTER(ctypes.c_float)), shape=(rows, self.n_vocab))
-            self._logits_addr, self._logits_view = addr, view
+        if addr == self._logits_addr and view is not None and n_rows <= len(view):
+            return view[:n_rows]
+        if not addr:
+            raise MtpError(f"llama_get_logits on {self.model.path.name} returned NULL (used after close?)")
+        rows = max(n_rows, self.batch.capacity)
+        view = np.ctypeslib.as_array(ctypes.cast(addr, ctypes.POINTER(ctypes.c_float)), shape=(rows, self.n_vocab))
+        self._logits_addr, self._logits_view = addr, view
         return view[:n_rows]
+
+    def argmax(self, row: int) -> int:
+        """The most likely token of batch row ``row`` of the last forward (a row that asked for
+        logits; the first one on ties)."""
+        if _native_capture is not None:
+            return int(_native_capture.argmax(_logits_ith_address(), self._ctx_addr, row, self.n_vocab))
+        ptr = llama_cpp.llama_get_logits_ith(self.ptr, row)
+        return int(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).argmax())
 
     def trim(self, n_keep: int, seq_id: int = 0) -> None:
         """Drop every KV position >= n_keep of sequence ``seq_id`` (llama_memory_seq_rm)."""
@@ -841,6 +857,7 @@ class Context(_Handle):
             self.batch = None  # type: ignore[assignment]  # closed: a use after close is a bug
         if getattr(self, "_ptr", None) is not None:
             self._logits_view = None
+            self._ctx_addr = 0
             llama_cpp.llama_free(self._ptr)
             self._ptr = None
 

@@ -17,6 +17,8 @@ class TextOutput:
     safe, so that the pieces shown always add up to a prefix of the final text.
     """
 
+    __slots__ = ("_decoder", "_stops", "_token_bytes", "cut", "shown", "stop_reason", "text")
+
     def __init__(self, token_bytes: Callable[[int], bytes], stops: Sequence[StopCondition]) -> None:
         self._token_bytes = token_bytes
         self._stops = tuple(stops)
@@ -28,9 +30,15 @@ class TextOutput:
 
     def push(self, tokens: Sequence[int], final: bool = False) -> str:
         """Add tokens; return the newly showable text ("" if none). Sets stop_reason on a stop."""
-        if tokens or final:
-            data = b"".join(self._token_bytes(t) for t in tokens)
-            self.text += self._decoder.decode(data, final)
+        if len(tokens) == 1 and not final:  # a decoding step's one token: no join
+            added = self._decoder.decode(self._token_bytes(tokens[0]))
+        else:
+            added = self._decoder.decode(b"".join(self._token_bytes(t) for t in tokens), final)
+        if not self._stops:  # nothing can cut or hold text back: all of it shows
+            self.text += added
+            self.shown = len(self.text)
+            return added
+        self.text += added
         end = len(self.text)
         for stop in self._stops:
             cut = stop.check(self.text)

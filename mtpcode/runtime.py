@@ -38,6 +38,10 @@ _perf = time.perf_counter
 _cpu = time.thread_time
 
 
+def _no_clock() -> float:
+    return 0.0
+
+
 class Engine:
     """A bundle loaded for generation: main context, head contexts, and ``n_seq`` slots.
 
@@ -297,16 +301,20 @@ class Engine:
         """One main forward for every generation in ``gens`` (at most one per slot): a prompt chunk
         for those still reading their prompt, a verify of the pending token and its drafts for the
         others. Their events (:meth:`Generation.take_events`) hold what it produced."""
-        t0, c0 = _perf(), _cpu()
+        t0 = _perf()
+        live: list[Generation] = []
         for gen in gens:
-            if gen.cancel is not None and gen.cancel.is_set() and not gen.finished:
+            if gen.cancel is not None and gen.cancel.is_set():
                 gen.finish(StopReason.INTERRUPTED)  # between steps, or between prompt chunks
-        live = [gen for gen in gens if not gen.finished]
+            if not gen.finished:
+                live.append(gen)
         decoding = [gen for gen in live if gen.phase is Phase.DECODE]
         share = self.n_batch // max(1, len(decoding))  # the rows each verify may have
+        drafting = False
         for gen in decoding:  # 1. propose: the policy picks a drafter and a length ...
             gen.plan(share - 1)
-        if len(decoding) > 1:
+            drafting = drafting or gen.drafting
+        if len(decoding) > 1 and drafting:
             self._feed_heads(decoding)
         segments: list[Segment] = [gen.propose() for gen in decoding]  # ... which drafts
         budget = self.n_batch - sum(len(s.tokens) for s in segments)
@@ -318,7 +326,7 @@ class Engine:
                 budget -= len(segments[-1].tokens)
         if not segments:
             return
-        clock = self._cost_clock
+        clock = self._cost_clock if drafting else _no_clock  # (only a drafting policy reads the cost)
         c1 = clock()
         native = self.forwards.run(segments)  # 2. verify (and read prompts): one forward for all
         cost = clock() - c1
@@ -327,9 +335,9 @@ class Engine:
                 gen.settle(native, cost)  # 3. accept, 4. commit, 5. observe
             elif gen.segment in segments:
                 gen.after_prompt_chunk()
-        wall, cpu = _perf() - t0, _cpu() - c0
+        wall = _perf() - t0
         for gen in live:
-            gen.account(wall, cpu)
+            gen.account(wall)
 
     def _feed_heads(self, gens: Sequence[Generation]) -> None:
         """The heads that the generations' plans draft with, one forward per head for all of them

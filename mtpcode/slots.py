@@ -32,6 +32,8 @@ class Slot:
     that needs no drafts from the heads skips the capture), and head k's cache holds the first
     ``n_head[k]`` of them (at most ``n_trunk``)."""
 
+    __slots__ = ("head_out", "id", "n_ctx", "n_head", "n_main", "n_trunk", "tokens", "trunk")
+
     def __init__(self, seq_id: int, n_ctx: int, n_embd: int, n_heads: int) -> None:
         self.id = seq_id
         self.n_ctx = n_ctx
@@ -57,7 +59,7 @@ class Slot:
         return int(diff[0]) if diff.size else n
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Segment:
     """One sequence's rows in a main forward: ``tokens`` at its next positions.
 
@@ -135,9 +137,14 @@ class Forwards:
             if start + n > seq.n_ctx:
                 raise MtpError(f"internal: {n} rows at {start} overflow sequence {seq.id} ({seq.n_ctx} positions)")
             s.out = batch.n_outputs
-            s.row = batch.add(seq.id, start, n, s.logits)
-            batch.token_ids[s.row: s.row + n] = s.tokens
-            seq.tokens[start: start + n] = s.tokens
+            s.row = row = batch.add(seq.id, start, n, s.logits)
+            if n == 1:  # a decoding step: scalars cost less than slices
+                token = s.tokens[0]
+                batch.token_ids[row] = token
+                seq.tokens[start] = token
+            else:
+                batch.token_ids[row: row + n] = s.tokens
+                seq.tokens[start: start + n] = s.tokens
         self.capture.active = capture
         if capture:
             self.capture.reset(0)
@@ -158,8 +165,13 @@ class Forwards:
 
     def logits(self, segment: Segment) -> np.ndarray:
         """The logits rows of ``segment`` in the last forward (a view, valid until the next one)."""
-        n = segment.n_outputs
-        return self.main.logits(segment.out + n)[segment.out: segment.out + n]
+        n, out = segment.n_outputs, segment.out
+        rows = self.main.logits(out + n)
+        return rows if out == 0 else rows[out:]
+
+    def argmax(self, segment: Segment, i: int) -> int:
+        """The main model's most likely token at row ``i`` of ``segment`` in the last forward."""
+        return self.main.argmax(segment.row + i)
 
     def commit(self, segment: Segment, kept: int) -> None:
         """Keep the first ``kept`` rows of the verify ``segment``; the others leave the cache."""

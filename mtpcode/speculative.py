@@ -45,6 +45,7 @@ from mtpcode.stops import StopCondition, StopReason
 
 _perf = time.perf_counter
 _cpu = time.thread_time
+_PLAIN = (False,)  # the drafted flags of one token of the main model's own
 
 
 class Acceptor:
@@ -59,6 +60,8 @@ class Acceptor:
     the main model exactly.
     """
 
+    __slots__ = ("_p", "_scratch", "greedy", "rng", "warper")
+
     def __init__(self, n_vocab: int, options: SamplingOptions, seed: int | None) -> None:
         self.greedy = options.greedy
         self.rng = None if self.greedy else np.random.default_rng(seed)
@@ -67,22 +70,23 @@ class Acceptor:
             self._p = self.warper.new_buffer()
             self._scratch = self.warper.new_buffer()
 
-    def pick(self, logits: np.ndarray) -> int:
-        """The main model's token from one row of logits."""
+    def pick(self, forwards: Forwards, segment: Segment) -> int:
+        """The main model's token after the last row of ``segment`` (a prompt chunk) in the last forward."""
         if self.warper is None or self.rng is None:
-            return sampling.greedy(logits)
-        return sampling.sample(self.warper.probs(logits, self._p), self.rng)
+            return forwards.argmax(segment, len(segment.tokens) - 1)
+        return sampling.sample(self.warper.probs(forwards.logits(segment)[-1], self._p), self.rng)
 
-    def accept(self, rows: np.ndarray, draft: Draft) -> tuple[int, int]:
-        """(drafts accepted, the main model's next token) for the ``draft.n + 1`` rows of a verify."""
+    def accept(self, forwards: Forwards, segment: Segment, draft: Draft) -> tuple[int, int]:
+        """(drafts accepted, the main model's next token) for the ``draft.n + 1`` rows of the verify
+        ``segment`` in the last forward."""
         n = draft.n
         if self.warper is None or self.rng is None:
-            if n == 0:
-                return 0, sampling.greedy(rows[0])
-            targets = rows[: n + 1].argmax(axis=1)
-            wrong = np.flatnonzero(targets[:n] != draft.tokens[:n])
-            i = int(wrong[0]) if wrong.size else n
-            return i, int(targets[i])
+            for i in range(n):
+                target = forwards.argmax(segment, i)
+                if target != draft.tokens[i]:
+                    return i, target
+            return n, forwards.argmax(segment, n)
+        rows = forwards.logits(segment)
         rng, p = self.rng, self._p
         for i in range(n):
             self.warper.probs(rows[i], p)
@@ -133,6 +137,13 @@ class Generation:
     hands out.
     """
 
+    # (fixed attributes: the decoding path reads them after every forward, when the forward has
+    # pushed Python's objects out of the CPU caches; slots touch fewer cache lines than a dict)
+    __slots__ = ("_cpu_start", "_end", "_pending_only", "_reading", "acceptor", "by_kind", "cancel", "context",
+                 "cost_clock", "draft", "drafters", "drafting", "events", "forwards", "heads", "ids", "is_eog",
+                 "max_drafts", "n_total", "native_s", "options", "output", "pending", "phase", "plan_", "policy",
+                 "prefilled", "propose_cost", "segment", "seq", "stats", "suffix", "verify_tokens")
+
     def __init__(self, request: Request, forwards: Forwards, seq: Slot, reuse: int, model: Vocabulary, *,
                  heads: int, context: ContextDrafter | None, policy: DraftPolicy,
                  cost_clock: Callable[[], float]) -> None:
@@ -167,15 +178,18 @@ class Generation:
         self.draft = Draft(self.max_drafts)
         self.plan_: Plan = Plan()
         self.verify_tokens = np.zeros(self.max_drafts + 1, dtype=np.int32)
+        self._pending_only = self.verify_tokens[:1]
         self.segment = Segment(seq, trunk=heads > 0)
         self.phase = Phase.PREFILL
         self.prefilled = reuse  # prompt tokens in the cache
         self.pending = -1
         self.n_total = len(ids)  # prompt and generated tokens
+        self._end = min(len(ids) + options.max_tokens, seq.n_ctx)  # n_total where a limit is reached
         self.events: list[Piece | Done] = []
         self.native_s = 0.0  # decode time in llama.cpp
         self.propose_cost = 0.0  # the cost clock's time of this step's proposal
         self._reading = True  # the steps so far read the prompt (their time is prefill time)
+        self._cpu_start = 0.0  # the thread's CPU time when decoding started
 
     @property
     def finished(self) -> bool:
@@ -204,13 +218,12 @@ class Generation:
         self.prefilled = seq.n_main
         if self.prefilled < len(self.ids):
             return
-        logits = self.forwards.logits(seg)[0]
-        self.pending = self.acceptor.pick(logits)  # before the heads run: their forwards overwrite nothing of it
+        self.pending = self.acceptor.pick(self.forwards, seg)
         for drafter in self.drafters:
             drafter.begin(self.ids, self.suffix)
         self.policy.begin()
         self.phase = Phase.DECODE
-        self._emit([self.pending], [False])
+        self._emit([self.pending], _PLAIN)
 
     # -- a step ------------------------------------------------------------------
 
@@ -222,11 +235,11 @@ class Generation:
 
     def plan(self, share: int) -> Plan:
         """1. propose, first half: the policy's choice, from the context's match (free to look up)."""
+        if not self.drafting:
+            return self.plan_  # always Plan(): plain, and the draft stays empty
         draft = self.draft
         draft.clear()
         self.propose_cost = 0.0
-        if not self.drafting:
-            return self.plan_  # always Plan(): plain
         room = self.room(share)
         match = self.context.lookup(self.pending) if self.context is not None and room else None
         self.plan_ = self.policy.plan(match, room, self.seq.n_main)
@@ -236,19 +249,21 @@ class Generation:
     def propose(self) -> Segment:
         """1. propose, second half: the chosen drafter drafts; the verify's segment."""
         plan, draft = self.plan_, self.draft
-        c0 = self.cost_clock()
-        drafter = self.by_kind.get(plan.kind)
+        drafter = self.by_kind.get(plan.kind) if self.drafting else None
         if drafter is not None:
+            c0 = self.cost_clock()
             drafter.propose(self.pending, plan.drafts, draft)
-        self.propose_cost += self.cost_clock() - c0
-        if not self._reading:
+            self.propose_cost += self.cost_clock() - c0
             self.native_s += draft.native_s
         n = draft.n
         tokens = self.verify_tokens
         tokens[0] = self.pending
-        tokens[1: n + 1] = draft.tokens[:n]
         seg = self.segment
-        seg.tokens = tokens[: n + 1]
+        if n:
+            tokens[1: n + 1] = draft.tokens[:n]
+            seg.tokens = tokens[: n + 1]
+        else:
+            seg.tokens = self._pending_only  # (a plain step: no slicing on the decoding path)
         seg.verify = True
         seg.logits = ALL_LOGITS
         return seg
@@ -267,9 +282,9 @@ class Generation:
     def settle(self, verify_native: float, verify_cost: float) -> None:
         """3. accept, 4. commit, 5. observe, after the verify forward."""
         plan, draft, seg = self.plan_, self.draft, self.segment
-        accepted, nxt = self.acceptor.accept(self.forwards.logits(seg), draft)  # 3. accept
+        accepted, nxt = self.acceptor.accept(self.forwards, seg, draft)  # 3. accept
         self.forwards.commit(seg, 1 + accepted)  # 4. commit
-        kept = draft.tokens[:accepted].tolist()
+        kept = draft.tokens[:accepted].tolist() if accepted else []
         self.native_s += verify_native  # 5. observe
         if self.drafting:
             self.policy.observe(plan, draft.match, accepted, kept[0] if kept else nxt, verify_cost,
@@ -279,12 +294,12 @@ class Generation:
                 drafter.accept(committed)
         self._count(plan, draft, accepted)
         self.pending = nxt
-        self._emit([*kept, nxt], [True] * accepted + [False])
+        self._emit([*kept, nxt], [True] * accepted + [False] if accepted else _PLAIN)
 
     def _count(self, plan: Plan, draft: Draft, accepted: int) -> None:
         stats = self.stats
         stats.main_forwards += 1
-        kind = plan.kind.value
+        kind = plan.kind  # (a str enum: the key is its value)
         stats.forwards_by_source[kind] = stats.forwards_by_source.get(kind, 0) + 1
         stats.tokens_by_source[kind] = stats.tokens_by_source.get(kind, 0) + accepted + 1
         for i, source in enumerate(draft.sources):
@@ -297,53 +312,65 @@ class Generation:
 
     # -- output ------------------------------------------------------------------
 
-    def _limit(self) -> StopReason | None:
-        """The limit the output has reached, if any: the token budget or the context."""
-        if self.stats.generated_tokens >= self.options.max_tokens:
+    def _limit(self, more: int) -> StopReason | None:
+        """The limit the output reaches with ``more`` tokens than it has, if any: the token budget
+        or the context."""
+        if self.n_total + more < self._end:
+            return None
+        if self.stats.generated_tokens + more >= self.options.max_tokens:
             return StopReason.MAX_TOKENS
-        if self.n_total >= self.seq.n_ctx:
-            return StopReason.CONTEXT
-        return None
+        return StopReason.CONTEXT
 
-    def _emit(self, tokens: list[int], drafted: list[bool]) -> None:
+    def _emit(self, tokens: list[int], drafted: Sequence[bool]) -> None:
         """Commit chosen tokens to the output (up to the first end token or limit), then end the
         generation if anything says so."""
-        emit: list[int] = []
-        flags: list[bool] = []
         reason: StopReason | None = None
-        for token, flag in zip(tokens, drafted):
-            reason = StopReason.EOS if self.is_eog(token) else self._limit()
-            if reason is not None:
+        n = len(tokens)
+        for i, token in enumerate(tokens):
+            if self.is_eog(token):
+                reason, n = StopReason.EOS, i
                 break
-            emit.append(token)
-            flags.append(flag)
-            self.stats.generated_tokens += 1
-            self.n_total += 1
+            if self.n_total + i >= self._end:
+                reason, n = self._limit(i), i
+                break
+        emit = tokens if n == len(tokens) else tokens[:n]
+        self.n_total += n
+        self.stats.generated_tokens += n
         text = self.output.push(emit)
         if emit or text:
-            self.events.append(Piece(text=text, token_ids=tuple(emit), drafted=tuple(flags)))
-        reason = reason or self.output.stop_reason or self._limit()
+            self.events.append(Piece(text=text, token_ids=tuple(emit), drafted=tuple(drafted[:n])))
+        reason = reason or self.output.stop_reason or self._limit(0)
         if reason is None and self.cancel is not None and self.cancel.is_set():
             reason = StopReason.INTERRUPTED
         if reason is not None:
             self.finish(reason)
 
-    def account(self, wall: float, cpu: float) -> None:
-        """A step this generation took part in took ``wall`` seconds (``cpu`` of the thread's CPU
-        time): prefill time up to the step that chose the first token, decode time after it."""
+    def account(self, wall: float) -> None:
+        """A step this generation took part in took ``wall`` seconds: prefill time up to the step
+        that chose the first token, decode time after it. The thread's CPU time is read where
+        decoding starts and ends (a clock read per step costs a system call on the decoding path)."""
         stats = self.stats
         if self._reading:
             stats.prefill_s += wall
             self._reading = self.phase is Phase.PREFILL
+            if not self._reading:
+                self._cpu_start = _cpu()
         else:
             stats.decode_s += wall
-            stats.decode_cpu_s += cpu
+        if self.phase is Phase.DONE:
+            self._close_stats()
+
+    def _close_stats(self) -> None:
+        stats = self.stats
         stats.python_s = max(0.0, stats.decode_s - self.native_s)
+        if not self._reading:
+            stats.decode_cpu_s = _cpu() - self._cpu_start
 
     def finish(self, reason: StopReason) -> None:
         """End the generation: the held-back text, then ``Done``."""
         if self.phase is Phase.DONE:
             return
+        self._close_stats()
         if self.phase is not Phase.PREFILL:
             tail = self.output.push([], final=True)
             if tail:

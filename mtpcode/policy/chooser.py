@@ -12,6 +12,7 @@ decoding, only how many are verified per forward.
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ class Plan:
     def head_forwards(self) -> int:
         return max(0, self.heads - self.context)
 
-    @property
+    @functools.cached_property
     def kind(self) -> StepKind:
         if self.context and self.heads > self.context:
             return StepKind.CONTEXT_HEADS
