@@ -113,12 +113,12 @@ class Stats:
     # heads): main forwards, and the tokens they yielded (accepted drafts + the main model's own)
     forwards_by_source: dict[str, int] = field(default_factory=dict)
     tokens_by_source: dict[str, int] = field(default_factory=dict)
-    prefill_s: float = 0.0
+    prefill_s: float = 0.0  # from the start to the step that chose the first token
+    # from there to the end (what a consumer of the events does on the same thread meanwhile included)
     decode_s: float = 0.0
     python_s: float = 0.0  # decode time spent in Python (sampling, bookkeeping), not in llama.cpp
-    # CPU time of the generating thread from the first decode step to the last (what a consumer on the
-    # same thread does between steps included): with one llama.cpp thread, which computes in the calling
-    # thread, all of the decode's work, without the time other programs took the CPU
+    # CPU time of the generating thread over decode_s: with one llama.cpp thread, which computes in the
+    # calling thread, all of the decode's work, without the time other programs took the CPU
     decode_cpu_s: float = 0.0
     seed: int | None = None
 

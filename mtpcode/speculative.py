@@ -139,7 +139,7 @@ class Generation:
 
     # (fixed attributes: the decoding path reads them after every forward, when the forward has
     # pushed Python's objects out of the CPU caches; slots touch fewer cache lines than a dict)
-    __slots__ = ("_cpu_start", "_end", "_pending_only", "_reading", "acceptor", "by_kind", "cancel", "context",
+    __slots__ = ("_decode_start", "_end", "_pending_only", "_reading", "acceptor", "by_kind", "cancel", "context",
                  "cost_clock", "draft", "drafters", "drafting", "events", "forwards", "heads", "ids", "is_eog",
                  "max_drafts", "n_total", "native_s", "options", "output", "pending", "phase", "plan_", "policy",
                  "prefilled", "propose_cost", "segment", "seq", "stats", "suffix", "verify_tokens")
@@ -189,7 +189,7 @@ class Generation:
         self.native_s = 0.0  # decode time in llama.cpp
         self.propose_cost = 0.0  # the cost clock's time of this step's proposal
         self._reading = True  # the steps so far read the prompt (their time is prefill time)
-        self._cpu_start = 0.0  # the thread's CPU time when decoding started
+        self._decode_start = (0.0, 0.0)  # the wall and thread CPU clocks when decoding started
 
     @property
     def finished(self) -> bool:
@@ -346,25 +346,21 @@ class Generation:
             self.finish(reason)
 
     def account(self, wall: float) -> None:
-        """A step this generation took part in took ``wall`` seconds: prefill time up to the step
-        that chose the first token, decode time after it. The thread's CPU time is read where
-        decoding starts and ends (a clock read per step costs a system call on the decoding path)."""
-        stats = self.stats
+        """A step this generation took part in took ``wall`` seconds. The steps up to the one that
+        chose the first token are prefill time; decode time runs from there to the end, read from
+        the clocks twice (a clock read per step is a system call on the decoding path)."""
         if self._reading:
-            stats.prefill_s += wall
-            self._reading = self.phase is Phase.PREFILL
-            if not self._reading:
-                self._cpu_start = _cpu()
-        else:
-            stats.decode_s += wall
-        if self.phase is Phase.DONE:
-            self._close_stats()
+            self.stats.prefill_s += wall
+            if self.phase is not Phase.PREFILL:
+                self._reading = False
+                self._decode_start = (_perf(), _cpu())
 
     def _close_stats(self) -> None:
         stats = self.stats
-        stats.python_s = max(0.0, stats.decode_s - self.native_s)
         if not self._reading:
-            stats.decode_cpu_s = _cpu() - self._cpu_start
+            t0, c0 = self._decode_start
+            stats.decode_s, stats.decode_cpu_s = _perf() - t0, _cpu() - c0
+        stats.python_s = max(0.0, stats.decode_s - self.native_s)
 
     def finish(self, reason: StopReason) -> None:
         """End the generation: the held-back text, then ``Done``."""
