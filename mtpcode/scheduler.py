@@ -115,6 +115,7 @@ class Job:
     finished: bool = False
     ids: list[int] | None = None  # the prompt's tokens, once prepared
     ran_on: int = -1  # the slot it got
+    label: str = ""  # who asked, for the log (a client address and path)
 
     def stop(self, reason: str) -> None:
         """Ask the job to end (between engine steps); the first reason given is kept."""
@@ -447,8 +448,8 @@ class Scheduler:
         with self._cond:
             self._running[slot] = (job, gen)
             job.ran_on = slot
-        log.info("request %d: slot %d, %d prompt tokens (%d cached)", job.id, slot, len(job.ids),
-                 gen.prefilled)
+        log.info("request %d%s: slot %d, %d prompt tokens (%d cached)", job.id,
+                 f" ({job.label})" if job.label else "", slot, len(job.ids), gen.prefilled)
         job.post(Started(job.plan, slot))
         return True
 

@@ -53,7 +53,7 @@ async def run_all(request: Request, scheduler: Scheduler, spec: Spec) -> list[Re
     runs = 1 if spec.options.sampling.greedy else n
     results: list[Result] = []
     for i in range(runs):
-        job = make_job(scheduler.engine, spec, pieces=False, seed_offset=i)
+        job = make_job(scheduler.engine, spec, pieces=False, seed_offset=i, label=_label(request))
         outcome = await run_once(request, scheduler, job)
         if outcome is None:
             return None
@@ -72,7 +72,7 @@ async def stream(request: Request, scheduler: Scheduler, api: Api, spec: Spec) -
     so that a request that cannot run still gets its 4xx status. A failure
     after that ends the stream with the error object as one event.
     """
-    job = make_job(scheduler.engine, spec, pieces=True)
+    job = make_job(scheduler.engine, spec, pieces=True, label=_label(request))
     scheduler.submit(job)
     first = await next_event(request, scheduler, job)
     if first is None:
@@ -97,6 +97,12 @@ async def stream(request: Request, scheduler: Scheduler, api: Api, spec: Spec) -
             item = await events.get()
 
     return EventStream(chunks(), lambda: scheduler.abandon(job), media_type=api.media_type)
+
+
+def _label(request: Request) -> str:
+    """The client and path of ``request``, as the log names it."""
+    client = f"{request.client.host}:{request.client.port}" if request.client else "?"
+    return f"{client} {request.url.path}"
 
 
 async def next_event(request: Request, scheduler: Scheduler, job: ServerJob) -> Piece | Outcome | Started | None:

@@ -120,8 +120,12 @@ def serve_http(settings: Settings, model: str | None, *, host: str = DEFAULT_HOS
 
     loader = threading.Thread(target=load, name="mtpcode-load", daemon=True)
     loader.start()
-    if verbose:
-        logging.getLogger("mtpcode").setLevel(logging.INFO)
+    if verbose:  # each request's start and end, with its id (mtpcode.scheduler)
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("mtpcode: %(message)s"))
+        logger = logging.getLogger("mtpcode.scheduler")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
     try:
         server.run(sockets=[sock])
     finally:

@@ -250,11 +250,13 @@ class ServerJob(Job):
             pass
 
 
-def make_job(engine: CompletionEngine, spec: Spec, *, pieces: bool, seed_offset: int = 0) -> ServerJob:
+def make_job(engine: CompletionEngine, spec: Spec, *, pieces: bool, seed_offset: int = 0,
+             label: str = "") -> ServerJob:
     """The scheduler job running ``spec`` once on ``engine`` (bound to the running event loop).
 
     ``pieces``: post the text as it comes (to stream it); ``seed_offset``: the
-    how-many-th of a request's completions this is, so each samples differently.
+    how-many-th of a request's completions this is, so each samples differently;
+    ``label``: who asked, for the log.
     A request that only fills the cache (``n_predict`` 0) is a background job.
     """
     options = spec.options
@@ -268,7 +270,7 @@ def make_job(engine: CompletionEngine, spec: Spec, *, pieces: bool, seed_offset:
         return plan.prompt, plan.stops, plan
 
     job = ServerJob(options=options, prepare=prepare, slot=spec.params.id_slot, key=spec.key,
-                    background=spec.params.n_predict == 0, pieces=pieces)
+                    background=spec.params.n_predict == 0, pieces=pieces, label=label)
     job.bind(asyncio.get_running_loop())
     return job
 

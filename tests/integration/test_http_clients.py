@@ -216,3 +216,15 @@ def test_sampling_options_reach_batched_requests(tiny_bundle: Path) -> None:
         for g in gens:
             multi.release(g)
     assert text == alone
+
+
+def test_verbose_log_lines_carry_the_request_id(tiny_bundle: Path) -> None:
+    s = HttpServer("-v", bundle=tiny_bundle)
+    try:
+        s.post("/completion", {"prompt": PROMPTS[0], "n_predict": 4})
+        s.post("/completion", {"prompt": PROMPTS[1], "n_predict": 4})
+    finally:
+        s.stop()
+    log = "".join(s.stderr)
+    assert "mtpcode: request 1 (127.0.0.1:" in log and "/completion): slot 0" in log
+    assert "mtpcode: request 2 (" in log and "mtpcode: request 2: max_tokens: 4 tokens" in log
