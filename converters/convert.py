@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,11 +19,9 @@ from converters.checkpoint import Checkpoint, open_checkpoint
 from converters.gguf_export import head_plan, main_plan, plan_bytes, write_gguf
 from converters.quantize import FLOAT_QUANTS, normalize_quant, quantize_file
 from converters.tensor_map import NORM, OUTPUT
+from converters.verify import VerifyReport, verify_bundle
 from mtpcode import bundle as B
 from mtpcode.errors import OutputError
-
-if TYPE_CHECKING:
-    from converters.verify import VerifyReport
 
 # Called as progress(stage, done, total): stage is a short label, done/total in bytes (total 0: unknown).
 ProgressFn = Callable[[str, int, int], None]
@@ -151,8 +148,6 @@ def convert_checkpoint(
 
         verify_report = None
         if verify:
-            from converters.verify import verify_bundle
-
             report("verifying against the PyTorch reference", 0, 0)
             verify_report = verify_bundle(ckpt, tmp, quant, threads=threads)
             verify_report.raise_if_failed()

@@ -45,6 +45,7 @@ import numpy as np
 
 from converters import data
 from mtpcode.errors import DataError, UsageError
+from mtpcode.files import atomic_write_text
 
 # Packages used to evaluate the model: never trained on.
 EVAL_PACKAGES = ("click", "prompt_toolkit", "pygments")
@@ -522,7 +523,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"corpus: error: {exc}", file=sys.stderr)
         return exc.exit_code
     manifest = corpus.manifest()
-    from mtpcode.files import atomic_write_text
 
     atomic_write_text(args.out, json.dumps(manifest, indent=1) + "\n")
     if args.prompts_out is not None:

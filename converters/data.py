@@ -122,7 +122,7 @@ def train_code_tokenizer(lines: Iterable[str], out_path: Path, vocab_size: int, 
     bos 1, eos 2, no padding. Lines longer than ``max_sentence_length`` bytes
     are left out of training.
     """
-    import sentencepiece as spm
+    import sentencepiece as spm  # (the convert extra: only to train or read a tokenizer)
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
@@ -154,7 +154,7 @@ def train_code_tokenizer(lines: Iterable[str], out_path: Path, vocab_size: int, 
 
 def load_tokenizer(path: Path):
     """A ``sentencepiece.SentencePieceProcessor`` for ``path``."""
-    import sentencepiece as spm
+    import sentencepiece as spm  # (the convert extra: only to train or read a tokenizer)
 
     return spm.SentencePieceProcessor(model_file=str(path))
 

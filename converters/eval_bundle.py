@@ -24,6 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from converters import data
+from converters.corpus import heldout_prompts as cut_prompts
+from mtpcode import bundle as B
+from mtpcode.generation import Done, GenerationOptions
+from mtpcode.llama import Context, Model, TrunkCapture, use_extra_bufts
+from mtpcode.runtime import Engine
 
 IDIOMS = [
     "import os\nimport sys\n\n\ndef main(",
@@ -44,8 +49,6 @@ def heldout_prompts(max_chars: int = 400, per_file: int = 2) -> list[str]:
     About 140 tokens, so prompt + completion stays within the 256 positions the
     model was trained on. Deterministic.
     """
-    from converters.corpus import heldout_prompts as cut_prompts
-
     _, held = data.split_sources()
     return [prompt for _, prompt in cut_prompts(held, per_file=per_file, max_chars=max_chars)]
 
@@ -59,9 +62,6 @@ def _windows(work_dir: Path, vocab_size: int, seq_len: int, n_windows: int) -> n
 
 def bundle_argmax(bundle_dir: Path, windows: np.ndarray, threads: int) -> list[np.ndarray]:
     """Per head k: argmax at every position of every window, shape (n_windows, seq_len)."""
-    from mtpcode import bundle as B
-    from mtpcode.llama import Context, Model, TrunkCapture, use_extra_bufts
-
     manifest = B.open_bundle(bundle_dir).manifest
     n = windows.shape[1] - 1
     extra = use_extra_bufts("auto")
@@ -105,9 +105,6 @@ def top1(argmax: list[np.ndarray], windows: np.ndarray) -> list[float]:
 
 def speculative(bundle_dir: Path, prompts: list[str], max_tokens: int, threads: int) -> dict:
     """Greedy decoding with all heads vs plain: tokens per main forward and identity."""
-    from mtpcode.generation import Done, GenerationOptions
-    from mtpcode.runtime import Engine
-
     gen, fwd, identical, per_prompt = 0, 0, 0, []
     with Engine(bundle_dir, n_ctx=512, n_threads=threads) as eng:
         for prompt in prompts:
@@ -132,9 +129,6 @@ def speculative(bundle_dir: Path, prompts: list[str], max_tokens: int, threads: 
 
 
 def completions(bundle_dir: Path, max_tokens: int, threads: int) -> list[dict]:
-    from mtpcode.generation import Done, GenerationOptions
-    from mtpcode.runtime import Engine
-
     out = []
     with Engine(bundle_dir, n_ctx=512, n_threads=threads) as eng:
         for prompt in IDIOMS:
@@ -146,9 +140,6 @@ def completions(bundle_dir: Path, max_tokens: int, threads: int) -> list[dict]:
 
 def tokenizer_parity(bundle_dir: Path, tokenizer_path: Path) -> dict:
     """Held-out files where llama.cpp's tokenization equals SentencePiece's."""
-    from mtpcode import bundle as B
-    from mtpcode.llama import Model
-
     sp = data.load_tokenizer(tokenizer_path)
     _, held = data.split_sources()
     same = 0

@@ -40,8 +40,10 @@ def normalize_quant(name: str) -> str:
 
 def quantize_file(src: Path, dst: Path, quant: str, threads: int | None = None) -> None:
     """Quantize the GGUF ``src`` into ``dst`` with llama.cpp; ModelError if llama.cpp refuses."""
+    # (llama.cpp: only to quantize, not to read a type's name)
     import llama_cpp
 
+    # (llama.cpp's backend, through the native layer)
     from mtpcode.llama import init_backend
 
     init_backend()  # routes llama.cpp's per-tensor log away from stderr

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from converters.data import train_code_tokenizer
 from converters.params import ModelParams
 from converters.reference import MTPTransformer
 
@@ -48,8 +49,6 @@ def train_tokenizer(out_path: Path, vocab_size: int, files: Iterable[Path] | Non
 
     Every character seen gets a piece (coverage 1.0); sentencepiece's own
     4192-byte line limit applies, as it always has for the test tokenizers."""
-    from converters.data import train_code_tokenizer
-
     lines = _lines(files if files is not None else stdlib_python_files(200), max_bytes)
     return train_code_tokenizer(lines, out_path, vocab_size, character_coverage=1.0, max_sentence_length=4192)
 
@@ -105,7 +104,7 @@ def make_checkpoint(out_dir: Path, tokenizer: Path, *, seed: int = 0, dtype: tor
     Returns the directory and the float32 reference model holding exactly the
     saved weights (rounded through ``dtype``), for comparisons.
     """
-    import sentencepiece as spm
+    import sentencepiece as spm  # (the convert extra: only to size the vocabulary)
 
     params.setdefault("vocab_size", spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size())
     params.setdefault("multiple_of", 32)

@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from converters import corpus as package_corpus
+from converters import data
 from converters.data import prepare_corpus
 from converters.params import ModelParams
 from converters.reference import MTPTransformer
@@ -514,8 +515,6 @@ def train(cfg: TrainConfig, out: Path, *, work_dir: Path | None = None, resume: 
 def _speculative_summary(model: MTPTransformer, corpus, cfg: TrainConfig, n_prompts: int, n_new: int,
                          dev: torch.device, autocast) -> dict:
     """Simulated tokens per forward on held-out prompts (packages corpus: cut from the held-out packages)."""
-    from converters import data
-
     sp = data.load_tokenizer(corpus.tokenizer_path)
     if isinstance(corpus, package_corpus.PackageCorpus):
         files = [f for fs in package_corpus.build_corpus(

@@ -18,6 +18,7 @@ from converters.checkpoint import Checkpoint
 from converters.reference import MTPTransformer
 from mtpcode import bundle as B
 from mtpcode.errors import DataError
+from mtpcode.llama import Context, Model, TrunkCapture, default_threads, use_extra_bufts
 
 # Per quantization type: (min argmax agreement per head, max |Δlogit| relative to the
 # reference's max |logit|, or None where quantization noise makes it meaningless).
@@ -110,8 +111,6 @@ def _sequences(model, vocab_size: int, length: int, seed: int) -> list[list[int]
 def verify_bundle(ckpt: Checkpoint, bundle_dir: Path, quant: str, *, threads: int | None = None,
                   length: int = 48, seed: int = 0) -> VerifyReport:
     """Compare the bundle in ``bundle_dir`` with the reference forward of ``ckpt``."""
-    from mtpcode.llama import Context, Model, TrunkCapture, default_threads, use_extra_bufts
-
     p = ckpt.params
     reference = MTPTransformer.from_state_dict(p, dict(ckpt.items()))
     threads = threads or default_threads()

@@ -18,6 +18,7 @@ import functools
 import importlib
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -157,9 +158,7 @@ REPACK_TYPES = ("Q4_0", "Q4_K")
 
 def repack_pattern(gguf_path: str | os.PathLike[str], types: Sequence[str] = REPACK_TYPES) -> str:
     """A regex matching exactly the block weights of ``gguf_path`` stored in one of ``types`` ("" if none)."""
-    import re
-
-    import gguf
+    import gguf  # (a GGUF reader of its own: only --extra-bufts repack needs one)
 
     reader = gguf.GGUFReader(str(gguf_path))
     names = [t.name for t in reader.tensors
@@ -237,7 +236,7 @@ def reference_llama(path: str | os.PathLike[str], *, extra_bufts: bool, repack: 
     params with :func:`model_params` for the duration of the constructor.
     ``kwargs`` go to ``Llama``.
     """
-    import llama_cpp.llama as high_level
+    import llama_cpp.llama as high_level  # (llama-cpp-python's own Llama: only the comparisons with it)
 
     params, overrides = model_params(extra_bufts=extra_bufts, repack=repack)
     native = high_level.llama_cpp

@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtpcode.bundle import MANIFEST_NAME
+from mtpcode.bundle import MANIFEST_NAME, open_bundle
 from mtpcode.config import Settings, data_dir, load_settings, set_config_value
 from mtpcode.errors import DataError, ModelError, NoInputError, UsageError
 from mtpcode.files import atomic_write_text
@@ -168,8 +168,6 @@ def register_model(
     it is not a complete bundle). An existing name pointing elsewhere is an
     error (UsageError) unless ``force``.
     """
-    from mtpcode.bundle import open_bundle
-
     validate_name(name)
     bundle_dir = Path(path).expanduser().resolve()
     open_bundle(bundle_dir)

@@ -429,6 +429,7 @@ def measure_context_costs(model_path: Path, *, contexts: Sequence[int] = (64, 51
     # llama_cpp only for the commands that time forwards, not for every importer of this module
     import llama_cpp
 
+    # (the native layer: the same reason)
     from mtpcode.llama import Context, Model
 
     say = progress or (lambda _msg: None)

@@ -10,6 +10,7 @@ import click
 
 
 def register(group: click.Group) -> None:
+    # (imported here: mtpcode.cli's package face stays a click group, whatever the commands import)
     from mtpcode.cli.bench import bench
     from mtpcode.cli.complete import complete
     from mtpcode.cli.config import config

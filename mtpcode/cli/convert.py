@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from mtpcode import models
+from mtpcode.config import load_settings
 from mtpcode.errors import UsageError
 
 # ---------------------------------------------------------------------------
@@ -108,6 +110,7 @@ def convert(ckpt_dir: Path, tokenizer: Path | None, out_dir: Path | None, name: 
     main.gguf (runs in any llama.cpp), one head-K.gguf per extra head, and mtp.json.
     """
     try:
+        # (torch and sentencepiece: only for a conversion, and only with the convert extra)
         from converters.convert import convert_checkpoint
         from converters.quantize import normalize_quant
     except ImportError as exc:
@@ -115,9 +118,6 @@ def convert(ckpt_dir: Path, tokenizer: Path | None, out_dir: Path | None, name: 
             f"conversion needs PyTorch and sentencepiece ({exc.name} is missing): "
             "pip install 'mtpcode[convert]'"
         ) from None
-    from mtpcode import models
-    from mtpcode.config import load_settings
-
     quant = normalize_quant(quant)
     # before the work starts, so that a user can still pick another type; only for a checkpoint that is
     # there (a missing one is one error line, not a note and an error)

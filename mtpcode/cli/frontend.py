@@ -10,6 +10,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 from mtpcode.config import Settings
 from mtpcode.errors import UsageError
+from mtpcode.models import is_builtin, resolve_model
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -25,8 +26,7 @@ BUILTIN_NOTE = (
 
 def load_engine(settings: Settings, model: str | None, *, note: IO[str] | None = None) -> tuple[Engine, Path]:
     """Resolve and load the model; say once on ``note`` if it is the built-in one."""
-    from mtpcode.models import is_builtin, resolve_model
-    from mtpcode.runtime import Engine
+    from mtpcode.runtime import Engine  # (llama.cpp: loaded by the commands that run a model, not at start)
 
     path = resolve_model(model, settings)
     if note is not None and model is None and settings.model is None and is_builtin(path):

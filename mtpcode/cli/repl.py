@@ -16,7 +16,9 @@ import click
 
 from mtpcode.cli.frontend import isatty
 from mtpcode.cli.options import heads_option, model_option, repeat_stop_option, runtime_options, sampling_options
+from mtpcode.config import load_settings
 from mtpcode.errors import UsageError
+from mtpcode.models import is_builtin, resolve_model
 
 NOT_A_TERMINAL = (
     "mtpcode repl needs a terminal ({which} is not a tty); "
@@ -112,8 +114,7 @@ def run_repl(
     (``max_tokens=``, ``threads=``, ...; None = not given). ``input`` and
     ``output`` are prompt-toolkit objects (default: the terminal).
     """
-    from mtpcode.config import load_settings
-    from mtpcode.models import is_builtin, resolve_model
+    # (prompt-toolkit and pygments: loaded when a REPL starts, not for every command)
     from mtpcode.repl.commands import cmd_load, set_value
     from mtpcode.repl.edit import lexer_by_name
     from mtpcode.repl.session import parse_stop

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from mtpcode.config import check_setting, override_settings, parse_bool
 from mtpcode.errors import DataError, OutputError, UsageError
 from mtpcode.files import atomic_write_text, read_file
+from mtpcode.models import resolve_model
 from mtpcode.repl.edit import language_name, lexer_by_name, lexer_for_filename
 from mtpcode.repl.session import SessionBuffer, count_lines, describe_stop, parse_stop
 
@@ -254,8 +255,6 @@ def cmd_model(ui: Host, arg: str) -> None:
         where = f" ({ui.model_path})" if ui.model_path else ""
         ui.info(f"model: {ui.model_name or 'none'}{where}")
         return
-    from mtpcode.models import resolve_model
-
     buffer = ui.buffer
     path = resolve_model(arg, buffer.settings)
     ui.suggester.forget()

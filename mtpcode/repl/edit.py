@@ -17,10 +17,15 @@ import tokenize
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from prompt_toolkit.filters import has_selection
+from prompt_toolkit.key_binding import KeyBindings
+from pygments.lexers import get_lexer_by_name, get_lexer_for_filename
+from pygments.token import Comment, String
+from pygments.util import ClassNotFound
+
 from mtpcode.errors import UsageError
 
 if TYPE_CHECKING:
-    from prompt_toolkit.key_binding import KeyBindings
     from pygments.lexer import Lexer
 
 INDENT = "    "
@@ -40,8 +45,6 @@ def lexer_by_name(name: str) -> Lexer:
 
     UsageError for a name pygments does not know.
     """
-    from pygments.lexers import get_lexer_by_name
-    from pygments.util import ClassNotFound
 
     try:
         return _raw(get_lexer_by_name(name))
@@ -53,8 +56,6 @@ def lexer_by_name(name: str) -> Lexer:
 
 def lexer_for_filename(filename: str) -> Lexer | None:
     """The pygments lexer for a file name's extension, or None if pygments knows none."""
-    from pygments.lexers import get_lexer_for_filename
-    from pygments.util import ClassNotFound
 
     try:
         return _raw(get_lexer_for_filename(filename))
@@ -90,7 +91,6 @@ class OpenState:
 
 def open_state(text: str, lexer: Lexer) -> OpenState:
     """Count unclosed brackets in ``text`` (strings and comments ignored)."""
-    from pygments.token import Comment, String
 
     depth = 0
     # Some lexers only recognise a line comment by its newline: give it one.
@@ -169,9 +169,6 @@ def editing_key_bindings(get_lexer) -> KeyBindings:
 
     ``get_lexer`` returns the current pygments lexer (it changes with /load).
     """
-    from prompt_toolkit.filters import has_selection
-    from prompt_toolkit.key_binding import KeyBindings
-
     kb = KeyBindings()
 
     def newline(buffer) -> None:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from mtpcode.config import Settings
 from mtpcode.generation import Done, GenerationOptions, SamplingOptions
 from mtpcode.repl.edit import is_command
-from mtpcode.stops import StopCondition
+from mtpcode.stops import StopCondition, code_stops
 
 if TYPE_CHECKING:
     from mtpcode.runtime import Engine
@@ -217,8 +217,6 @@ class SessionBuffer:
 
     def stops(self, prompt: str) -> list[StopCondition]:
         """Where a completion of ``prompt`` ends, by the stop mode."""
-        from mtpcode.stops import code_stops
-
         if self.stop == "block":
             return code_stops(prompt, block=True)
         if isinstance(self.stop, int):

@@ -31,7 +31,9 @@ from prompt_toolkit.history import FileHistory, InMemoryHistory
 from prompt_toolkit.lexers import DynamicLexer, PygmentsLexer
 from prompt_toolkit.styles import Style, merge_styles, style_from_pygments_cls
 from prompt_toolkit.utils import get_cwidth
+from pygments.styles import get_style_by_name
 from pygments.token import Token
+from pygments.util import ClassNotFound
 
 from mtpcode.config import Settings
 from mtpcode.errors import MtpError, UsageError
@@ -290,9 +292,6 @@ class Repl:
 
     @staticmethod
     def _make_style(name: str) -> Any:
-        from pygments.styles import get_style_by_name
-        from pygments.util import ClassNotFound
-
         try:
             pygments_style = get_style_by_name(name)
         except ClassNotFound:

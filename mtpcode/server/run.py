@@ -21,6 +21,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, Any
 
+import uvicorn
+
+from mtpcode.cli.frontend import load_engine
 from mtpcode.config import Settings
 from mtpcode.errors import ModelError, MtpError, UsageError
 from mtpcode.models import BUILTIN_NAME, is_builtin, resolve_model
@@ -78,10 +81,6 @@ def serve_http(settings: Settings, model: str | None, *, host: str = DEFAULT_HOS
                api_key: str | None = None, cancel_previous: bool = True, max_body: int = DEFAULT_MAX_BODY,
                verbose: bool = False, log: IO[str] = sys.stderr) -> None:
     """Serve the HTTP API until SIGINT or SIGTERM. ModelError if the model cannot be loaded."""
-    import uvicorn
-
-    from mtpcode.cli.frontend import load_engine
-
     path = resolve_model(model, settings)
     name = model_id(model, path)
     n_slots = settings.parallel or DEFAULT_PARALLEL
@@ -147,8 +146,6 @@ class _Server:
     ending in a normal return (uvicorn re-raises the signal after its shutdown)."""
 
     def __init__(self, config: Any, state: ServerState) -> None:
-        import uvicorn
-
         outer = self
 
         class Server(uvicorn.Server):
