@@ -192,6 +192,12 @@ class Engine:
         return self.slots[0].cached
 
     @property
+    def repacked(self) -> bool:
+        """Whether the main model's block weights sit in llama.cpp's CPU_REPACK buffers
+        (``extra_bufts="repack"`` on a build that has them)."""
+        return self._model.repacked
+
+    @property
     def native_capture(self) -> bool:
         """Whether the trunk is captured by the C callback (else by the slower Python one)."""
         return self.forwards.capture.native

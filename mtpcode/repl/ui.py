@@ -284,10 +284,6 @@ class Repl:
     def last_done(self) -> Done | None:
         return self.buffer.last_done
 
-    @property
-    def _window_start(self) -> int:
-        return self.buffer.window_start
-
     # --- setup --------------------------------------------------------------------------
 
     @staticmethod

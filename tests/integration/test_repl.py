@@ -292,7 +292,7 @@ def test_a_long_session_slides_the_model_window(tiny_bundle, tmp_path):
     with Engine(tiny_bundle, n_ctx=128, n_threads=2) as small:
         ui, screen = drive(small, f"/load {src}\r" + ALT_ENTER + "/quit\r", settings=load_settings(max_tokens=8))
     assert "error" not in screen
-    assert ui.totals.completions == 1 and ui._window_start > 0
+    assert ui.totals.completions == 1 and ui.buffer.window_start > 0
     assert ui.text.startswith(src.read_text())
 
 
@@ -308,7 +308,7 @@ def test_loading_a_file_warms_the_engine_up_in_the_background(tiny_bundle, tmp_p
         def typist() -> None:
             inp.send_text(f"/load {src}\r")
             # Without any key typed, the engine thread prefilled the buffer's tail that fits.
-            wait_for(lambda: ui._window_start > 0 and small.cached_tokens, what="the warm-up")
+            wait_for(lambda: ui.buffer.window_start > 0 and small.cached_tokens, what="the warm-up")
             inp.send_text("/quit\r")
 
         thread = threading.Thread(target=typist, daemon=True)
@@ -316,7 +316,7 @@ def test_loading_a_file_warms_the_engine_up_in_the_background(tiny_bundle, tmp_p
         ui.run()
         thread.join(5)
         cached = small.detokenize(small.cached_tokens)
-    assert ui.text[ui._window_start :].startswith(cached.lstrip()[:20])
+    assert ui.text[ui.buffer.window_start :].startswith(cached.lstrip()[:20])
     assert ui.totals.completions == 0
 
 

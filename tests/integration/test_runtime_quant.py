@@ -72,7 +72,7 @@ for policy in sys.argv[2:]:
     with Engine(sys.argv[1], n_ctx=256, n_threads=1, extra_bufts=policy) as engine:
         toks = [t for ev in engine.generate("def main():\n    ", GenerationOptions(max_tokens=24, heads=3))
                 if not isinstance(ev, Done) for t in ev.token_ids]
-        out[policy] = {"tokens": toks, "repacked": engine._main_model.repacked}
+        out[policy] = {"tokens": toks, "repacked": engine.repacked}
 print(json.dumps(out))
 """
 
