@@ -7,6 +7,10 @@ do; the CLI turns them into one line on stderr and the exit code below
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
 
 class MtpError(Exception):
     """Base class: a user-facing error with a one-line message."""
@@ -56,3 +60,13 @@ class Interrupted(MtpError):
     """The user pressed Ctrl-C."""
 
     exit_code = 130
+
+
+def run_script(main: Callable[[Sequence[str]], int], prog: str) -> NoReturn:
+    """Exit with `main(sys.argv[1:])` for a `python -m` script: an MtpError becomes one line and its
+    exit code, as the mtpcode commands print it."""
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except MtpError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mtpcode.errors import MtpError
+from mtpcode.errors import MtpError, run_script
 
 PROG = "python -m mtpcode.bench.convert_memory"
 
@@ -159,8 +159,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except MtpError as exc:  # one line, as the mtpcode commands print it
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(main, PROG)

@@ -52,7 +52,7 @@ from mtpcode.bench.measure import common_prefix, measure_costs, median
 from mtpcode.bench.run import default_prompts
 from mtpcode.bench.synthetic import build_bundle, project, scale_depth, shape_params
 from mtpcode.bundle import open_bundle
-from mtpcode.errors import MtpError, UsageError
+from mtpcode.errors import MtpError, UsageError, run_script
 from mtpcode.generation import Done, GenerationOptions, Piece, Stats
 from mtpcode.llama import Context, Model, TrunkCapture, native_capture_available
 from mtpcode.models import builtin_model_path
@@ -296,8 +296,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except MtpError as exc:  # one line, as the mtpcode commands print it
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(main, PROG)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 
 from mtpcode.bench.measure import common_prefix, cpu_name, measure_costs, median
 from mtpcode.bundle import open_bundle
-from mtpcode.errors import MtpError
+from mtpcode.errors import MtpError, run_script
 from mtpcode.files import atomic_write_text
 from mtpcode.generation import Done, GenerationOptions, Stats
 
@@ -203,8 +202,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except MtpError as exc:  # one line, as the mtpcode commands print it
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(main, PROG)

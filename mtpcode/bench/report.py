@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mtpcode.bench.run import ANCHOR, CONTROL, MODE_LABELS, PLAIN, SLOW_BAR, BenchConfig, bar_estimator
-from mtpcode.errors import DataError, MtpError, NoInputError
+from mtpcode.errors import DataError, NoInputError, run_script
 
 PROG = "python -m mtpcode.bench.report"
 
@@ -135,8 +134,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except MtpError as exc:  # one line, as the mtpcode commands print it
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(main, PROG)

@@ -49,7 +49,7 @@ from mtpcode.bench.costmodel import (
 )
 from mtpcode.bench.measure import cpu_name, measure_costs, median, memory_bandwidth
 from mtpcode.config import cache_dir
-from mtpcode.errors import MtpError, UsageError
+from mtpcode.errors import UsageError, run_script
 from mtpcode.files import atomic_write_text
 
 # name -> ModelParams fields. "7b" is Meta's 7B MTP code model (Gloeckle et al. 2024).
@@ -867,8 +867,4 @@ def _main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(_main(sys.argv[1:]))
-    except MtpError as exc:  # one line, as the mtpcode commands print it
-        print(f"python -m mtpcode.bench.synthetic: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(_main, "python -m mtpcode.bench.synthetic")

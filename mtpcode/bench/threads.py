@@ -26,7 +26,7 @@ from typing import Any
 
 from mtpcode.bench.measure import cpu_name, isolated_forwards, median
 from mtpcode.bench.run import BenchConfig, engine_run, heads_config, prompt_set
-from mtpcode.errors import MtpError
+from mtpcode.errors import run_script
 from mtpcode.files import atomic_write_text
 from mtpcode.runtime import Engine
 
@@ -113,8 +113,4 @@ def main(argv: Sequence[str]) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main(sys.argv[1:]))
-    except MtpError as exc:  # one line, as the mtpcode commands print it
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(main, PROG)
