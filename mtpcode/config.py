@@ -104,8 +104,9 @@ class Settings:
         )
         return dataclasses.replace(opts, **changes)
 
-    def engine_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``mtpcode.runtime.Engine``."""
+    def engine_kwargs(self, *, serving: bool = False) -> dict[str, Any]:
+        """Keyword arguments for ``mtpcode.runtime.Engine``; ``serving``: for ``mtpcode serve``,
+        with its ``parallel`` slots (the other commands run one request at a time)."""
         return {
             "n_ctx": self.ctx,
             "n_batch": self.batch,
@@ -114,7 +115,7 @@ class Settings:
             "n_gpu_layers": self.gpu_layers,
             "extra_bufts": self.extra_bufts,
             "flash_attn": self.flash_attn,
-            "n_seq": self.parallel or 1,
+            "n_seq": (self.parallel or 1) if serving else 1,
             "policies": PolicyStore(cache_dir() / "policy"),
         }
 

@@ -635,18 +635,6 @@ class TrunkCapture:
             self._py_active = bool(on)
         self._active = bool(on)
 
-    def retarget(self, out: np.ndarray) -> None:
-        """Write the next forwards' rows into ``out`` (same row width, C-contiguous float32)."""
-        if out.dtype != np.float32 or not out.flags.c_contiguous or out.ndim != 2 or out.shape[1] * 4 != self.row_bytes:
-            raise MtpError("internal: trunk buffer must be a 2-D C-contiguous float32 array of the same width")
-        self.out = out
-        self.capacity = out.shape[0]
-        if self.native:
-            self._state.dst = out.ctypes.data
-            self._state.capacity = self.capacity
-        else:
-            self._base = out.ctypes.data
-
     @property
     def error(self) -> str | None:
         if not self.native:

@@ -101,12 +101,11 @@ class Engine:
             n_embd = self._main_model.n_embd
             # the capture writes a forward's trunk rows here, in batch order (mtpcode.slots.Forwards)
             capture = TrunkCapture(self.manifest.trunk_tensor, np.zeros((n_batch, n_embd), dtype=np.float32))
-            cells = n_ctx
-            main = Context(self._main_model, n_ctx=cells, n_batch=n_batch, n_threads=threads,
+            main = Context(self._main_model, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
                            n_threads_batch=threads_batch, capture=capture, flash_attn=flash_attn, n_seq=n_seq)
             self._contexts.append(main)
             for m in self._head_models:
-                self._contexts.append(Context(m, n_ctx=cells, n_batch=n_batch, n_threads=threads,
+                self._contexts.append(Context(m, n_ctx=n_ctx, n_batch=n_batch, n_threads=threads,
                                               n_threads_batch=threads_batch, embd_input=True,
                                               flash_attn=flash_attn, n_seq=n_seq))
         except BaseException:

@@ -39,7 +39,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from mtpcode.errors import MtpError, NoRoom
+from mtpcode.errors import MtpError, NoRoom, UsageError
 from mtpcode.generation import CompletionEngine, Done, GenerationOptions, Piece, Stats
 from mtpcode.stops import StopCondition, StopReason
 
@@ -62,8 +62,9 @@ SIMILAR_PROMPT = 0.5
 
 @dataclass
 class Outcome:
-    """How a job ended. ``cancelled`` names why it was cut short ("superseded",
-    "disconnected", "shutdown", "interrupted") or is None; ``error`` is set when it failed."""
+    """How a job ended. ``cancelled`` names why it was cut short (the scheduler's "superseded"
+    and "shutdown", or the reason a front end gave :meth:`Scheduler.abandon` or :meth:`Job.stop`,
+    such as "disconnected") or is None; ``error`` is set when it failed."""
 
     text: str = ""
     stop_reason: StopReason = StopReason.CANCELLED
@@ -96,7 +97,9 @@ class Job:
     scheduler picks). ``key``: the text the keystroke rule compares (None: the
     job neither supersedes nor is superseded). ``background``: a cache warm-up,
     which supersedes nothing. ``pieces``: post text pieces, not only the end.
-    ``sink`` receives the events, on the worker thread.
+    ``sink`` receives the events, on the worker thread (``pieces``: every
+    piece, some with no text yet, for the token count); a sink that raises
+    stops its job, never the worker.
     """
 
     prompt: str | Sequence[int] = ""
@@ -124,8 +127,15 @@ class Job:
         self.cancel.set()
 
     def post(self, event: Event) -> None:
-        if self.sink is not None:
+        if self.sink is None:
+            return
+        try:
             self.sink(event)
+        except Exception:  # (a front end's bug, or its receiver gone): this job ends, the others go on
+            log.error("request %d: its events cannot be delivered; it is stopped:\n%s", self.id,
+                      traceback.format_exc())
+            self.sink = None
+            self.stop("disconnected")
 
 
 @dataclass
@@ -240,6 +250,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._running: dict[int, tuple[Job, Generation]] = {}  # slot -> its job
+        self._starting: Job | None = None  # off the queue, being prepared and started
         self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._next_id = 0
         self._closed = False
@@ -252,10 +263,13 @@ class Scheduler:
         """Queue ``job``; with ``supersede``, the same client's older jobs end. A job submitted
         after :meth:`close` ends at once as cancelled ("shutdown")."""
         stale: list[Job] = []
+        error: UsageError | None = None
         with self._cond:
             self._next_id += 1
             job.id = self._next_id
-            if self._closed:
+            if job.slot is not None and not 0 <= job.slot < len(self.engine.slots):
+                error = UsageError(f"slot {job.slot} does not exist (there are {len(self.engine.slots)})")
+            elif self._closed:
                 job.stop("shutdown")
                 stale.append(job)
             else:
@@ -264,12 +278,14 @@ class Scheduler:
                     stale = [old for old in self._queue if old.key is not None and keystroke(old.key, job.key)]
                     for old in stale:
                         self._queue.remove(old)
-                    for old, _ in self._running.values():
+                    for old in self._started():
                         if old.key is not None and keystroke(old.key, job.key):
                             old.stop("superseded")
                             log.info("request %d: superseded by request %d", old.id, job.id)
                 self._queue.append(job)
                 self._cond.notify()
+        if error is not None:
+            self._finish(job, Outcome(error=error), ran=False)
         for old in stale:
             old.stop("superseded" if old is not job else "shutdown")
             self._finish(old, Outcome(cancelled=old.cancel_reason), ran=False)
@@ -283,24 +299,6 @@ class Scheduler:
         job.stop(reason)
         if queued:
             self._finish(job, Outcome(cancelled=reason), ran=False)
-
-    def run(self, job: Job) -> Outcome:
-        """Submit ``job`` and wait for its outcome (the events also reach its sink)."""
-        done = threading.Event()
-        result: list[Outcome] = []
-        sink = job.sink
-
-        def forward(event: Event) -> None:
-            if sink is not None:
-                sink(event)
-            if isinstance(event, Outcome):
-                result.append(event)
-                done.set()
-
-        job.sink = forward
-        self.submit(job)
-        done.wait()
-        return result[0]
 
     def call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the worker thread between two steps (work that needs the engine, such as
@@ -338,17 +336,26 @@ class Scheduler:
             self._closed = True
             pending = list(self._queue)
             self._queue.clear()
-            for job, _ in self._running.values():
+            for job in self._started():
                 job.stop(reason)
             self._cond.notify_all()
         for job in pending:
             job.stop(reason)
             self._finish(job, Outcome(cancelled=reason), ran=False)
 
-    def close(self, timeout: float = 10.0) -> None:
-        """:meth:`cancel_all`, then wait for the worker (the engine stays open; the caller closes it)."""
+    def close(self, timeout: float = 10.0) -> bool:
+        """:meth:`cancel_all`, then wait for the worker. True when it has stopped; False when it is
+        still inside a step after ``timeout`` (the engine stays open: close it only after True)."""
         self.cancel_all("shutdown")
         self._worker.join(timeout)
+        return not self._worker.is_alive()
+
+    def _started(self) -> list[Job]:
+        """The jobs off the queue and not finished: running, or being started (under the lock)."""
+        jobs = [job for job, _ in self._running.values()]
+        if self._starting is not None:
+            jobs.append(self._starting)
+        return jobs
 
     # -- the worker thread -------------------------------------------------------
 
@@ -405,13 +412,17 @@ class Scheduler:
                 job = self._next_startable()
                 if job is None:
                     return
-            if job.cancel.is_set():
-                self._finish(job, Outcome(cancelled=job.cancel_reason), ran=False)
-                continue
-            if not self._start(job):
-                with self._cond:
+            started = not job.cancel.is_set() and self._start(job)
+            with self._cond:
+                self._starting = None
+                waits = not started and not job.cancel.is_set() and not self._closed
+                if waits:
                     self._queue.appendleft(job)
+            if waits:
                 return
+            if not started:  # cancelled before it started, or the scheduler closed while it waited
+                job.stop("shutdown")
+                self._finish(job, Outcome(cancelled=job.cancel_reason), ran=False)
 
     def _next_startable(self) -> Job | None:
         """The first queued job that a free slot can take (under the lock), taken off the queue."""
@@ -421,6 +432,7 @@ class Scheduler:
         for job in self._queue:
             if job.slot is None or job.slot in free:
                 self._queue.remove(job)
+                self._starting = job
                 return job
         return None
 
@@ -483,7 +495,7 @@ class Scheduler:
         for slot, (job, gen) in running:
             for event in gen.take_events():
                 if isinstance(event, Piece):
-                    if event.text and job.pieces:
+                    if job.pieces:
                         job.post(event)
                 elif isinstance(event, Done):
                     self._end(slot, gen)

@@ -30,8 +30,9 @@ Where the code-aware ones cut, precisely (docs/cli.md promises these):
   completion instead ends at the end of that line, without the text that is
   already there.
 * :class:`RepeatStop` (on by default in every front end, ``--no-repeat-stop``):
-  a degenerate loop, at the end of the line where it is recognised (see the
-  class for the thresholds).
+  a degenerate loop, cut where it is recognised: at a repeated line's end, or
+  within the line for a short unit running along it (see the class for the
+  thresholds).
 
 Editor requests (llama.cpp server's fields) add :class:`WordStop` (``stop``),
 :class:`IndentLimit` (``n_indent``) and :class:`TimeLimit`
@@ -375,8 +376,9 @@ class RepeatStop:
 
     Small models (and large ones at temperature 0) fall into such loops and
     would otherwise fill ``max_tokens`` with them; editor completion tools all
-    guard against this. The output is cut where the loop is recognised, at
-    the end of that line (nothing shown is taken back, so nothing is held back).
+    guard against this. The output is cut where the loop is recognised: at the
+    end of a repeated line, within the line for a unit running along it
+    (nothing shown is taken back, so nothing is held back).
     Repetition with variation (table rows, calls with other arguments) is
     never cut. Incremental: each call looks only at what was added since the
     last one, so a long generation costs linear time.

@@ -24,14 +24,16 @@ BUILTIN_NOTE = (
 )
 
 
-def load_engine(settings: Settings, model: str | None, *, note: IO[str] | None = None) -> tuple[Engine, Path]:
-    """Resolve and load the model; say once on ``note`` if it is the built-in one."""
+def load_engine(settings: Settings, model: str | None, *, note: IO[str] | None = None,
+                serving: bool = False) -> tuple[Engine, Path]:
+    """Resolve and load the model; say once on ``note`` if it is the built-in one. ``serving``:
+    with the ``parallel`` slots of ``mtpcode serve``."""
     from mtpcode.runtime import Engine  # (llama.cpp: loaded by the commands that run a model, not at start)
 
     path = resolve_model(model, settings)
     if note is not None and model is None and settings.model is None and is_builtin(path):
         print(BUILTIN_NOTE, file=note, flush=True)
-    engine = Engine(path, **settings.engine_kwargs())
+    engine = Engine(path, **settings.engine_kwargs(serving=serving))
     if settings.heads is not None and settings.heads > engine.n_heads:
         engine.close()
         source = settings.sources.get("heads", "flag")

@@ -1,10 +1,11 @@
 """``mtpcode serve --stdio``: a long-running JSON-lines completion server for editors.
 
 One JSON object per line on stdin, one per line on stdout (UTF-8). The model
-is loaded once; the runtime keeps the KV cache of the last prompt, so a
-request whose prompt starts like the previous one only evaluates the new
-tokens. Requests run one at a time, in the order they arrive; stdin is read
-while a request runs, so a later line can cancel it. The protocol is
+is loaded once; each of its slots (``--parallel``, default 1) keeps the KV
+cache of its last prompt, so a request whose prompt starts like an earlier one
+only evaluates the new tokens. Requests start in the order they arrive, as
+many at once as there are slots; stdin is read while they run, so a later
+line can cancel one by its id. The protocol is
 documented in docs/cli.md.
 
 Requests::
@@ -133,6 +134,7 @@ class Server:
         self._jobs: dict[Any, StdioJob] = {}  # by request id, until their last message
         self._idle = threading.Condition()
         self.broken = False  # the client stopped reading our output
+        self.stopped = False  # the scheduler's worker has ended: the engine may be closed
 
     # -- output --
 
@@ -145,14 +147,17 @@ class Server:
             try:
                 self.out.write(data)
                 self.out.flush()
+                return
             except (BrokenPipeError, ValueError):
                 self.broken = True
                 silence_stdout()  # nothing left in the buffer can fail again at exit
-                self.scheduler.cancel_all("disconnected")
+        # (outside the lock: cancelling sends the queued requests' ends, which come back here)
+        self.scheduler.cancel_all("disconnected")
 
     def _on_event(self, job: StdioJob, event: Event) -> None:  # on the worker thread
         if isinstance(event, Piece):
-            self.send({"id": job.request_id, "text": event.text})
+            if event.text:
+                self.send({"id": job.request_id, "text": event.text})
         elif isinstance(event, Outcome):
             if event.error is not None:
                 exc = event.error
@@ -224,9 +229,9 @@ class Server:
                 while self._jobs and not self.broken:
                     self._idle.wait()
         except KeyboardInterrupt:
-            self.scheduler.close()
             raise Interrupted("interrupted") from None
-        self.scheduler.close()
+        finally:
+            self.stopped = self.scheduler.close()
 
 
 @click.command("serve")
@@ -287,14 +292,18 @@ def serve(stdio: bool, http: bool, host: str | None, port: int | None, api_key: 
         _serve_http(settings, model, host=host, port=port, cancel_previous=cancel_previous, verbose=verbose)
         return
     settings = load_settings(model=model, **setting_flags)
-    engine, path = load_engine(settings, model, note=sys.stderr)
+    engine, path = load_engine(settings, model, note=sys.stderr, serving=True)
     out = sys.stdout.buffer
     log = sys.stderr if verbose else None
-    with engine:
+    server: Server | None = None
+    try:
         server = Server(engine, settings, out, log)
         server.send({"id": None, "ready": True, "model": str(Path(path)), "builtin": is_builtin(path),
                      "heads": engine.n_heads, "n_ctx": engine.n_ctx, "version": __version__})
         server.serve(sys.stdin.buffer)
+    finally:
+        if server is None or server.stopped:  # (never under a step still running: the process ends)
+            engine.close()
 
 
 def _serve_http(settings: Settings, model: str | None, *, host: str | None, port: int | None, cancel_previous: bool,

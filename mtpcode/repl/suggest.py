@@ -136,7 +136,10 @@ class ModelSuggest(AutoSuggest):
 
         def on_event(event: Event) -> None:  # on the engine's worker thread
             if isinstance(event, Outcome):
-                loop.call_soon_threadsafe(end, event)
+                try:
+                    loop.call_soon_threadsafe(end, event)
+                except RuntimeError:  # the prompt was entered meanwhile and its event loop closed
+                    pass
 
         # ``key``: the next keystroke's suggestion supersedes this one in the scheduler
         job = Job(prompt=prompt, options=self.session.suggestion_options(), stops=(StopStrings(["\n"]),),

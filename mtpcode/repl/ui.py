@@ -10,8 +10,8 @@ the buffer. An empty submit continues the buffer as it is. Lines starting with
 This module is the terminal side: the input box, printing, streaming a
 completion, the toolbar, and the lifetime of the Engine. Input and output are
 injectable (prompt-toolkit ``Input``/``Output``), so tests drive a real session
-through a pipe; the Engine is used only from the
-:class:`~mtpcode.repl.suggest.EngineThread`.
+through a pipe; the Engine is used only from the scheduler's worker thread
+(:mod:`mtpcode.scheduler`): suggestions, completions and token counts are its jobs.
 """
 
 from __future__ import annotations
@@ -181,13 +181,6 @@ class StreamPrinter:
         return out
 
 
-class _Failed:
-    """An exception raised on the engine thread, handed to the UI thread."""
-
-    def __init__(self, exc: BaseException) -> None:
-        self.exc = exc
-
-
 class Repl:
     """One REPL session.
 
@@ -336,11 +329,12 @@ class Repl:
         self._close_engine()
 
     def _close_engine(self) -> None:
+        stopped = True
         if self.scheduler is not None:
-            self.scheduler.close()
+            stopped = self.scheduler.close()
             self.scheduler = None
         engine = self.engine
-        if self._owns_engine and engine is not None:
+        if self._owns_engine and engine is not None and stopped:  # (never under a step still running)
             engine.close()
             self.buffer.engine = None
         self._owns_engine = False

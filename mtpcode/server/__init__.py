@@ -11,8 +11,9 @@ A request goes down the list and its answer comes back up it:
   built on the worker thread), its scheduler job and typed result;
 * :mod:`mtpcode.server.protocol` - what the APIs share: JSON spelling, request fields, typed results;
 * :mod:`mtpcode.server.infill` - infill prompts for models without FIM tokens, FIM marker recognition;
-* :mod:`mtpcode.server.scheduler` - one generation at a time on a worker thread, with
-  cancellation by newer requests and by disconnects;
+* :mod:`mtpcode.scheduler` (shared with the REPL and ``serve --stdio``) - the requests on the
+  engine's slots, batched in one step on a worker thread, cancelled by the same client's next
+  keystroke or by its disconnecting;
 * :mod:`mtpcode.server.errors` - ApiError, and the one mapping from an exception to a status and body;
 * :mod:`mtpcode.server.transport` - JSON bodies in and out, streams that notice a client leaving;
 * :mod:`mtpcode.server.state` - what the handlers share (settings, model names, engine, scheduler);

@@ -1,8 +1,8 @@
 """The Starlette application: the route table, the API-key guard, and the exception handlers.
 
-llama.cpp server's endpoints (/infill, /completion, /health, /props,
-/metrics), OpenAI's (/v1/completions, /v1/models) and Ollama's
-(/api/generate, /api/tags, /api/show). Every completion endpoint is the one
+llama.cpp server's endpoints (/infill, /completion, /completions, /health,
+/v1/health, /props, /slots, /metrics, /models), OpenAI's (/v1/completions,
+/v1/models) and Ollama's (/api/generate, /api/tags, /api/show). Every completion endpoint is the one
 handler :func:`~mtpcode.server.completion.complete` with its API's adapter;
 the others are in :mod:`mtpcode.server.info`. Whatever a handler raises is
 answered through :func:`~mtpcode.server.errors.api_error`.

@@ -22,7 +22,7 @@ from mtpcode.generation import Piece
 from mtpcode.scheduler import Outcome, Scheduler, Started
 from mtpcode.server.apis import Api
 from mtpcode.server.errors import api_error
-from mtpcode.server.protocol import Partial, Result, sse
+from mtpcode.server.protocol import Partial, Result
 from mtpcode.server.state import ServerState, ready
 from mtpcode.server.task import ServerJob, Spec, make_job, to_result
 from mtpcode.server.transport import EventStream, json_response, read_json, wait_disconnect
@@ -47,7 +47,8 @@ async def complete(request: Request, state: ServerState, api: Api) -> ASGIApp:
 async def run_all(request: Request, scheduler: Scheduler, spec: Spec) -> list[Result] | None:
     """Run ``spec`` ``n_cmpl`` times (once when greedy: the answers would be the same).
 
-    None if the client disconnected; a failed run raises its ApiError.
+    None if the client disconnected; a failed run raises its ApiError. A run cut
+    short (superseded) ends the others too: they answer "cancelled", empty.
     """
     n = spec.params.n_cmpl
     runs = 1 if spec.options.sampling.greedy else n
@@ -60,8 +61,11 @@ async def run_all(request: Request, scheduler: Scheduler, spec: Spec) -> list[Re
         if outcome.error is not None:
             raise api_error(outcome.error)
         results.append(to_result(job, outcome, index=i))
+        if outcome.cancelled is not None:
+            break  # (the next runs, sent with the same key, would supersede the client's newer request)
     while len(results) < n:
-        results.append(replace(results[0], index=len(results)))
+        same = results[0] if runs == 1 else replace(results[-1], content="")
+        results.append(replace(same, index=len(results)))
     return results
 
 
@@ -70,7 +74,7 @@ async def stream(request: Request, scheduler: Scheduler, api: Api, spec: Spec) -
 
     The response starts once the job's turn has come and its prompt was built,
     so that a request that cannot run still gets its 4xx status. A failure
-    after that ends the stream with the error object as one event.
+    after that ends the stream with the API's error event (Api.render_error).
     """
     job = make_job(scheduler.engine, spec, pieces=True, label=_label(request))
     scheduler.submit(job)
@@ -87,10 +91,11 @@ async def stream(request: Request, scheduler: Scheduler, api: Api, spec: Spec) -
         while True:
             if isinstance(item, Piece):
                 n_decoded += len(item.token_ids)
-                yield api.render_piece(spec, Partial(item.text, n_decoded, job.plan.n_prompt, slot=job.ran_on))
+                if item.text:  # (tokens whose text is held back, a stop string's start, count all the same)
+                    yield api.render_piece(spec, Partial(item.text, n_decoded, job.plan.n_prompt, slot=job.ran_on))
             elif isinstance(item, Outcome):
                 if item.error is not None:
-                    yield sse(api_error(item.error).body())
+                    yield api.render_error(spec, api_error(item.error))
                 else:
                     yield api.render_end(spec, to_result(job, item))
                 return

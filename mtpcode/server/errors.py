@@ -13,8 +13,9 @@ from typing import Any
 from mtpcode.errors import ContextOverflowError, DataError, MtpError, UsageError
 
 
-class ApiError(Exception):
-    """A request the server answers with an error object, in OpenAI's shape."""
+class ApiError(MtpError):
+    """A request the server answers with an error object, in OpenAI's shape (an MtpError: the
+    client's fault or an expected failure, not a bug to log with its traceback)."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", **extra: Any) -> None:
         super().__init__(message)

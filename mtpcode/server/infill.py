@@ -1,4 +1,4 @@
-"""Fill-in-the-middle for models without FIM tokens, and the stops editors ask for.
+"""Fill-in-the-middle for models without FIM tokens.
 
 MTP code models use the plain Llama 2 vocabulary: there is no ``<PRE>``,
 ``<SUF>`` or ``<MID>`` token to put the text after the cursor into the

@@ -40,6 +40,12 @@ def sse(obj: Any) -> bytes:
 SSE_DONE = b"data: [DONE]\n\n"
 
 
+def sse_error(error: dict[str, Any]) -> bytes:
+    """A failure in the middle of a stream, as llama-server sends it: an ``error`` event with the
+    error object (code, message, type)."""
+    return b"error: " + dumps(error) + b"\n\n"
+
+
 def rfc3339(t: float) -> str:
     """A Unix time as Ollama writes it: UTC, microseconds, ``Z``."""
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z"
@@ -147,12 +153,9 @@ def parse_params(body: dict[str, Any], n_ctx: int, default_n_predict: int, *, op
                  n_slots: int = 1) -> Params:
     """The common fields of ``body``. ``n_predict`` -1 means "until the context is full"; ``id_slot``
     -1 (or absent) lets the server pick one of its ``n_slots`` slots."""
-    if openai:
-        n = get_int(body, "max_tokens", None, lo=-1)
-        n = get_int(body, "max_completion_tokens", n, lo=-1)
-    else:
-        n = get_int(body, "max_tokens", None, lo=-1)
-        n = get_int(body, "max_completion_tokens", n, lo=-1)
+    n = get_int(body, "max_tokens", None, lo=-1)
+    n = get_int(body, "max_completion_tokens", n, lo=-1)
+    if not openai:
         n = get_int(body, "n_predict", n, lo=-1)
     if n is None:
         n = default_n_predict

@@ -103,7 +103,7 @@ def serve_http(settings: Settings, model: str | None, *, host: str = DEFAULT_HOS
 
     def load() -> None:
         try:
-            engine, _ = load_engine(settings, model, note=log)
+            engine, _ = load_engine(settings, model, note=log, serving=True)
         except MtpError as exc:
             failure.append(exc)
             server.should_exit = True
@@ -131,9 +131,8 @@ def serve_http(settings: Settings, model: str | None, *, host: str = DEFAULT_HOS
         if state.scheduler is not None:
             state.scheduler.cancel_all("shutdown")
         loader.join(timeout=60)
-        if state.scheduler is not None:
-            state.scheduler.close()
-        if state.engine is not None:
+        stopped = state.scheduler.close() if state.scheduler is not None else True
+        if state.engine is not None and stopped:  # (not under a step still running: the process ends)
             state.engine.close()  # saves what the drafting policy learned
         sock.close()
     if failure:

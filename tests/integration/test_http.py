@@ -451,6 +451,68 @@ def test_scheduler_supersedes_and_drops_a_clients_stale_jobs(engine) -> None:
     assert (sched.counters.cancelled, sched.counters.dropped, sched.counters.finished) == (1, 1, 2)
 
 
+def test_scheduler_survives_a_broken_sink_a_missing_slot_and_stops_a_job_being_started(engine, caplog) -> None:
+    """A sink that raises ends its own job only; a slot that does not exist is an error at once
+    (not a worker spinning); a job caught in its prepare by its client's next keystroke, or by
+    the shutdown, is stopped before it decodes anything."""
+    import queue
+
+    from mtpcode.errors import UsageError
+    from mtpcode.scheduler import Job, Outcome, Scheduler
+
+    def outcome_of(events: queue.Queue) -> Outcome:
+        while True:
+            event = events.get(timeout=120)
+            if isinstance(event, Outcome):
+                return event
+
+    def broken(event: object) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    sched = Scheduler(engine)
+    sched.submit(Job(prompt=PROMPT, options=GenerationOptions(max_tokens=5), sink=broken))
+    after: queue.Queue = queue.Queue()
+    sched.submit(Job(prompt=PROMPT, options=GenerationOptions(max_tokens=5), sink=after.put))
+    done = outcome_of(after)
+    assert done.error is None and done.stop_reason == "max_tokens"
+    assert "its events cannot be delivered" in caplog.text
+
+    missing: queue.Queue = queue.Queue()
+    sched.submit(Job(prompt=PROMPT, slot=len(engine.slots), sink=missing.put))
+    bad = outcome_of(missing)
+    assert isinstance(bad.error, UsageError) and not bad.ran
+
+    def held_job(key: str, events: queue.Queue) -> tuple[Job, threading.Event, threading.Event]:
+        entered, release = threading.Event(), threading.Event()
+
+        def prepare():
+            entered.set()
+            assert release.wait(60)
+            return PROMPT, (), None
+
+        job = Job(options=GenerationOptions(max_tokens=50), prepare=prepare, key=key, sink=events.put)
+        sched.submit(job)
+        assert entered.wait(60)  # off the queue, not yet running
+        return job, entered, release
+
+    first: queue.Queue = queue.Queue()
+    _, _, release = held_job(PROMPT, first)
+    sched.submit(Job(prompt=PROMPT, options=GenerationOptions(max_tokens=5), key=PROMPT + "x"))
+    release.set()
+    superseded = outcome_of(first)
+    assert superseded.cancelled == "superseded" and superseded.stats.generated_tokens == 0
+
+    last: queue.Queue = queue.Queue()
+    _, _, release = held_job("import os\n", last)
+    closing = threading.Thread(target=sched.cancel_all)
+    closing.start()
+    closing.join(60)
+    release.set()
+    shut = outcome_of(last)
+    assert shut.cancelled == "shutdown" and shut.stats.generated_tokens == 0
+    assert sched.close()  # the worker has stopped: the engine may be closed
+
+
 def test_keystroke_rule() -> None:
     from mtpcode.scheduler import KEYSTROKE_CHARS, keystroke
 

@@ -359,3 +359,12 @@ def test_config_show_never_prints_the_api_key(home: Path, monkeypatch: pytest.Mo
         assert "sekrit" not in out and "(set)" in out
     monkeypatch.delenv("MTPCODE_API_KEY")
     assert "api_key = (unset)" in CliRunner().invoke(main, ["config"], catch_exceptions=False).stdout
+
+
+def test_parallel_slots_only_for_serve(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The `parallel` setting sizes serve's engine; complete and the REPL run one request at a time."""
+    monkeypatch.setenv("MTPCODE_PARALLEL", "4")
+    s = config.load_settings()
+    assert s.parallel == 4
+    assert s.engine_kwargs()["n_seq"] == 1
+    assert s.engine_kwargs(serving=True)["n_seq"] == 4

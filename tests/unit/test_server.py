@@ -227,6 +227,18 @@ def test_one_error_mapping(exc: Exception, status: int, kind: str, message: str)
     assert response.body == dumps({"error": {"code": status, "message": message, "type": kind}})
 
 
+def test_a_stream_that_fails_ends_as_each_api_ends_it() -> None:
+    """llama-server's `error:` event (and `[DONE]` for OpenAI's stream); Ollama's error line."""
+    err = api_error(KeyError("x"))
+    body = b'{"code":500,"message":"internal error: KeyError: \'x\'","type":"server_error"}'
+    spec = llama.INFILL.parse(server_state(), {})
+    assert llama.INFILL.render_error(spec, err) == b"error: " + body + b"\n\n"
+    spec = openai.COMPLETIONS.parse(server_state(), {})
+    assert openai.COMPLETIONS.render_error(spec, err) == b"error: " + body + b"\n\ndata: [DONE]\n\n"
+    spec = ollama.GENERATE.parse(server_state(), {})
+    assert ollama.GENERATE.render_error(spec, err) == b'{"error":"internal error: KeyError: \'x\'"}\n'
+
+
 def test_error_body_bytes() -> None:
     err = ApiError(400, "the line at the cursor is long", "exceed_context_size_error", n_ctx=4096)
     response = error_response(err)

@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from mtpcode.server.errors import ApiError
 from mtpcode.server.protocol import Partial, Result
 from mtpcode.server.state import ServerState
 from mtpcode.server.task import Spec
@@ -46,6 +47,10 @@ class Api(Protocol):
 
     def render_end(self, spec: Spec, result: Result) -> bytes:
         """What a streamed answer ends with, after its last piece."""
+        ...
+
+    def render_error(self, spec: Spec, error: ApiError) -> bytes:
+        """What a streamed answer ends with when the generation fails after it started."""
         ...
 
     def render_final(self, spec: Spec, results: Sequence[Result]) -> Any:

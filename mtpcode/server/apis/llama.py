@@ -15,7 +15,8 @@ from dataclasses import replace
 from typing import Any
 
 from mtpcode.generation import Stats
-from mtpcode.server.protocol import Partial, Result, get_str, nested_fields, sse, stop_type, timings
+from mtpcode.server.errors import ApiError
+from mtpcode.server.protocol import Partial, Result, get_str, nested_fields, sse, sse_error, stop_type, timings
 from mtpcode.server.state import ServerState
 from mtpcode.server.task import Spec, base_spec, parse_chunks, parse_prompt, prompt_spec
 
@@ -63,6 +64,9 @@ class Completion:
 
     def render_end(self, spec: Spec, result: Result) -> bytes:
         return sse(final_object(result, spec, stream=True))
+
+    def render_error(self, spec: Spec, error: ApiError) -> bytes:
+        return sse_error(error.body()["error"])
 
     def render_final(self, spec: Spec, results: Sequence[Result]) -> Any:
         fields = spec.params.response_fields

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from mtpcode.server.errors import ApiError
 from mtpcode.server.protocol import Partial, Result, dumps, get_bool, get_str, rfc3339, stop_type, timings
 from mtpcode.server.state import ServerState
 from mtpcode.server.task import Spec, base_spec, check_model, parse_prompt, prompt_spec
@@ -53,6 +54,9 @@ class Generate:
 
     def render_end(self, spec: Spec, result: Result) -> bytes:
         return line(done_object(result, spec, stream=True))
+
+    def render_error(self, spec: Spec, error: ApiError) -> bytes:
+        return line({"error": error.message})  # (Ollama's error object: the message alone)
 
     def render_final(self, spec: Spec, results: Sequence[Result]) -> Any:
         return done_object(results[0], spec, stream=False)

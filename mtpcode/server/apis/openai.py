@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from mtpcode import __version__
-from mtpcode.server.protocol import SSE_DONE, Partial, Result, finish_reason, get_str, sse, timings
+from mtpcode.server.errors import ApiError
+from mtpcode.server.protocol import SSE_DONE, Partial, Result, finish_reason, get_str, sse, sse_error, timings
 from mtpcode.server.state import ServerState
 from mtpcode.server.task import Spec, base_spec, parse_prompt, prompt_spec
 
@@ -60,6 +61,9 @@ class Completions:
 
     def render_end(self, spec: Spec, result: Result) -> bytes:
         return sse(completion_object([result], spec, stream=True)) + SSE_DONE
+
+    def render_error(self, spec: Spec, error: ApiError) -> bytes:
+        return sse_error(error.body()["error"]) + SSE_DONE  # (llama-server ends an OpenAI stream so either way)
 
     def render_final(self, spec: Spec, results: Sequence[Result]) -> Any:
         return completion_object(results, spec, stream=False)
