@@ -8,7 +8,10 @@ process of its own, with ``PYTHONPATH`` pointing at it; the two alternate,
 round after round, for each prompt set, so that the machine's drift falls on
 both alike. Reported per set and configuration: the median over rounds of
 each run's median speedup over its own plain decoding (wall clock and CPU
-time), the A/A control's (plain decoding run again), and ``Llama``'s.
+time), the A/A control's (plain decoding run again), and ``Llama``'s; and
+the new checkout's decoding speed over the old one's, round by round
+(``new_over_old``: what a faster plain decoding does not hide; ``Llama``'s
+ratio, the same code on both sides, is the noise).
 """
 
 from __future__ import annotations
@@ -71,7 +74,26 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def table(summary: dict[str, Any]) -> str:
+def compare(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per set and configuration: new ÷ old decode tokens/s of each round, and their median."""
+    by_key = {(run["round"], run["prompts"], run["side"]): run["summary"] for run in runs}
+    out: dict[str, Any] = {}
+    for (r, prompts, side), summary in by_key.items():
+        old = by_key.get((r, prompts, "old"))
+        if side != "new" or old is None:
+            continue
+        for config, values in summary.items():
+            if config.startswith("_") or config not in old:
+                continue
+            ratios = out.setdefault(prompts, {}).setdefault(config, {"per_round": []})["per_round"]
+            ratios.append(round(values["decode_tokens_per_s"] / old[config]["decode_tokens_per_s"], 4))
+    for configs in out.values():
+        for entry in configs.values():
+            entry["median"] = round(median(entry["per_round"]), 4)
+    return out
+
+
+def table(summary: dict[str, Any], ratios: dict[str, Any]) -> str:
     lines = []
     sets = sorted({s for side in summary.values() for s in side})
     for prompts in sets:
@@ -82,7 +104,9 @@ def table(summary: dict[str, Any]) -> str:
             for side in ("old", "new"):
                 e = summary.get(side, {}).get(prompts, {}).get(config)
                 cells.append(f"{e['median_speedup']:.3f}x ({e['median_speedup_cpu']:.3f}x)" if e else "-")
-            lines.append(f"  {config:20s} old {cells[0]:>18s}   new {cells[1]:>18s}")
+            ratio = ratios.get(prompts, {}).get(config)
+            lines.append(f"  {config:20s} old {cells[0]:>18s}   new {cells[1]:>18s}"
+                         + (f"   new/old tok/s {ratio['median']:.3f}" if ratio else ""))
     return "\n".join(lines)
 
 
@@ -111,13 +135,13 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"round {r + 1}/{args.rounds}: {side} {prompts}", file=sys.stderr, flush=True)
                 runs.append({"round": r, "side": side, "prompts": prompts,
                              "summary": run_bench(sides[side], prompts, args)})
-    summary = summarize(runs)
+    summary, ratios = summarize(runs), compare(runs)
     doc = {"schema": "mtpcode-ab/1", "cpu": cpu_name(), "commits": commits,
            "command": "python -m mtpcode.bench.ab " + " ".join(sys.argv[1:] if argv is None else argv),
            "bench_options": {"repeat": args.repeat, "n_prompts": args.n_prompts, "max_tokens": args.max_tokens},
-           "seconds": round(time.time() - t0, 1), "summary": summary, "runs": runs}
+           "seconds": round(time.time() - t0, 1), "summary": summary, "new_over_old": ratios, "runs": runs}
     atomic_write_text(args.out, json.dumps(doc, indent=1) + "\n")
-    print(table(summary))
+    print(table(summary, ratios))
 
 
 if __name__ == "__main__":
