@@ -95,7 +95,8 @@ class Job:
     belongs there. What it raises ends the job (``Outcome.error``); ``plan`` is
     posted in :class:`Started`. ``slot``: the slot to run on (None: the
     scheduler picks). ``key``: the text the keystroke rule compares (None: the
-    job neither supersedes nor is superseded). ``background``: a cache warm-up,
+    job neither supersedes nor is superseded; a job that supersedes a running one
+    takes its slot, ``after`` it stops). ``background``: a cache warm-up,
     which supersedes nothing. ``pieces``: post text pieces, not only the end.
     ``sink`` receives the events, on the worker thread (``pieces``: every
     piece, some with no text yet, for the token count); a sink that raises
@@ -118,6 +119,7 @@ class Job:
     finished: bool = False
     ids: list[int] | None = None  # the prompt's tokens, once prepared
     ran_on: int = -1  # the slot it got
+    after: int | None = None  # the slot of the same client's job it superseded (it holds its prompt)
     label: str = ""  # who asked, for the log (a client address and path)
 
     def stop(self, reason: str) -> None:
@@ -278,9 +280,11 @@ class Scheduler:
                     stale = [old for old in self._queue if old.key is not None and keystroke(old.key, job.key)]
                     for old in stale:
                         self._queue.remove(old)
+                        job.after = old.after if job.after is None else job.after
                     for old in self._started():
                         if old.key is not None and keystroke(old.key, job.key):
                             old.stop("superseded")
+                            job.after = old.ran_on if old.ran_on >= 0 else old.after
                             log.info("request %d: superseded by request %d", old.id, job.id)
                 self._queue.append(job)
                 self._cond.notify()
@@ -425,12 +429,22 @@ class Scheduler:
                 self._finish(job, Outcome(cancelled=job.cancel_reason), ran=False)
 
     def _next_startable(self) -> Job | None:
-        """The first queued job that a free slot can take (under the lock), taken off the queue."""
+        """The first queued job that a free slot can take (under the lock), taken off the queue.
+
+        A keystroke's job waits for the slot of the job it superseded, which ends at the next
+        step: that slot holds the client's prompt, and any other would evaluate all of it again
+        (and evict another client's)."""
         free = self._free_slots()
         if not free:
             return None
         for job in self._queue:
-            if job.slot is None or job.slot in free:
+            if job.slot is not None:
+                takes = job.slot in free
+            elif job.after is not None and job.after not in free:
+                takes = not self._running[job.after][0].cancel.is_set()  # (else the slot went to another)
+            else:
+                takes = True
+            if takes:
                 self._queue.remove(job)
                 self._starting = job
                 return job
@@ -468,6 +482,8 @@ class Scheduler:
     def _pick_slot(self, job: Job, free: set[int]) -> int:
         if job.slot is not None:
             return job.slot
+        if job.after in free:
+            return job.after
         ids = job.ids or []
         best, best_sim = -1, SIMILAR_PROMPT
         for seq in self.engine.slots:
