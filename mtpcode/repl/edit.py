@@ -17,8 +17,6 @@ import tokenize
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prompt_toolkit.filters import has_selection
-from prompt_toolkit.key_binding import KeyBindings
 from pygments.lexers import get_lexer_by_name, get_lexer_for_filename
 from pygments.token import Comment, String
 from pygments.util import ClassNotFound
@@ -26,6 +24,7 @@ from pygments.util import ClassNotFound
 from mtpcode.errors import UsageError
 
 if TYPE_CHECKING:
+    from prompt_toolkit.key_binding import KeyBindings
     from pygments.lexer import Lexer
 
 INDENT = "    "
@@ -45,7 +44,6 @@ def lexer_by_name(name: str) -> Lexer:
 
     UsageError for a name pygments does not know.
     """
-
     try:
         return _raw(get_lexer_by_name(name))
     except ClassNotFound:
@@ -56,7 +54,6 @@ def lexer_by_name(name: str) -> Lexer:
 
 def lexer_for_filename(filename: str) -> Lexer | None:
     """The pygments lexer for a file name's extension, or None if pygments knows none."""
-
     try:
         return _raw(get_lexer_for_filename(filename))
     except ClassNotFound:
@@ -91,7 +88,6 @@ class OpenState:
 
 def open_state(text: str, lexer: Lexer) -> OpenState:
     """Count unclosed brackets in ``text`` (strings and comments ignored)."""
-
     depth = 0
     # Some lexers only recognise a line comment by its newline: give it one.
     for _, ttype, value in lexer.get_tokens_unprocessed(text + "\n"):
@@ -169,6 +165,10 @@ def editing_key_bindings(get_lexer) -> KeyBindings:
 
     ``get_lexer`` returns the current pygments lexer (it changes with /load).
     """
+    # (prompt_toolkit only here: the session's rules, above, are used without a terminal)
+    from prompt_toolkit.filters import has_selection
+    from prompt_toolkit.key_binding import KeyBindings
+
     kb = KeyBindings()
 
     def newline(buffer) -> None:
