@@ -317,7 +317,7 @@ class Engine:
         share = self.n_batch // max(1, len(decoding))  # the rows each verify may have
         drafting = False
         for gen in decoding:  # 1. propose: the policy picks a drafter and a length ...
-            gen.plan(share - 1)
+            gen.plan(share - 1, len(live))  # (the policy's costs depend on what shares the forward)
             drafting = drafting or gen.drafting
         if len(decoding) > 1 and drafting:
             self._feed_heads(decoding)
@@ -334,10 +334,11 @@ class Engine:
         clock = self._cost_clock if drafting else _no_clock  # (only a drafting policy reads the cost)
         c1 = clock()
         native = self.forwards.run(segments)  # 2. verify (and read prompts): one forward for all
-        cost = clock() - c1
+        per_row = (clock() - c1) / sum(len(s.tokens) for s in segments) if drafting else 0.0
         for gen in live:
             if gen.phase is Phase.DECODE:
-                gen.settle(native, cost)  # 3. accept, 4. commit, 5. observe
+                # 3. accept, 4. commit, 5. observe; the policy is charged its rows' share of the forward
+                gen.settle(native, per_row * len(gen.segment.tokens))
             elif gen.segment in segments:
                 gen.after_prompt_chunk()
         wall = _perf() - t0

@@ -233,8 +233,9 @@ class Generation:
         room = min(self.seq.n_ctx - self.n_total - 1, self.options.max_tokens - self.stats.generated_tokens - 1)
         return max(0, min(room, self.max_drafts, share))
 
-    def plan(self, share: int) -> Plan:
-        """1. propose, first half: the policy's choice, from the context's match (free to look up)."""
+    def plan(self, share: int, batch: int = 1) -> Plan:
+        """1. propose, first half: the policy's choice, from the context's match (free to look up);
+        ``batch`` sequences decode in this step's forward."""
         if not self.drafting:
             return self.plan_  # always Plan(): plain, and the draft stays empty
         draft = self.draft
@@ -242,7 +243,7 @@ class Generation:
         self.propose_cost = 0.0
         room = self.room(share)
         match = self.context.lookup(self.pending) if self.context is not None and room else None
-        self.plan_ = self.policy.plan(match, room, self.seq.n_main)
+        self.plan_ = self.policy.plan(match, room, self.seq.n_main, batch)
         draft.match = match
         return self.plan_
 

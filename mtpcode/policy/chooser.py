@@ -7,6 +7,14 @@ expected yield comes from the acceptance estimates (:mod:`.heads`,
 maximises (1 + expected accepted drafts) / (cost of the verify and the head
 forwards). The policy never changes *which* tokens come out under greedy
 decoding, only how many are verified per forward.
+
+Costs are learned per *batch regime*: alone, or stepped beside other
+sequences in one forward (2, 3-4, 5-8, ... of them). Beside others a
+sequence is charged its rows' share of the shared forward, and a row costs
+something else there than alone (on a CPU with a small model: about what
+its share of the weights and its attention cost, where alone the second row
+costs as much as the first); a table learned alone would keep a sequence
+drafting where, beside three others, its drafts slow everyone down.
 """
 
 from __future__ import annotations
@@ -74,7 +82,10 @@ class DraftPolicy:
                  flash_attn: bool = False) -> None:
         self.max_heads = max_heads
         self.max_draft = max(max_draft, max_heads)
+        self.flash_attn = flash_attn
         self.costs: Costs = MeasuredCosts(self.max_draft + 1, flash_attn) if measured else FixedCosts()
+        # the cost tables per batch regime (1: alone, the one above); the fixed model has one for all
+        self._by_regime: dict[int, Costs] = {1: self.costs}
         self.heads = HeadAcceptance(max_heads)
         self.schedule = HeadSchedule(max_heads, adaptive)
         self.context = ContextAcceptance(self.max_draft)
@@ -98,10 +109,12 @@ class DraftPolicy:
 
     # -- choosing ------------------------------------------------------------
 
-    def plan(self, match: Match | None, room: int, n_cached: int = 0) -> Plan:
+    def plan(self, match: Match | None, room: int, n_cached: int = 0, batch: int = 1) -> Plan:
         """This step's plan: the heads' choice, replaced by a context draft (extended by heads when
         its continuation is short) when that is expected to pay more. ``room`` caps the drafts
-        (context and output limits); ``n_cached`` is the context length."""
+        (context and output limits); ``n_cached`` is the context length; ``batch`` the sequences
+        the step's forward carries (this one included)."""
+        self._regime(batch)
         self.costs.at(n_cached)
         k = min(self.schedule.choose(self._rate, self.costs.ready), room)
         in_warmup = self.schedule.in_warmup or not self.costs.ready
@@ -126,6 +139,17 @@ class DraftPolicy:
                 if mixed > self.switch_margin * rate:
                     plan, rate = Plan(context=available, heads=heads), mixed
         return plan
+
+    def _regime(self, batch: int) -> None:
+        """Plan and learn with the cost table of ``batch`` sequences per forward (a power-of-two
+        bucket: 1, 2, 4, 8, ...)."""
+        if not self.costs.measured:
+            return  # (seeded sampling: the plans must not depend on the other sequences)
+        regime = 1 << max(0, batch - 1).bit_length()
+        costs = self._by_regime.get(regime)
+        if costs is None:
+            costs = self._by_regime[regime] = MeasuredCosts(self.max_draft + 1, self.flash_attn)
+        self.costs = costs
 
     def _rate(self, k: int) -> float:
         """Expected tokens per second of drafting ``k`` heads."""
@@ -179,7 +203,7 @@ class DraftPolicy:
                                        self.heads.chain)
         else:
             k = plan.heads
-            if self.schedule.is_probe(k):
+            if self.schedule.is_probe(k) and self.costs.ready:  # (judged against timings of this regime)
                 cost = self.costs.step_cost(k + 1, verify_s) + k * self.costs.head()
                 if (1 + accepted) / cost > self._rate(self.schedule.k):  # a probe beat the choice
                     self.schedule.probe_won(k)
@@ -190,17 +214,29 @@ class DraftPolicy:
     # -- persistence -----------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        """What this policy learned (estimates, not its schedule), for :meth:`restore`."""
-        return {**self.heads.state(), **self.costs.state(), **self.context.state()}
+        """What this policy learned (estimates, not its schedule), for :meth:`restore`: the costs
+        alone at the top level, those beside other sequences under ``batched``."""
+        batched = {str(r): c.state() for r, c in self._by_regime.items() if r > 1 and c.ready}
+        return {**self.heads.state(), **self._by_regime[1].state(), **self.context.state(),
+                **({"batched": batched} if batched else {})}
 
     def restore(self, state: Any) -> bool:
         """Start from a :meth:`state` of an earlier run (no warm-up); False (and nothing changed)
-        when ``state`` is not a valid state for this policy. A state without context estimates (an
-        older file) restores the rest."""
-        parts = (self.heads, self.costs, self.context)
+        when ``state`` is not a valid state for this policy. A state without context estimates or
+        batched costs (an older file) restores the rest."""
+        alone = self._by_regime[1]
+        parts = (self.heads, alone, self.context)
         before = [copy.deepcopy(part) for part in parts]
         if not isinstance(state, dict) or not all(part.restore(state) for part in parts):
-            self.heads, self.costs, self.context = before  # type: ignore[assignment]
+            self.heads, alone, self.context = before  # type: ignore[assignment]
+            self.costs = self._by_regime[1] = alone
             return False
+        batched = state.get("batched")
+        if alone.measured and isinstance(batched, dict):
+            for key, saved in batched.items():
+                costs = MeasuredCosts(self.max_draft + 1, self.flash_attn)
+                if isinstance(key, str) and key.isdigit() and int(key) > 1 and costs.restore(saved):
+                    self._by_regime[int(key)] = costs
+        self.costs = alone
         self.schedule.resume()
         return True

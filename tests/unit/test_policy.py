@@ -287,3 +287,43 @@ def test_draft_policy_follows_acceptance_and_cost() -> None:
     # not adaptive: always every head
     policy = DraftPolicy(2, adaptive=False)
     assert {policy.plan(None, room=16).heads for _ in range(40)} == {2}
+
+
+def test_costs_are_learned_per_batch_regime() -> None:
+    """Alone, a context that is always accepted is drafted from; beside three other sequences, where
+    the policy is charged its rows' share of a forward whose rows cost about the same each, the same
+    context does not pay for long drafts, and the policy learns that without forgetting the alone
+    table, which it returns to (and saves, with the batched ones)."""
+    match = Match(8, tuple(range(16)), "text")
+    policy = DraftPolicy(0, adaptive=True)
+
+    def run(n: int, batch: int, per_row: float) -> list[Plan]:
+        plans = []
+        for _ in range(n):
+            plan = policy.plan(match, room=16, batch=batch)
+            plans.append(plan)
+            acc = min(plan.context, 2)  # two tokens of every draft are right
+            policy.observe(plan, match, acc, match.tokens[0], 0.010 * (1 + per_row * plan.drafts), 0.0, 0)
+        return plans
+
+    alone = run(300, 1, per_row=0.05)  # alone: extra rows almost free
+    assert np.mean([p.context for p in alone[-50:]]) >= 2
+    batched = run(300, 4, per_row=1.0)  # beside others: each row its full share
+    assert sum(p.context > 0 for p in batched[-50:]) <= 10
+    again = run(50, 1, per_row=0.05)
+    assert np.mean([p.context for p in again[-20:]]) >= 2  # the alone table was kept
+    state = json.loads(json.dumps(policy.state()))
+    assert set(state["batched"]) == {"4"}
+    fresh = DraftPolicy(0, adaptive=True)
+    assert fresh.restore(state)
+    fresh.plan(match, room=16, batch=3)  # 3 sequences: the 4 regime
+    assert fresh.costs.t_verify == pytest.approx(policy._by_regime[4].t_verify)
+
+
+def test_seeded_sampling_plans_ignore_the_batch() -> None:
+    """Fixed costs (seeded sampling): the same plans alone and beside others."""
+    match = Match(8, tuple(range(16)), "text")
+    a, b = DraftPolicy(3, adaptive=True, measured=False), DraftPolicy(3, adaptive=True, measured=False)
+    plans_a = [a.plan(match, room=16, batch=1) for _ in range(20)]
+    plans_b = [b.plan(match, room=16, batch=4) for _ in range(20)]
+    assert plans_a == plans_b and isinstance(b.costs, FixedCosts)
