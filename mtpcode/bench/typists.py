@@ -38,16 +38,31 @@ finished suggestion (its final chunk came with a finish reason, and a
 "length" one only with all ``--max-tokens`` tokens when the server counts
 them: a request cut short is not an answer) and their latency (p50/p95, from
 sending to the last chunk), time to first content and to the complete answer
-(p50/p95, client side), how many requests got content, completed or were
-finished, and the prompt tokens the server evaluated per keystroke (mtpcode:
-its /metrics; llama_cpp.server: its verbose "prefix-match hit, remaining N
-prompt tokens" lines).
+(p50/p95, client side; the JSON has p90s too), how many requests got content,
+completed or were finished, the prompt tokens the server evaluated per keystroke
+(mtpcode: its /metrics; llama_cpp.server: its verbose "prefix-match hit,
+remaining N prompt tokens" lines), and mtpcode's tokens generated per second of
+typing (/metrics).
+
+``--connect URL``: type against a server (or a proxy in front of several) that is already
+running instead of starting any; ``--servers`` is then that one entry, named ``--label`` (default
+the URL), typed to at ``--endpoint`` (``/infill``, as llama.vim and llama.vscode, or
+``/v1/completions``). Its prompt tokens, requests and tokens generated are counted on the
+``/metrics`` of ``--metrics URL,...`` (default the URL itself; behind a proxy, the servers behind
+it). ``--source ADDR,...``: typist i sends every request (and its warm-up) from source address i
+(127.0.0.2, 127.0.0.3, ... on loopback), so that a proxy routing by client address (nginx's
+``hash $remote_addr``) keeps each typist on one server:
+
+``python -m mtpcode.bench.typists --connect http://127.0.0.1:8100 --label nginx --metrics
+http://127.0.0.1:8101,http://127.0.0.1:8102 --source 127.0.0.2,127.0.0.4,127.0.0.7,127.0.0.3
+--typists 4 --keys 120 --pause-every 10 --rounds 1 --out r1-B.json``
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import json
 import os
 import platform
@@ -101,6 +116,9 @@ class RunResult:
     wall_s: float = 0.0
     typists: int = 1
     model_name: str | None = None  # the model every request named
+    tokens_predicted: int | None = None  # server side (/metrics), all requests together
+    requests_per_server: dict[str, int] | None = None  # --connect: requests each --metrics server counted
+    sources: list[str] | None = None  # the source address of each typist (--source)
 
 
 def finished(ks: Keystroke, max_tokens: int) -> bool:
@@ -239,18 +257,19 @@ async def _request(client: Any, url: str, body: dict[str, Any], ks: Keystroke, o
 
 async def type_through(base_url: str, doc: Typing, *, endpoint: str, interval_s: float, max_tokens: int,
                        pause_timeout_s: float = 30.0, pause_every: int = 0, model: str | None = None,
-                       typist: int = 0, delay_s: float = 0.0) -> list[Keystroke]:
+                       typist: int = 0, delay_s: float = 0.0, source: str | None = None) -> list[Keystroke]:
     """Type ``doc`` against the server at ``base_url`` as one client: one streamed request per
     keystroke, ``interval_s`` apart, each dropped (its connection closed) when the next key comes
     first; at a pause (:func:`is_pause`) it waits up to ``pause_timeout_s`` for the answer. Starts
-    after ``delay_s``."""
+    after ``delay_s``; sends from the local address ``source`` when given."""
     import httpx  # an optional dependency (mtpcode[test]): only the typing itself needs it
 
     openai = endpoint == "/v1/completions"
     typed = ""
     records: list[Keystroke] = []
     await asyncio.sleep(delay_s)
-    async with httpx.AsyncClient(base_url=base_url, timeout=pause_timeout_s) as client:
+    transport = httpx.AsyncHTTPTransport(local_address=source) if source else None
+    async with httpx.AsyncClient(base_url=base_url, timeout=pause_timeout_s, transport=transport) as client:
         for i, key in enumerate(doc.keys):
             typed += key
             pause = is_pause(doc.keys, i, pause_every)
@@ -273,13 +292,15 @@ async def type_through(base_url: str, doc: Typing, *, endpoint: str, interval_s:
 
 
 async def type_together(base_url: str, docs: list[Typing], *, endpoint: str, interval_s: float, max_tokens: int,
-                        pause_every: int = 0, model: str | None = None) -> list[Keystroke]:
-    """One client per document, typing at once (typist i starts i/N of an interval after the first);
-    every typist's keystrokes, in typist order."""
+                        pause_every: int = 0, model: str | None = None,
+                        sources: list[str] | None = None) -> list[Keystroke]:
+    """One client per document, typing at once (typist i starts i/N of an interval after the first,
+    from the local address ``sources[i]`` when given); every typist's keystrokes, in typist order."""
     n = len(docs)
     per_typist = await asyncio.gather(*(
         type_through(base_url, doc, endpoint=endpoint, interval_s=interval_s, max_tokens=max_tokens,
-                     pause_every=pause_every, model=model, typist=i, delay_s=interval_s * i / n)
+                     pause_every=pause_every, model=model, typist=i, delay_s=interval_s * i / n,
+                     source=sources[i] if sources else None)
         for i, doc in enumerate(docs)))
     return [ks for records in per_typist for ks in records]
 
@@ -344,7 +365,8 @@ def _mtpcode_metric(url: str, name: str) -> float:
 
 def _type(url: str, docs: list[Typing], endpoint: str, args: argparse.Namespace, model: str | None) -> list[Keystroke]:
     return asyncio.run(type_together(url, docs, endpoint=endpoint, interval_s=args.interval_ms / 1000,
-                                     max_tokens=args.max_tokens, pause_every=args.pause_every, model=model))
+                                     max_tokens=args.max_tokens, pause_every=args.pause_every, model=model,
+                                     sources=args.source))
 
 
 def run_mtpcode(docs: list[Typing], bundle: str | None, endpoint: str, args: argparse.Namespace, *,
@@ -360,20 +382,23 @@ def run_mtpcode(docs: list[Typing], bundle: str | None, endpoint: str, args: arg
     server = Server(cmd, port, env={**os.environ, "PYTHONPATH": str(root), "MTPCODE_FLASH_ATTN": "false"}, cwd=root)
     try:
         server.wait_ready("/health")
-        warm(server.url, docs, endpoint=endpoint, max_tokens=args.max_tokens, model=model)
+        warm(server.url, docs, endpoint=endpoint, max_tokens=args.max_tokens, model=model, sources=args.source)
         before = _mtpcode_metric(server.url, "llamacpp:prompt_tokens_total")
         requests_before = _mtpcode_metric(server.url, "mtpcode:requests_total")
+        predicted_before = _mtpcode_metric(server.url, "llamacpp:tokens_predicted_total")
         t0 = time.perf_counter()
         records = _type(server.url, docs, endpoint, args, model)
         wall = time.perf_counter() - t0
         time.sleep(0.5)  # a request dropped at the end has stopped, its count is in
         evaluated = _mtpcode_metric(server.url, "llamacpp:prompt_tokens_total") - before
         counted = _mtpcode_metric(server.url, "mtpcode:requests_total") - requests_before
+        predicted = _mtpcode_metric(server.url, "llamacpp:tokens_predicted_total") - predicted_before
     finally:
         server.stop()
     if name is None:
         name = "mtpcode" if endpoint == "/v1/completions" else "mtpcode-infill"
-    return RunResult(name, endpoint, records, int(evaluated), int(counted), round(wall, 2), len(docs), model)
+    return RunResult(name, endpoint, records, int(evaluated), int(counted), round(wall, 2), len(docs), model,
+                     tokens_predicted=int(predicted), sources=args.source)
 
 
 def run_llama_cpp(docs: list[Typing], main_gguf: str, args: argparse.Namespace) -> RunResult:
@@ -384,7 +409,8 @@ def run_llama_cpp(docs: list[Typing], main_gguf: str, args: argparse.Namespace) 
     server = Server(cmd, port)
     try:
         server.wait_ready("/v1/models")
-        warm(server.url, docs, endpoint="/v1/completions", max_tokens=args.max_tokens, model=args.model_name)
+        warm(server.url, docs, endpoint="/v1/completions", max_tokens=args.max_tokens, model=args.model_name,
+             sources=args.source)
         mark = len(server.stderr)
         t0 = time.perf_counter()
         records = _type(server.url, docs, "/v1/completions", args, args.model_name)
@@ -395,7 +421,62 @@ def run_llama_cpp(docs: list[Typing], main_gguf: str, args: argparse.Namespace) 
         server.stop()
     evaluated, counted = llama_cpp_evaluated(log)
     return RunResult("llama_cpp.server", "/v1/completions", records, evaluated, counted, round(wall, 2), len(docs),
-                     args.model_name)
+                     args.model_name, sources=args.source)
+
+
+COUNTED = ("llamacpp:prompt_tokens_total", "mtpcode:requests_total", "llamacpp:tokens_predicted_total")
+
+
+def _server_counts(urls: list[str]) -> dict[str, dict[str, float]] | None:
+    """The counters of :data:`COUNTED` on the /metrics of each server in ``urls`` (a counter a server
+    lacks is left out); None when one of them answers no /metrics."""
+    import httpx  # an optional dependency (mtpcode[test]): only the typing itself needs it
+
+    counts: dict[str, dict[str, float]] = {}
+    for url in urls:
+        try:
+            r = httpx.get(url + "/metrics", timeout=10)
+        except httpx.HTTPError:
+            return None
+        if r.status_code != 200:
+            return None
+        counts[url] = {}
+        for line in r.text.splitlines():
+            parts = line.split()
+            if len(parts) >= 2 and parts[0] in COUNTED:
+                counts[url][parts[0]] = float(parts[1])
+    return counts
+
+
+def run_connected(docs: list[Typing], args: argparse.Namespace) -> RunResult:
+    """Type ``docs`` against the server (or proxy) already listening at ``--connect``, at ``--endpoint``,
+    every request naming ``--model-name``; the server-side counts are those of the ``--metrics`` servers
+    (None where one of them has no /metrics or lacks a counter)."""
+    url = args.connect
+    warm(url, docs, endpoint=args.endpoint, max_tokens=args.max_tokens, model=args.model_name, sources=args.source)
+    before = _server_counts(args.metrics)
+    t0 = time.perf_counter()
+    records = _type(url, docs, args.endpoint, args, args.model_name)
+    wall = time.perf_counter() - t0
+    time.sleep(0.5)  # a request dropped at the end has stopped, its count is in
+    after = _server_counts(args.metrics)
+    run = RunResult(args.label or url, args.endpoint, records, wall_s=round(wall, 2), typists=len(docs),
+                    model_name=args.model_name, sources=args.source)
+    if before is None or after is None:
+        return run
+
+    def delta(name: str) -> int | None:
+        if not all(name in before[u] and name in after[u] for u in args.metrics):
+            return None
+        return int(sum(after[u][name] - before[u][name] for u in args.metrics))
+
+    run.prompt_tokens_evaluated = delta("llamacpp:prompt_tokens_total")
+    run.requests_counted = delta("mtpcode:requests_total") or 0
+    run.tokens_predicted = delta("llamacpp:tokens_predicted_total")
+    if run.requests_counted:
+        run.requests_per_server = {u: int(after[u]["mtpcode:requests_total"] - before[u]["mtpcode:requests_total"])
+                                   for u in args.metrics}
+    return run
 
 
 def llama_cpp_evaluated(log: list[str]) -> tuple[int, int]:
@@ -412,29 +493,35 @@ def llama_cpp_evaluated(log: list[str]) -> tuple[int, int]:
     return evaluated, counted
 
 
-def warm(url: str, docs: list[Typing], *, endpoint: str, max_tokens: int, model: str | None) -> None:
+def warm(url: str, docs: list[Typing], *, endpoint: str, max_tokens: int, model: str | None,
+         sources: list[str] | None = None) -> None:
     """One completed request per typist on the text before its region, all at once (a server with
-    slots takes one per typist): every server starts with them cached as far as it can."""
+    slots takes one per typist), each from its typist's source address when given (behind a proxy
+    routing by address: to the server that typist types to): every server starts with them cached
+    as far as it can."""
     import httpx  # an optional dependency (mtpcode[test]): only the typing itself needs it
 
-    def one(doc: Typing) -> None:
+    def one(doc: Typing, source: str | None) -> None:
         if endpoint == "/v1/completions":
             body: dict[str, Any] = {"prompt": doc.before, "max_tokens": max_tokens, "temperature": 0}
         else:
             body = {"input_prefix": doc.before, "input_suffix": doc.after, "n_predict": max_tokens}
         if model is not None:
             body["model"] = model
-        httpx.post(url + endpoint, json=body, timeout=300).raise_for_status()
+        transport = httpx.HTTPTransport(local_address=source) if source else None
+        with httpx.Client(timeout=300, transport=transport) as client:
+            client.post(url + endpoint, json=body).raise_for_status()
 
     failed: list[BaseException] = []
 
-    def run(doc: Typing) -> None:
+    def run(doc: Typing, source: str | None) -> None:
         try:
-            one(doc)
+            one(doc, source)
         except BaseException as exc:  # raised in the caller's thread below
             failed.append(exc)
 
-    threads = [threading.Thread(target=run, args=(doc,)) for doc in docs]
+    threads = [threading.Thread(target=run, args=(doc, sources[i] if sources else None))
+               for i, doc in enumerate(docs)]
     for t in threads:
         t.start()
     for t in threads:
@@ -463,6 +550,13 @@ def merge(runs: list[RunResult]) -> RunResult:
         out.prompt_tokens_evaluated = (out.prompt_tokens_evaluated or 0) + (r.prompt_tokens_evaluated or 0)
         out.requests_counted += r.requests_counted
         out.wall_s = round(out.wall_s + r.wall_s, 2)
+        if r.tokens_predicted is not None:
+            out.tokens_predicted = (out.tokens_predicted or 0) + r.tokens_predicted
+        if r.requests_per_server is not None:
+            out.requests_per_server = out.requests_per_server or {}
+            for url, n in r.requests_per_server.items():
+                out.requests_per_server[url] = out.requests_per_server.get(url, 0) + n
+    out.sources = runs[0].sources
     return out
 
 
@@ -484,16 +578,23 @@ def summarize(run: RunResult, max_tokens: int) -> dict[str, Any]:
         "pauses": len(pauses), "pauses_finished": len(answered), "pauses_ended": len(ended),
         "pauses_cut_short_tokens": [k.tokens for k in pauses if not finished(k, max_tokens)],
         "pause_ms_p50": _pct([k.done_ms for k in answered if k.done_ms is not None], 0.5),
+        "pause_ms_p90": _pct([k.done_ms for k in answered if k.done_ms is not None], 0.9),
         "pause_ms_p95": _pct([k.done_ms for k in answered if k.done_ms is not None], 0.95),
         "pause_end_ms_p50": _pct([k.done_ms for k in ended if k.done_ms is not None], 0.5),
         "pause_end_ms_p95": _pct([k.done_ms for k in ended if k.done_ms is not None], 0.95),
-        "first_content_ms_p50": _pct(first, 0.5), "first_content_ms_p95": _pct(first, 0.95),
-        "complete_ms_p50": _pct(done, 0.5), "complete_ms_p95": _pct(done, 0.95),
+        "first_content_ms_p50": _pct(first, 0.5), "first_content_ms_p90": _pct(first, 0.9),
+        "first_content_ms_p95": _pct(first, 0.95),
+        "complete_ms_p50": _pct(done, 0.5), "complete_ms_p90": _pct(done, 0.9), "complete_ms_p95": _pct(done, 0.95),
         "prompt_tokens_evaluated_per_keystroke": round(evaluated / len(ks), 2) if evaluated is not None and ks
         else None,
         "prompt_tokens_evaluated_per_request": round(evaluated / run.requests_counted, 2)
         if evaluated is not None and run.requests_counted else None,
         "requests_counted_server_side": run.requests_counted,
+        "requests_per_server": run.requests_per_server,
+        "tokens_predicted": run.tokens_predicted,
+        "tokens_per_s": round(run.tokens_predicted / run.wall_s, 1)
+        if run.tokens_predicted is not None and run.wall_s else None,
+        "sources": run.sources,
         "wall_s": run.wall_s,
     }
 
@@ -501,8 +602,9 @@ def summarize(run: RunResult, max_tokens: int) -> dict[str, Any]:
 def round_figures(runs: list[RunResult], max_tokens: int) -> dict[str, list[Any]]:
     """The headline figures of each round of one server and number of typists, to show the noise."""
     figures = [summarize(r, max_tokens) for r in runs]
-    keys = ("pauses_finished", "pause_ms_p50", "pause_ms_p95", "pauses_ended", "pause_end_ms_p95",
-            "prompt_tokens_evaluated_per_keystroke")
+    keys = ("pauses_finished", "pause_ms_p50", "pause_ms_p90", "pause_ms_p95", "pauses_ended", "pause_end_ms_p95",
+            "complete_ms_p50", "complete_ms_p90", "prompt_tokens_evaluated_per_keystroke",
+            "prompt_tokens_evaluated_per_request", "tokens_per_s")
     return {key: [f[key] for f in figures] for key in keys}
 
 
@@ -530,6 +632,30 @@ def _typists(text: str) -> list[int]:
     return counts
 
 
+def _addresses(text: str) -> list[str]:
+    addresses = [a.strip() for a in text.split(",")]
+    for a in addresses:
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an IP address: {a!r}") from None
+    return addresses
+
+
+def _urls(text: str) -> list[str]:
+    urls = [u.strip().rstrip("/") for u in text.split(",")]
+    if not all(u.startswith(("http://", "https://")) for u in urls):
+        raise argparse.ArgumentTypeError(f"not a list of http:// URLs: {text!r}")
+    return urls
+
+
+def _url(text: str) -> str:
+    urls = _urls(text)
+    if len(urls) != 1:
+        raise argparse.ArgumentTypeError(f"one URL: {text!r}")
+    return urls[0]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mtpcode.bench.typists", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--model", help="bundle directory (default: the built-in model)")
@@ -546,11 +672,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--interval-ms", type=float, default=150.0, help="time between keystrokes")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--model-name", default=MODEL_NAME, help="the model every request names (any name)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="llama.cpp threads of every server (1: the built-in model's default, and the steadiest "
-                        "on a shared machine)")
-    p.add_argument("--ctx", type=int, default=4096)
-    p.add_argument("--servers", default=",".join(DEFAULT_SERVERS), help=f"from {', '.join(SERVERS)}")
+    p.add_argument("--threads", type=int,
+                   help="llama.cpp threads of every server started (default 1: the built-in model's default, and "
+                        "the steadiest on a shared machine)")
+    p.add_argument("--ctx", type=int, help="context of every server started (default 4096)")
+    p.add_argument("--servers", help=f"from {', '.join(SERVERS)} (default {','.join(DEFAULT_SERVERS)})")
+    p.add_argument("--connect", type=_url, metavar="URL",
+                   help="type against this server (or proxy), already running, instead of starting servers")
+    p.add_argument("--label", help="--connect: the server's name in the results (default: the URL)")
+    p.add_argument("--endpoint", choices=("/infill", "/v1/completions"),
+                   help="--connect: the endpoint typed to (default /infill)")
+    p.add_argument("--metrics", type=_urls, metavar="URL[,URL...]",
+                   help="--connect: the servers whose /metrics count prompt tokens, requests and tokens "
+                        "generated (default: the --connect URL; behind a proxy, the servers behind it)")
+    p.add_argument("--source", type=_addresses, metavar="ADDR[,ADDR...]",
+                   help="typist i sends from local address i (e.g. 127.0.0.2,127.0.0.3: a proxy routing by "
+                        "client address keeps each typist on one server); as many as the most typists")
     p.add_argument("--baseline", type=Path,
                    help="mtpcode-baseline: a checkout of another mtpcode commit (its extension built) to serve")
     p.add_argument("--rounds", type=int, default=2, help="rounds; the order of the servers rotates each round")
@@ -561,18 +698,42 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
-    wanted = args.servers.split(",")
-    unknown = [name for name in wanted if name not in SERVERS]
-    if unknown:
-        p.error(f"--servers: unknown server {unknown[0]!r} (choose from {', '.join(SERVERS)})")
-    if "mtpcode-baseline" in wanted and args.baseline is None:
-        p.error("--servers mtpcode-baseline needs --baseline DIR")
+    if args.connect:
+        given = [opt for opt, value in (("--servers", args.servers), ("--baseline", args.baseline),
+                                        ("--threads", args.threads), ("--ctx", args.ctx), ("--model", args.model))
+                 if value is not None]
+        if given:
+            p.error(f"{given[0]} is for the servers the bench starts; --connect starts none")
+        args.endpoint = args.endpoint or "/infill"
+        args.metrics = args.metrics or [args.connect]
+        wanted = [args.label or args.connect]
+    else:
+        given = [opt for opt, value in (("--label", args.label), ("--endpoint", args.endpoint),
+                                        ("--metrics", args.metrics)) if value is not None]
+        if given:
+            p.error(f"{given[0]} goes with --connect")
+        args.threads = 1 if args.threads is None else args.threads
+        args.ctx = 4096 if args.ctx is None else args.ctx
+        wanted = (args.servers or ",".join(DEFAULT_SERVERS)).split(",")
+        unknown = [name for name in wanted if name not in SERVERS]
+        if unknown:
+            p.error(f"--servers: unknown server {unknown[0]!r} (choose from {', '.join(SERVERS)})")
+        if "mtpcode-baseline" in wanted and args.baseline is None:
+            p.error("--servers mtpcode-baseline needs --baseline DIR")
     if args.pause_every < 0 or args.keys < 0:
         p.error("--pause-every and --keys must not be negative")
-    import llama_cpp  # for its version in the results: the servers load it, this process need not
+    if args.source is not None and len(args.source) < max(args.typists):
+        p.error(f"--source: {len(args.source)} address(es) for {max(args.typists)} typists")
+    try:  # for its version in the results: the servers load it, this process need not
+        import llama_cpp
 
-    bundle = args.model or str(builtin_model_path())
-    main_gguf = str(Path(bundle) / "main.gguf")
+        llama_cpp_version: str | None = llama_cpp.__version__
+    except ImportError:
+        if not args.connect:
+            raise
+        llama_cpp_version = None  # the servers connected to may run elsewhere
+
+    main_gguf = "" if args.connect else str(Path(args.model or str(builtin_model_path())) / "main.gguf")
     layouts = {n: Typing.regions(args.file, args.start, args.lines, n, args.keys) for n in args.typists}
     runs: list[RunResult] = []
     for round_ in range(args.rounds):
@@ -581,7 +742,9 @@ def main(argv: list[str] | None = None) -> None:
             for name in wanted[shift:] + wanted[:shift]:
                 print(f"round {round_ + 1}: {n} typist(s), {sum(len(d.keys) for d in docs)} keystrokes, "
                       f"against {name} ...", file=sys.stderr, flush=True)
-                if name == "mtpcode":
+                if args.connect:
+                    runs.append(run_connected(docs, args))
+                elif name == "mtpcode":
                     runs.append(run_mtpcode(docs, args.model, "/v1/completions", args, model=args.model_name))
                 elif name == "mtpcode-infill":
                     runs.append(run_mtpcode(docs, args.model, "/infill", args, model=args.model_name))
@@ -600,15 +763,17 @@ def main(argv: list[str] | None = None) -> None:
     data = {
         "command": "python -m mtpcode.bench.typists " + " ".join(argv if argv is not None else sys.argv[1:]),
         "cpu": cpu_name(), "cpus": os.cpu_count(), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
-        "model": "builtin" if args.model is None else args.model, "file": _label(args.file),
+        "python": platform.python_version(), "llama_cpp_python": llama_cpp_version,
+        "model": None if args.connect else "builtin" if args.model is None else args.model, "file": _label(args.file),
         "start": args.start, "lines": args.lines, "keys": args.keys, "interval_ms": args.interval_ms,
         "pause_every": args.pause_every, "model_name": args.model_name, "rounds": args.rounds,
         "typists": args.typists,
         "regions": {str(n): [{"first_line": doc.before.count("\n") + 1, "keystrokes": len(doc.keys),
                               "prompt_chars": len(doc.before)} for doc in docs] for n, docs in layouts.items()},
         "baseline": _describe_checkout(args.baseline) if "mtpcode-baseline" in wanted else None,
-        "max_tokens": args.max_tokens, "threads": args.threads, "ctx": args.ctx, "flash_attn": False,
+        "connect": args.connect, "endpoint": args.endpoint, "metrics": args.metrics, "source": args.source,
+        "max_tokens": args.max_tokens, "threads": args.threads, "ctx": args.ctx,
+        "flash_attn": None if args.connect else False,  # --connect: the servers' own settings
         "summary": summaries,
         "runs": [{**asdict(r), "round": i // (len(wanted) * len(layouts)) + 1,
                   "keystrokes": [asdict(k) for k in r.keystrokes]} for i, r in enumerate(runs)],

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +113,51 @@ def test_typists_each_abandon_only_their_own_requests_on_a_real_server(tiny_bund
     # the server read each keystroke's new text, not each prompt anew (each is hundreds of tokens)
     assert metrics["llamacpp:prompt_tokens_total"] - evaluated < sum(len(d.keys) for d in docs) * 10
     assert min(len(d.before) for d in docs) > 1000
+
+
+def test_typists_drive_a_running_server_from_their_own_source_addresses(tiny_bundle, source, tmp_path):
+    """--connect starts no server: the typists type to the one given, each from its --source address
+    (what a proxy routing by client address goes by), and the results are recorded under --label."""
+    # one llama.cpp thread: two spin on a machine whose cores are busy (other benchmarks) and crawl
+    server = HttpServer("-v", "--no-repeat-stop", "--threads", "1", bundle=tiny_bundle)
+    out = tmp_path / "typing.json"
+    try:
+        typists.main(["--connect", server.url + "/", "--label", "running", "--source", "127.0.0.2,127.0.0.3",
+                      "--typists", "2", "--keys", "8", "--pause-every", "4", "--interval-ms", "30",
+                      "--max-tokens", "8", "--file", str(source), "--start", "def target(", "--rounds", "1",
+                      "--out", str(out)])
+    finally:
+        server.stop()
+    # the server's -v log names each request's client address: the warm-ups and keystrokes came from both
+    peers = [m.group(1) for line in server.stderr
+             if (m := re.match(r"mtpcode: request \d+ \((127\.0\.0\.\d+):\d+ /infill\)", line))]
+    assert set(peers) == {"127.0.0.2", "127.0.0.3"} and len(peers) >= 2 * 2, peers
+    data = json.loads(out.read_text())
+    assert data["connect"] == server.url and data["endpoint"] == "/infill" and data["threads"] is None
+    assert data["source"] == ["127.0.0.2", "127.0.0.3"] and data["metrics"] == [server.url]
+    [summary] = data["summary"]
+    assert summary["server"] == "running" and summary["typists"] == 2 and summary["requests"] == 16
+    assert summary["pauses_finished"] == summary["pauses"] == 4
+    assert summary["requests_per_server"] == {server.url: summary["requests_counted_server_side"]}
+    assert summary["requests_counted_server_side"] >= 1 and summary["tokens_predicted"] > 0
+    [run] = data["runs"]
+    assert run["server"] == "running" and [k["typist"] for k in run["keystrokes"]] == [0] * 8 + [1] * 8
+
+
+def test_connect_rejects_options_of_the_servers_it_would_start(capsys):
+    for extra in (["--servers", "mtpcode"], ["--threads", "2"], ["--ctx", "8192"]):
+        with pytest.raises(SystemExit):
+            typists.main(["--connect", "http://127.0.0.1:1", *extra, "--out", "x"])
+        assert "--connect starts none" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        typists.main(["--label", "x", "--out", "x"])
+    assert "--label goes with --connect" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        typists.main(["--connect", "http://127.0.0.1:1", "--typists", "3", "--source", "127.0.0.2,127.0.0.3",
+                      "--out", "x"])
+    assert "--source: 2 address(es) for 3 typists" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        typists.parser().parse_args(["--source", "127.0.0.2,nowhere", "--out", "x"])
 
 
 def test_throughput_answers_help_with_its_usage():
