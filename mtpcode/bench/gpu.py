@@ -127,14 +127,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def check_engine(model_dir: Path, gpu_layers: int, threads: int, n_prompts: int, max_tokens: int,
-                 repeat: int) -> dict[str, Any]:
+                 repeat: int, flash_attn: bool = True) -> dict[str, Any]:
     """Speed and greedy identity of the engine with ``gpu_layers`` offloaded; CPU plain output for comparison."""
     prompts = default_prompts(n_prompts)
     out: dict[str, Any] = {"model": str(model_dir), "gpu_layers": gpu_layers, "prompts": [p.name for p in prompts],
-                           "max_tokens": max_tokens, "repeat": repeat}
+                           "max_tokens": max_tokens, "repeat": repeat, "flash_attn": flash_attn}
     t0 = time.perf_counter()
     with Engine(model_dir, n_ctx=2048, n_threads=threads, n_gpu_layers=gpu_layers,
-                flash_attn=True) as engine:
+                flash_attn=flash_attn) as engine:
         out["load_s"] = round(time.perf_counter() - t0, 3)
         out["n_threads"] = engine.n_threads
         ids = [engine.tokenize(p.text) for p in prompts]
@@ -198,21 +198,21 @@ def plain_tokens(model_dir: Path, ids: list[list[int]], threads: int, max_tokens
 # costs
 
 
-def time_forwards(bundle_dir: Path, gpu_layers: int, threads: int) -> dict[str, Any]:
+def time_forwards(bundle_dir: Path, gpu_layers: int, threads: int, flash_attn: bool = True) -> dict[str, Any]:
     """Main forwards of 1..8 rows after a 64-token prefix (trunk captured, as the runtime runs them) and
-    one head forward, with ``gpu_layers`` offloaded and flash attention on (the GPU setting)."""
+    one head forward, with ``gpu_layers`` offloaded and flash attention on (the GPU setting) or off."""
     return measure_costs(bundle_dir, mode="off", max_batch=8, repeat=5, threads=threads, prefix=64,
-                         flash_attn=True, n_gpu_layers=gpu_layers)
+                         flash_attn=flash_attn, n_gpu_layers=gpu_layers)
 
 
 def costs_shape(shape: str, quant: str, gpu_layers: int, threads: int, cache: Path,
-                depths: tuple[int, int] = (1, 5)) -> dict[str, Any]:
+                depths: tuple[int, int] = (1, 5), flash_attn: bool = True) -> dict[str, Any]:
     """A synthetic shape's cost table from two shallow models (``depths`` trunk blocks), scaled to full depth."""
     full_blocks = shape_params(shape).n_trunk + 1
     measured, shallow = {}, {}
     for depth in depths:
         path = build_bundle(shape, quant, cache, n_heads=1, trunk_blocks=depth)
-        r = time_forwards(path, gpu_layers, threads)
+        r = time_forwards(path, gpu_layers, threads, flash_attn)
         measured[str(depth + 1)] = r
         shallow[depth + 1] = {(int(b), threads): float(s) for b, s in r["verify_s"].items()}
     scaled = scale_depth(shallow, full_blocks)
@@ -230,13 +230,13 @@ def costs_shape(shape: str, quant: str, gpu_layers: int, threads: int, cache: Pa
 
 
 def check_costs(gpu_layers: int, threads: int, shape: str, quants: list[str], cache: Path,
-                model_dir: Path) -> dict[str, Any]:
+                model_dir: Path, flash_attn: bool = True) -> dict[str, Any]:
     """The cost table of the built-in model (or ``model_dir``) and of ``shape`` in each of ``quants``."""
-    out: dict[str, Any] = {"gpu_layers": gpu_layers, "threads": threads, "shape": shape}
-    builtin = time_forwards(model_dir, gpu_layers, threads)
+    out: dict[str, Any] = {"gpu_layers": gpu_layers, "threads": threads, "shape": shape, "flash_attn": flash_attn}
+    builtin = time_forwards(model_dir, gpu_layers, threads, flash_attn)
     builtin["projection"] = project(builtin)
     out["builtin"] = builtin
-    out["synthetic"] = {q: costs_shape(shape, q, gpu_layers, threads, cache) for q in quants}
+    out["synthetic"] = {q: costs_shape(shape, q, gpu_layers, threads, cache, flash_attn=flash_attn) for q in quants}
     return out
 
 
@@ -261,6 +261,8 @@ def main(argv: Sequence[str]) -> int:
     ap.add_argument("--quant", default="Q4_K_M,Q8_0")
     ap.add_argument("--shape", default="7b", help="synthetic shape of the cost table [default: 7b]")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/mtpcode-synthetic"))
+    ap.add_argument("--flash-attn", choices=("on", "off"), default="on",
+                    help="flash attention in the engine and costs stages [default: on, the GPU setting]")
     args = ap.parse_args(argv)
     model = args.model or builtin_model_path()
     if model is None:
@@ -273,7 +275,8 @@ def main(argv: Sequence[str]) -> int:
     elif args.stage == "plain":
         result = {"outputs": plain_tokens(model, json.loads(args.ids.read_text()), args.threads, args.max_tokens)}
     elif args.stage == "engine":
-        result = check_engine(model, args.gpu_layers, args.threads, args.n_prompts, args.max_tokens, args.repeat)
+        result = check_engine(model, args.gpu_layers, args.threads, args.n_prompts, args.max_tokens, args.repeat,
+                              flash_attn=args.flash_attn == "on")
         for name, r in result["configs"].items():
             print(f"{name:28s} {r['tokens_per_s_median']:8.1f} tok/s  x{r['speedup_median_of_paired_ratios']:.2f}  "
                   f"{r['tokens_per_forward_median']:.2f} tok/fwd  identical to plain: GPU "
@@ -281,7 +284,7 @@ def main(argv: Sequence[str]) -> int:
                   f"{result['prompts_n']}")
     else:
         result = check_costs(args.gpu_layers, args.threads, args.shape, [q for q in args.quant.split(",") if q],
-                             args.cache, model)
+                             args.cache, model, flash_attn=args.flash_attn == "on")
         print(_cost_line("built-in", result["builtin"]))
         for q, r in result["synthetic"].items():
             print(_cost_line(f"{args.shape} {q} (scaled to {r['full_depth_blocks']} blocks)",

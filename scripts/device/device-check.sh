@@ -20,6 +20,7 @@
 #   engine   the built-in model on the GPU: plain vs heads, tokens/s, greedy identity (mtpcode.bench.gpu engine)
 #   bench    `mtpcode bench --gpu-layers -1` with the built-in model (when bench has --gpu-layers)
 #   costs    the cost table on the GPU: built-in model and the 7B shape in Q4_K_M and Q8_0
+#   fa-off   the same with flash attention off (the default with offload decided from both)
 #   cpu      the same cost table on the device's 16 CPU cores
 #   cpu-full `mtpcode bench --synthetic 7b` on 16 cores at full depth, if time is left
 #
@@ -29,6 +30,12 @@
 # A failed stage does not stop the later ones (except build and install, which they all
 # need); the script ends by naming every stage that failed or did not run for lack of time,
 # and exits 1 if there was any (0 only when every stage passed).
+#
+# Settings (environment): DEADLINE (seconds, default 540); STAGES, the measuring stages to
+# run (default all: "tests capture engine costs fa-off bench cpu cpu-full"; build and install
+# always run); GPU_BUSY_FILE, a file that exists while something else uses the GPU (the
+# training run of device-round.sh): the timing stages (engine onwards) wait until it is
+# gone, or until 120 s before DEADLINE, and the log says when they ran beside it.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
@@ -45,6 +52,8 @@ else
     THREADS=16
 fi
 DEADLINE="${DEADLINE:-540}"
+STAGES="${STAGES:-tests capture engine costs fa-off bench cpu cpu-full}"
+GPU_BUSY_FILE="${GPU_BUSY_FILE:-}"
 SLIM="$ROOT/.device/llama_cpp_python-0.3.36-slim.tar.gz"
 mkdir -p "$OUT" "$SITE"
 LOG="$OUT/check.log"
@@ -54,14 +63,14 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
 export ROOT DRY OUT SITE GPU_LAYERS THREADS SLIM PY
 T0=$(date +%s)
-STAGES=/tmp/mtpcode-stages.jsonl
-: >"$STAGES"
+STAGES_LOG=/tmp/mtpcode-stages.jsonl
+: >"$STAGES_LOG"
 FAILED=()  # "stage (why)" for every stage that failed or was not run
 elapsed() { echo $(($(date +%s) - T0)); }
 stamp() { echo "[$(elapsed) s] $*"; }
 
 write_stages() {
-    "$PY" - "$STAGES" "$OUT/stages.json" <<'EOF'
+    "$PY" - "$STAGES_LOG" "$OUT/stages.json" <<'EOF'
 import json, sys
 rows = [json.loads(x) for x in open(sys.argv[1]) if x.strip()]
 json.dump({"stages": rows}, open(sys.argv[2], "w"), indent=1)
@@ -72,10 +81,15 @@ EOF
 # min(LIMIT_S, time left), record exit status and seconds
 stage() {
     local name="$1" limit="$2" cmd="$3"
+    case " build install $STAGES " in
+        *" $name "*) ;;
+        *) stamp "not selected: $name (STAGES=$STAGES)"
+           echo "{\"stage\": \"$name\", \"skipped\": \"not selected\"}" >>"$STAGES_LOG"; write_stages; return 0 ;;
+    esac
     local left=$((DEADLINE - $(elapsed)))
     if [ "$left" -lt 20 ]; then
         stamp "SKIPPED $name: out of time ($left s left of $DEADLINE)"
-        echo "{\"stage\": \"$name\", \"skipped\": \"out of time\"}" >>"$STAGES"
+        echo "{\"stage\": \"$name\", \"skipped\": \"out of time\"}" >>"$STAGES_LOG"
         write_stages
         FAILED+=("$name (not run: out of time)")
         return 1
@@ -88,7 +102,7 @@ stage() {
     local dt=$(($(date +%s) - t))
     [ $rc = 124 ] && stamp "$name: TIMED OUT after $limit s"
     stamp "=== $name: exit $rc, $dt s"
-    echo "{\"stage\": \"$name\", \"exit\": $rc, \"seconds\": $dt, \"limit\": $limit}" >>"$STAGES"
+    echo "{\"stage\": \"$name\", \"exit\": $rc, \"seconds\": $dt, \"limit\": $limit}" >>"$STAGES_LOG"
     write_stages
     [ $rc = 0 ] || FAILED+=("$name (exit $rc$([ $rc = 124 ] && echo ', timed out'))")
     return $rc
@@ -130,7 +144,7 @@ export -f has_cuda_build build_llama
 if [ "$DRY" != 1 ]; then
     if has_cuda_build; then
         stamp "llama-cpp-python with CUDA already in $SITE: build skipped"
-        echo '{"stage": "build", "skipped": "already built"}' >>"$STAGES"
+        echo '{"stage": "build", "skipped": "already built"}' >>"$STAGES_LOG"
     else
         stage build 480 build_llama || {
             stamp "device-check FAILED: build (see the log above); no later stage can run"; write_stages; exit 1; }
@@ -176,7 +190,24 @@ else
     COST_ARGS=(--shape 7b --quant Q4_K_M,Q8_0)
 fi
 stage capture 60 "cd /tmp && ${GC[*]} capture --out '$OUT/capture.json' --gpu-layers $GPU_LAYERS"
+
+# The timing stages need the GPU to themselves: wait while GPU_BUSY_FILE exists (see above).
+wait_for_gpu() {
+    [ -n "$GPU_BUSY_FILE" ] || return 0
+    local t=$(date +%s)
+    while [ -e "$GPU_BUSY_FILE" ] && [ $(elapsed) -lt $((DEADLINE - 120)) ]; do sleep 2; done
+    if [ -e "$GPU_BUSY_FILE" ]; then
+        stamp "the GPU is still busy ($GPU_BUSY_FILE) after $(($(date +%s) - t)) s: the timing stages run beside it"
+    else
+        stamp "waited $(($(date +%s) - t)) s for the GPU ($GPU_BUSY_FILE gone)"
+    fi
+}
+wait_for_gpu
 stage engine 150 "cd /tmp && ${GC[*]} engine --out '$OUT/engine_gpu.json' --gpu-layers $GPU_LAYERS ${ENGINE_ARGS[*]}"
+stage costs 150 "cd /tmp && ${GC[*]} costs --out '$OUT/costs_gpu.json' --gpu-layers $GPU_LAYERS --threads 1 ${COST_ARGS[*]}"
+# flash attention off, for the offload default to be decided from figures (the synthetic bundles are cached)
+stage fa-off 120 "cd /tmp && ${GC[*]} costs --out '$OUT/costs_gpu_fa_off.json' --gpu-layers $GPU_LAYERS --threads 1 \
+    --flash-attn off ${COST_ARGS[*]}"
 
 run_bench() {
     if ! (cd /tmp && "$PY" -m mtpcode bench --help | grep -q -- "--gpu-layers"); then
@@ -191,7 +222,6 @@ run_bench() {
 export -f run_bench
 stage bench 150 run_bench
 
-stage costs 150 "cd /tmp && ${GC[*]} costs --out '$OUT/costs_gpu.json' --gpu-layers $GPU_LAYERS --threads 1 ${COST_ARGS[*]}"
 # GGML_OP_OFFLOAD_MIN_BATCH: a CUDA build sends matrix products of host weights to the GPU from
 # 32 rows up; far above any batch here, the CPU table is the CPU's alone
 stage cpu 150 "cd /tmp && GGML_OP_OFFLOAD_MIN_BATCH=1000000 ${GC[*]} costs --out '$OUT/costs_cpu.json' --gpu-layers 0 --threads $THREADS ${COST_ARGS[*]}"
@@ -208,11 +238,11 @@ from pathlib import Path
 out = Path(sys.argv[1])
 for st in json.loads((out / "stages.json").read_text())["stages"]:
     print(f"{st['stage']:9s} " + (f"skipped ({st['skipped']})" if "skipped" in st else f"exit {st['exit']} in {st['seconds']} s"))
-for name in ("costs_gpu.json", "costs_cpu.json"):
+for name in ("costs_gpu.json", "costs_gpu_fa_off.json", "costs_cpu.json"):
     p = out / name
     if p.exists():
         d = json.loads(p.read_text())
-        where = "GPU" if d["gpu_layers"] else f"CPU {d['threads']} threads"
+        where = ("GPU" + ("" if d.get("flash_attn", True) else " FA off")) if d["gpu_layers"] else f"CPU {d['threads']} threads"
         for label, c in [("built-in", d["builtin"])] + [(f"{d['shape']} {q}", r["scaled"] | {"projection": r["projection"]})
                                                         for q, r in d["synthetic"].items()]:
             rel = " ".join(f"{v:.2f}" for v in c["verify_rel"].values())

@@ -33,6 +33,7 @@ else
 fi
 WORK="${WORK:-/tmp/mtp-train}"
 SEED="${SEED:-0}"
+SITE="${SITE:-/tmp/site}"  # where the carried wheels go
 mkdir -p "$OUT" "$WORK"
 rm -rf "$WORK/run"
 LOG="$OUT/train.log"
@@ -60,9 +61,9 @@ stamp "device-train: DRY=$DRY, repo $(git rev-parse --short HEAD 2>/dev/null || 
 if [ "$DRY" != 1 ]; then
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
     if ls .device/wheels/*.whl >/dev/null 2>&1; then
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
             .device/wheels/*.whl || { echo "device-train: installing the wheels failed"; exit 1; }
-        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     fi
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
