@@ -104,7 +104,8 @@ def test_llama_vim_ghost_text_and_accept(tmp_path: Path) -> None:
         type_new_last_line([session])
         row = SOURCE.count("\n")  # the new line's screen row: the file fits in the window
 
-        assert wait_for(lambda: ghost_text(session, row).strip()), tmux("capture-pane", "-t", session, "-p")
+        shown = wait_for(lambda: ghost_text(session, row).strip(), timeout=120)
+        assert shown, tmux("capture-pane", "-t", session, "-p")
         time.sleep(2)  # let the plugin settle (it sends a speculative follow-up request after showing a hint)
         assert ghost_text(session, row).strip()
         tmux("send-keys", "-t", session, "Tab")  # accept the suggestion
@@ -156,7 +157,7 @@ def test_two_llama_vim_instances_on_one_server(tmp_path: Path) -> None:
         def both_shown() -> bool:
             return all(ghost_text(sessions[n], rows[n]).strip() for n in editors)
 
-        shown = wait_for(both_shown)
+        shown = wait_for(both_shown, timeout=120)
         screens = "\n".join(tmux("capture-pane", "-t", s, "-p") for s in sessions.values())
         assert shown, screens + "".join(server.stderr)
         time.sleep(2)  # the speculative follow-ups
