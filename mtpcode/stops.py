@@ -362,10 +362,13 @@ SAME_LINE_REPEATS = 8
 # or a test case copied verbatim four times over is not code anyone writes.
 CYCLE_REPEATS = 4
 MAX_CYCLE_LINES = 8
-# Within a line: a unit of at most MAX_UNIT characters repeated over this many characters.
-# Separator comments (`# ----...`, `/* ==== */`) run to 80-120 characters of punctuation, and
-# hex constants to 64 zeros (a 256-bit hash): both stay under the limits.
-MAX_UNIT = 16
+# Within a line: a unit of at most MAX_UNIT characters repeated over this many characters, and
+# at least UNIT_REPEATS times. Separator comments (`# ----...`, `/* ==== */`) run to 80-120
+# characters of punctuation, and hex constants to 64 zeros (a 256-bit hash): both stay under
+# the limits. 32 characters cover a nested call written over and over
+# (`os.path.join(root, os.path.join(root, ...`, 19 characters a unit, seen from the built-in model).
+MAX_UNIT = 32
+UNIT_REPEATS = 8
 RUN_WITH_WORDS = 96  # the unit has a letter or digit ("000...", "foo(foo(...")
 RUN_OF_SYMBOLS = 200  # only punctuation or spaces
 
@@ -418,7 +421,7 @@ class RepeatStop:
             for p in range(1, min(MAX_UNIT, line_pos) + 1):
                 runs[p] = runs[p] + 1 if text[i - p] == ch else 0
                 span = runs[p] + p
-                if span >= RUN_WITH_WORDS and self._run_too_long(text[i - p + 1: i + 1], span):
+                if span >= max(RUN_WITH_WORDS, UNIT_REPEATS * p) and self._run_too_long(text[i - p + 1: i + 1], span):
                     self._cut = i + 1
                     return i + 1
         return None

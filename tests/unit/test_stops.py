@@ -13,6 +13,7 @@ from mtpcode.stops import (
     CYCLE_REPEATS,
     RUN_WITH_WORDS,
     SAME_LINE_REPEATS,
+    UNIT_REPEATS,
     BlockEnd,
     LineLimit,
     RepeatStop,
@@ -174,13 +175,14 @@ def test_repeat_stop_cuts_a_loop_of_lines_where_it_is_recognised(unit: str, repe
     assert RepeatStop().check(almost) is None
 
 
-@pytest.mark.parametrize("unit", ["0", "foo(", "ab", "the a list of "])
+@pytest.mark.parametrize("unit", ["0", "foo(", "ab", "the a list of ", "os.path.join(root, "])
 def test_repeat_stop_cuts_a_short_unit_repeated_along_a_line(unit: str) -> None:
     head = '        """Return the a list of the 2'
     text = head + unit * 200
     cut = _loop_cut(text)
-    assert cut is not None and RUN_WITH_WORDS <= cut - len(head) <= RUN_WITH_WORDS + 3 + len(unit)
-    assert RepeatStop().check(head + unit * ((RUN_WITH_WORDS - 1) // len(unit) - 1)) is None
+    limit = max(RUN_WITH_WORDS, UNIT_REPEATS * len(unit))
+    assert cut is not None and limit <= cut - len(head) <= limit + 3 + len(unit)
+    assert RepeatStop().check(head + unit * ((limit - 1) // len(unit) - 1)) is None
 
 
 @pytest.mark.parametrize(
