@@ -104,6 +104,14 @@ class Settings:
         )
         return dataclasses.replace(opts, **changes)
 
+    def use_flash_attn(self, gpu_layers: int | None = None) -> bool:
+        """Flash attention as set; unset, on when layers are offloaded (``gpu_layers``, default the
+        setting) and off on a CPU (on the CPU its kernel makes a verify of b rows cost nearly b
+        steps; on the first GPU measured, an H200, it made every forward faster: docs/gpu.md)."""
+        if self.sources.get("flash_attn", "default") != "default":
+            return self.flash_attn
+        return (self.gpu_layers if gpu_layers is None else gpu_layers) != 0
+
     def engine_kwargs(self, *, serving: bool = False) -> dict[str, Any]:
         """Keyword arguments for ``mtpcode.runtime.Engine``; ``serving``: for ``mtpcode serve``,
         with its ``parallel`` slots (the other commands run one request at a time)."""
@@ -114,7 +122,7 @@ class Settings:
             "n_threads_batch": self.threads_batch,
             "n_gpu_layers": self.gpu_layers,
             "extra_bufts": self.extra_bufts,
-            "flash_attn": self.flash_attn,
+            "flash_attn": self.use_flash_attn(),
             "n_seq": (self.parallel or 1) if serving else 1,
             "policies": PolicyStore(cache_dir() / "policy"),
         }

@@ -127,12 +127,13 @@ def bench(model, prompts_path, max_tokens, heads_list, repeat, n_prompts, json_o
         settings = load_settings()
         path = resolve_model(model, settings)
         prompts = prompt_set(prompts_path, n_prompts)
+        layers = settings.gpu_layers if gpu_layers is None else gpu_layers
         doc = run_bench(path, prompts, heads=_parse_heads(heads_list), max_tokens=max_tokens, repeat=repeat,
                         threads=threads or settings.threads,
                         threads_batch=threads_batch or settings.threads_batch, n_ctx=ctx, adaptive=not no_adaptive,
                         anchor=not no_anchor, context=not no_context_draft, extra_bufts=settings.extra_bufts,
-                        flash_attn=settings.flash_attn, costs=not no_costs,
-                        gpu_layers=settings.gpu_layers if gpu_layers is None else gpu_layers, progress=say)
+                        flash_attn=settings.use_flash_attn(layers), costs=not no_costs, gpu_layers=layers,
+                        progress=say)
         report = format_table(doc)
     if doc.get("mismatches"):
         say("recomputing the logits where outputs diverge")

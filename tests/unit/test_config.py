@@ -100,6 +100,17 @@ def test_env_none_means_automatic(home: Path, monkeypatch: pytest.MonkeyPatch) -
     assert config.load_settings().threads is None
 
 
+def test_flash_attention_follows_offload_unless_set(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert config.load_settings().engine_kwargs()["flash_attn"] is False  # a CPU: off
+    assert config.load_settings(gpu_layers=-1).engine_kwargs()["flash_attn"] is True  # offloaded: on
+    assert config.load_settings(gpu_layers=20).use_flash_attn() is True
+    assert config.load_settings().use_flash_attn(gpu_layers=-1) is True  # bench --gpu-layers
+    monkeypatch.setenv("MTPCODE_FLASH_ATTN", "0")  # set: kept, offload or not
+    assert config.load_settings(gpu_layers=-1).engine_kwargs()["flash_attn"] is False
+    monkeypatch.setenv("MTPCODE_FLASH_ATTN", "1")
+    assert config.load_settings().engine_kwargs()["flash_attn"] is True
+
+
 @pytest.mark.parametrize(
     "env,value,message",
     [
