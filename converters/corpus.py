@@ -50,6 +50,11 @@ from mtpcode.files import atomic_write_text
 # Packages used to evaluate the model: never trained on.
 EVAL_PACKAGES = ("click", "prompt_toolkit", "pygments")
 
+# The drafting policy's tuning set (docs/PERFORMANCE.md: its constants were chosen on prompts
+# from these): left out of DEFAULT_PACKAGES so that a model trained on the default list has
+# not seen them. The first GPU-trained built-in model (2026-12-04) predates this and saw them.
+TUNING_PACKAGES = ("setuptools", "pytest", "jinja2", "packaging")
+
 # Distributions with permissively licensed Python source, most of them on the
 # GPU machine's image; missing ones are recorded and skipped. "python" is the
 # standard library of the running interpreter.
@@ -61,14 +66,15 @@ DEFAULT_PACKAGES = (
     "optax", "chex", "equinox", "diffrax", "lineax", "optimistix", "numpyro", "jaxtyping", "orbax-checkpoint",
     "etils", "treescope", "triton", "numba", "cupy-cuda13x", "onnx", "onnxscript", "onnx-ir", "gpytorch",
     "botorch", "linear-operator", "h5py", "pyarrow", "tensorboard", "requests", "urllib3", "httpx", "httpcore",
-    "anyio", "aiohttp", "yarl", "multidict", "attrs", "rich", "typer", "jinja2", "markupsafe", "werkzeug",
-    "markdown", "markdown-it-py", "pyyaml", "setuptools", "pip", "wheel", "build", "packaging", "pyparsing",
-    "python-dateutil", "pytest", "pluggy", "fsspec", "filelock", "cloudpickle", "toolz", "sortedcontainers",
+    "anyio", "aiohttp", "yarl", "multidict", "attrs", "rich", "typer", "markupsafe", "werkzeug",
+    "markdown", "markdown-it-py", "pyyaml", "pip", "wheel", "build", "pyparsing",
+    "python-dateutil", "pluggy", "fsspec", "filelock", "cloudpickle", "toolz", "sortedcontainers",
     "wrapt", "tabulate", "humanize", "imageio", "tifffile", "lazy-loader", "contourpy", "cycler", "fonttools",
     "pillow", "psutil", "cython", "pybind11", "meson", "pyproject-hooks", "pathspec", "absl-py", "ml-dtypes",
     "opt-einsum", "regex", "lxml", "simplejson", "six", "idna", "charset-normalizer", "typing-extensions",
     "joblib", "threadpoolctl", "narwhals", "sacrebleu",
 )
+assert not set(DEFAULT_PACKAGES) & set(TUNING_PACKAGES + EVAL_PACKAGES)
 
 MAX_FILE_BYTES = 300_000
 MAX_LINE_CHARS = 2_000   # a longer line is data (tables, minified code), not code to learn from

@@ -193,12 +193,15 @@ def default_prompts(n: int = 8, max_chars: int = 1500) -> list[Prompt]:
 
 
 # Third-party packages for the editing set: real code the built-in model was not
-# trained on (it saw only the standard library), installed with mtpcode itself.
-EDITING_PACKAGES = ("click", "prompt_toolkit", "pygments", "numpy")
+# trained on (its corpus holds these three out: converters.corpus.EVAL_PACKAGES),
+# installed with mtpcode itself. numpy was a fourth until the built-in model trained on it.
+EDITING_PACKAGES = ("click", "prompt_toolkit", "pygments")
 
 
-def _package_files(packages: Sequence[str]) -> list[tuple[str, str]]:
-    """(name, text) of the installed packages' Python files, in sorted order (missing packages skipped)."""
+def package_files(packages: Sequence[str], min_chars: int = 2_000,
+                  max_chars: int = 400_000) -> list[tuple[str, str]]:
+    """(name, text) of the installed packages' Python files of more than ``min_chars`` and fewer than
+    ``max_chars`` characters, in sorted order (missing packages skipped); name is package/relative path."""
     out = []
     for name in packages:
         spec = importlib.util.find_spec(name)
@@ -210,7 +213,7 @@ def _package_files(packages: Sequence[str]) -> list[tuple[str, str]]:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError):
                 continue
-            if 2_000 < len(text) < 400_000:
+            if min_chars < len(text) < max_chars:
                 out.append((f"{name}/{path.relative_to(root).as_posix()}", text))
     return out
 
@@ -256,7 +259,7 @@ def editing_prompts(n: int = 8, max_chars: int = 3000, packages: Sequence[str] =
     before this set was built.
     """
     kinds: dict[str, list[Prompt]] = {"repeat": [], "retype": []}
-    for name, text in _package_files(packages):
+    for name, text in package_files(packages):
         for q in _edit_points(name, text, max_chars):
             kinds[q.name.rsplit(":", 1)[1]].append(q)
     prompts: list[Prompt] = []
