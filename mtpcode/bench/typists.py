@@ -26,7 +26,10 @@ Servers measured, one after the other on the same machine, the same
 * ``mtpcode-infill`` - the same server's ``/infill`` with the text after the
   cursor (the completion is also bounded by it, so it can end sooner);
 * ``llama_cpp.server`` - llama-cpp-python's OpenAI-compatible server (its
-  ``server`` extra), ``/v1/completions``, ``interrupt_requests`` on (its default).
+  ``server`` extra), ``/v1/completions``, ``interrupt_requests`` on (its default),
+  started through ``mtpcode.bench.llama_server`` so that its weights sit in the
+  buffers mtpcode's engine uses (on CPUs with AMX it would otherwise crash on a
+  quantized model).
 
 * ``mtpcode-baseline`` - ``mtpcode serve --http`` of another checkout of
   mtpcode (``--baseline DIR``, an older commit with its extension built), the
@@ -403,7 +406,8 @@ def run_mtpcode(docs: list[Typing], bundle: str | None, endpoint: str, args: arg
 
 def run_llama_cpp(docs: list[Typing], main_gguf: str, args: argparse.Namespace) -> RunResult:
     port = free_port()
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", main_gguf, "--port", str(port), "--host",
+    # llama_cpp.server loading its weights as mtpcode does (mtpcode.bench.llama_server)
+    cmd = [sys.executable, "-m", "mtpcode.bench.llama_server", "--model", main_gguf, "--port", str(port), "--host",
            "127.0.0.1", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads), "--n_ctx",
            str(args.ctx), "--flash_attn", "False", "--verbose", "True", "--interrupt_requests", "True"]
     server = Server(cmd, port)

@@ -150,7 +150,7 @@ build_llama() {
 PREBUILT="${PREBUILT:-$(ls "$ROOT"/.device/llama_cpp-cuda-sm90.tar.xz 2>/dev/null)}"
 unpack_prebuilt() {
     tar xJf "$PREBUILT" -C "$SITE" || return 1
-    (cd /tmp && "$PY" -c "import llama_cpp; print('carried wheel: llama_cpp', llama_cpp.__version__, 'GPU offload',
+    (cd /tmp && "$PY" -c "import llama_cpp; print('carried build: llama_cpp', llama_cpp.__version__, 'GPU offload',
         bool(llama_cpp.llama_supports_gpu_offload()))")
 }
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -161,7 +161,7 @@ if [ "$DRY" != 1 ]; then
         echo '{"stage": "build", "skipped": "already built"}' >>"$STAGES_LOG"
     elif [ -n "$PREBUILT" ] && unpack_prebuilt && has_cuda_build; then
         stamp "llama-cpp-python with CUDA from the carried $(basename "$PREBUILT"): build skipped"
-        echo '{"stage": "build", "skipped": "carried wheel"}' >>"$STAGES_LOG"
+        echo '{"stage": "build", "skipped": "carried build"}' >>"$STAGES_LOG"
     else
         [ -z "$PREBUILT" ] || stamp "the carried $(basename "$PREBUILT") does not load here: building"
         stage build 480 build_llama || {
@@ -223,7 +223,7 @@ diagnose() {
     cd /tmp
     : >/tmp/diag-results
     for i in "${!names[@]}"; do
-        timeout -k 5 60 env PYTHONFAULTHANDLER=1 bash -c "${cmds[$i]}" >/tmp/diag-$i.log 2>&1
+        timeout -k 5 40 env PYTHONFAULTHANDLER=1 bash -c "${cmds[$i]}" >/tmp/diag-$i.log 2>&1
         rc=$?
         echo "diagnose ${names[$i]}: exit $rc"
         echo "${names[$i]} $rc" >>/tmp/diag-results
@@ -238,7 +238,7 @@ diagnose() {
     fi
 }
 export -f diagnose
-stage diagnose 150 diagnose
+stage diagnose 240 diagnose
 # CUDA graphs off made the crashing test pass: the later stages run that way (and the log says so)
 if grep -qx "test-gpu 139" /tmp/diag-results 2>/dev/null && grep -qx "test-gpu-nographs 0" /tmp/diag-results; then
     export GGML_CUDA_DISABLE_GRAPHS=1
