@@ -177,7 +177,7 @@ def speculative(bundle_dir: Path, prompts: list[str], max_tokens: int, threads: 
                 plain = runs[0][0]
                 at = next((i for i, (x, y) in enumerate(zip(ids, plain)) if x != y), min(len(ids), len(plain)))
                 mismatches.append({"prompt_index": index, "first_difference_at": at, "token_ids": ids,
-                                   "plain_token_ids": runs[0][0]})
+                                   "plain_token_ids": plain})
         extra_bufts = eng.extra_bufts
     out = {"prompts": len(prompts), "generated_tokens": gen, "main_forwards": fwd,
            "tokens_per_forward": gen / fwd if fwd else 0.0, "identical_to_plain": identical,
