@@ -342,10 +342,14 @@ class _Handle(abc.ABC):
 class Model(_Handle):
     """A loaded GGUF model (``llama_model*``) and its vocabulary."""
 
-    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0, extra_bufts: bool = True,
+    def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0, extra_bufts: bool | None = None,
                  repack: str = "") -> None:
-        """``repack``: a regex of tensor names to place in the CPU_REPACK buffer type
-        (``repack_pattern``); ignored when this build has no such buffer type."""
+        """``extra_bufts``: llama.cpp's extra CPU buffer types on or off; None (the default) follows
+        the "auto" policy of :func:`use_extra_bufts` (off on CPUs with AMX, where decoding a
+        quantized model with them segfaults). ``repack``: a regex of tensor names to place in the
+        CPU_REPACK buffer type (``repack_pattern``); ignored when this build has no such buffer type."""
+        if extra_bufts is None:
+            extra_bufts = use_extra_bufts("auto")
         init_backend()
         self.path = Path(path)
         params, self._overrides = model_params(n_gpu_layers=n_gpu_layers, extra_bufts=extra_bufts, repack=repack)
