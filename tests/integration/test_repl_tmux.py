@@ -130,13 +130,21 @@ def test_repl_in_a_real_terminal(tmux, tiny_bundle, tmp_path):
     assert first_line.strip() and ("    " + first_line) in screen
     assert "· max_tokens]" in screen or "· eos]" in screen
 
-    # Ctrl-C while a long completion streams cancels it and the REPL goes on.
-    # 3500 tokens take seconds even on an idle machine; the tiny model streams ~1000 tokens/s.
+    # Ctrl-C while a long completion streams cancels it and the REPL goes on. Sent as soon as
+    # the text streams: the random tiny model can end its text with EOS a few hundred tokens in,
+    # a third of a second at its ~1,000 tokens/s.
     tmux.type("/set max_tokens 3500")
     tmux.keys("Enter")
     tmux.wait_for(lambda s: "max_tokens = 3500" in s, what="/set")
     tmux.keys("Escape", "Enter")  # an empty submit continues the buffer
-    time.sleep(0.3)
+
+    echo = len("".join(first_line.split()))  # the buffer's last line, shown again with the prompt
+
+    def streaming(screen: str) -> bool:
+        after = screen.rsplit("max_tokens = 3500", 1)[-1]
+        return len("".join(after.replace(">>>", "").split())) > echo + 8
+
+    tmux.wait_for(streaming, timeout=30, what="the completion streaming")
     tmux.keys("C-c")
     tmux.wait_for(lambda s: "· interrupted]" in s, what="the interrupted stats line")
     tmux.type("/stats")
