@@ -120,6 +120,9 @@ class Job:
     ids: list[int] | None = None  # the prompt's tokens, once prepared
     ran_on: int = -1  # the slot it got
     after: int | None = None  # the slot of the same client's job it superseded (it holds its prompt)
+    # the superseded job when it was still being started (its slot not yet chosen): ``after`` is
+    # its slot once it has one
+    after_job: Job | None = field(default=None, repr=False)
     label: str = ""  # who asked, for the log (a client address and path)
 
     def stop(self, reason: str) -> None:
@@ -281,10 +284,13 @@ class Scheduler:
                     for old in stale:
                         self._queue.remove(old)
                         job.after = old.after if job.after is None else job.after
+                        job.after_job = job.after_job or old.after_job
                     for old in self._started():
                         if old.key is not None and keystroke(old.key, job.key):
                             old.stop("superseded")
                             job.after = old.ran_on if old.ran_on >= 0 else old.after
+                            if old.ran_on < 0:  # being started: it gets a slot in a moment
+                                job.after_job = old
                             log.info("request %d: superseded by request %d", old.id, job.id)
                 self._queue.append(job)
                 self._cond.notify()
@@ -438,6 +444,8 @@ class Scheduler:
         if not free:
             return None
         for job in self._queue:
+            if job.after_job is not None and job.after_job.ran_on >= 0:
+                job.after, job.after_job = job.after_job.ran_on, None
             if job.slot is not None:
                 takes = job.slot in free
             elif job.after is not None and job.after not in free:
