@@ -793,10 +793,12 @@ class Context(_Handle):
         batch = self.batch
         capture = self.capture if self.capture is not None and self.capture.active else None
         self.serial += 1
-        if capture is not None and not capture.native:  # Python code runs inside llama_decode
+        if self.capture is not None and not self.capture.native:
+            # Python code runs inside llama_decode: the callback is asked about every node even
+            # while the capture is off (it then wants none)
             with _sigint_deferred():
                 rc = llama_cpp.llama_decode(self.ptr, batch.struct)
-            capture.raise_pending()
+            self.capture.raise_pending()
         else:
             rc = llama_cpp.llama_decode(self.ptr, batch.struct)
         if rc:
