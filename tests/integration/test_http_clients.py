@@ -200,10 +200,12 @@ def test_a_request_names_a_slot_that_is_busy_waits_for_it(tiny_bundle: Path) -> 
     assert order.index("free") < order.index("waits") and order.index("long") < order.index("waits")
 
 
-def test_a_keystroke_waits_for_its_clients_slot_rather_than_evict_another(tiny_bundle: Path) -> None:
-    """Client A's keystroke arrives while A's request is still reading its prompt, and client B's
-    slot is free: the keystroke waits the step it takes A's request to stop and runs on A's slot
-    (its prompt cached: a few tokens evaluated), leaving B's cached prompt alone."""
+@pytest.mark.parametrize("when", ["started", "starting"])
+def test_a_keystroke_waits_for_its_clients_slot_rather_than_evict_another(tiny_bundle: Path, when: str) -> None:
+    """Client A's keystroke arrives while A's request is still reading its prompt ("started": it
+    has its slot) or still being prepared ("starting": no slot yet), and client B's slot is free:
+    the keystroke waits for the slot A's request gets and stops (A's own: its prompt cached, a few
+    tokens evaluated), leaving B's cached prompt alone."""
     from mtpcode.scheduler import Job, Outcome, Scheduler, Started
 
     a_text, b_text = PROMPTS[0] * 6, PROMPTS[1] * 6
@@ -213,7 +215,7 @@ def test_a_keystroke_waits_for_its_clients_slot_rather_than_evict_another(tiny_b
         started: dict[str, int] = {}
         ended = {name: threading.Event() for name in ("a0", "b", "a1", "a2")}
 
-        def job(name: str, prompt: str, n: int, on_start: Any = None) -> Job:
+        def job(name: str, prompt: str, n: int, on_start: Any = None, prepare: Any = None) -> Job:
             def sink(event: Any) -> None:
                 if isinstance(event, Started):
                     started[name] = event.slot
@@ -223,63 +225,30 @@ def test_a_keystroke_waits_for_its_clients_slot_rather_than_evict_another(tiny_b
                     outcomes[name] = event
                     ended[name].set()
 
-            return Job(prompt=prompt, options=GenerationOptions(max_tokens=n), key=prompt, sink=sink)
+            return Job(prompt=prompt, options=GenerationOptions(max_tokens=n), key=prompt, sink=sink,
+                       prepare=prepare)
 
         sched.submit(job("a0", a_text, 2))  # A's slot holds A's text
         assert ended["a0"].wait(120)
         sched.submit(job("b", b_text, 2))  # B's slot holds B's
         assert ended["b"].wait(120)
-        # A types a key after a pause (a1), and the next one (a2) as soon as a1 has its slot, before
-        # a1's first step (submitted from a1's Started event, on the worker thread)
+        # A types a key after a pause (a1), and the next one (a2) before a1's first step: from a1's
+        # Started event, or from its prepare, before it has a slot (both on the worker thread)
         a2 = job("a2", a_text + "  ", 4)
-        sched.submit(job("a1", a_text + " ", 4, on_start=lambda: sched.submit(a2)))
+        if when == "started":
+            a1 = job("a1", a_text + " ", 4, on_start=lambda: sched.submit(a2))
+        else:
+            def prepare_a1() -> tuple:
+                sched.submit(a2)
+                return a_text + " ", (), None
+
+            a1 = job("a1", a_text + " ", 4, prepare=prepare_a1)
+        sched.submit(a1)
         assert ended["a2"].wait(120) and ended["a1"].wait(120)
         sched.close()
     assert started["a0"] == started["a1"] == started["a2"] != started["b"]
     assert outcomes["a1"].cancelled == "superseded"
     assert outcomes["a2"].stats.prompt_tokens_processed <= 3  # the new spaces (and the last token again)
-
-
-def test_a_keystroke_while_its_clients_request_is_being_started_waits_for_that_slot(tiny_bundle: Path) -> None:
-    """The same, one moment earlier: A's next key arrives while A's request is still being
-    prepared, before it has a slot. The keystroke still waits for the slot A's request gets (A's
-    own, holding A's text), rather than take B's free one and evict B's prompt."""
-    from mtpcode.scheduler import Job, Outcome, Scheduler, Started
-
-    a_text, b_text = PROMPTS[0] * 6, PROMPTS[1] * 6
-    with Engine(tiny_bundle, n_threads=2, n_seq=2) as multi:
-        sched = Scheduler(multi)
-        outcomes: dict[str, Outcome] = {}
-        started: dict[str, int] = {}
-        ended = {name: threading.Event() for name in ("a0", "b", "a1", "a2")}
-
-        def job(name: str, prompt: str, n: int, prepare: Any = None) -> Job:
-            def sink(event: Any) -> None:
-                if isinstance(event, Started):
-                    started[name] = event.slot
-                elif isinstance(event, Outcome):
-                    outcomes[name] = event
-                    ended[name].set()
-
-            return Job(prompt=prompt, options=GenerationOptions(max_tokens=n), key=prompt, sink=sink,
-                       prepare=prepare)
-
-        sched.submit(job("a0", a_text, 2))
-        assert ended["a0"].wait(120)
-        sched.submit(job("b", b_text, 2))
-        assert ended["b"].wait(120)
-        a2 = job("a2", a_text + "  ", 4)
-
-        def prepare_a1() -> tuple:  # on the worker thread, before a1 has a slot: A types again
-            sched.submit(a2)
-            return a_text + " ", (), None
-
-        sched.submit(job("a1", a_text + " ", 4, prepare=prepare_a1))
-        assert ended["a2"].wait(120) and ended["a1"].wait(120)
-        sched.close()
-    assert started["a0"] == started["a1"] == started["a2"] != started["b"]
-    assert outcomes["a1"].cancelled == "superseded"
-    assert outcomes["a2"].stats.prompt_tokens_processed <= 3
 
 
 def test_sampling_options_reach_batched_requests(tiny_bundle: Path) -> None:
